@@ -1,0 +1,66 @@
+"""tokenbridge: LLM output from generation workers to users through Redis Streams.
+
+Public API: what ``__all__`` lists, plus the HTTP API, the wire format (docs/wire-format.md)
+and the CLI. Everything else may change without notice.
+"""
+
+from tokenbridge.client import GenerationStarted, StreamEvent, TokenBridgeClient
+from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
+from tokenbridge.exceptions import (
+    AuthError,
+    ConfigurationError,
+    InvalidEntry,
+    InvalidRequest,
+    LimitExceeded,
+    ModelError,
+    ProviderError,
+    ProviderTimeout,
+    RedisUnavailable,
+    TokenBridgeError,
+)
+from tokenbridge.gateway.client_connection import ClientConnection
+from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.producer.jobs import GenerationJob
+from tokenbridge.producer.models.base import ChatModel, ChatRequest, Delta, Finish
+from tokenbridge.producer.producer import Producer
+from tokenbridge.producer.worker import GenerationWorker
+from tokenbridge.settings import ModelConfig, Settings
+from tokenbridge.store.embedded import EmbeddedRedis
+from tokenbridge.wire.events import Event, decode_entry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "ChatModel",
+    "ChatRequest",
+    "ClientConnection",
+    "ConfigurationError",
+    "ConnectionManager",
+    "Delivery",
+    "Delta",
+    "EmbeddedRedis",
+    "Event",
+    "Finish",
+    "GenerationJob",
+    "GenerationStarted",
+    "GenerationWorker",
+    "InvalidEntry",
+    "InvalidRequest",
+    "LimitExceeded",
+    "ModelConfig",
+    "ModelError",
+    "Producer",
+    "ProviderError",
+    "ProviderTimeout",
+    "RedisUnavailable",
+    "SessionFanout",
+    "Settings",
+    "StreamConsumer",
+    "StreamEvent",
+    "TokenBridgeClient",
+    "TokenBridgeError",
+    "__version__",
+    "decode_entry",
+]

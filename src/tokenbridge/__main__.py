@@ -1,0 +1,5 @@
+"""``python -m tokenbridge``: the CLI."""
+
+from tokenbridge.cli import main
+
+main()

@@ -1,0 +1,59 @@
+"""The ``tokenbridge`` command: serve, worker, generate.
+
+A :class:`TokenBridgeError` is printed as one red line and exits 1; ``--debug`` shows the
+traceback. Settings come from ``TOKENBRIDGE_*`` variables; options override some of them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from tokenbridge.exceptions import TokenBridgeError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="tokenbridge",
+    help="Carry LLM output from workers to users through Redis Streams, with exact resume.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+_state: dict[str, Any] = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of expected errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _register() -> None:
+    from tokenbridge.cli import generate, serve  # noqa: F401  (commands register on import)
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning expected errors into one red line and exit code 1."""
+    _register()
+    try:
+        app(standalone_mode=False)
+    except TokenBridgeError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]{type(exc).__name__}: {exc}[/red]", highlight=False)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,59 @@
+"""``tokenbridge generate "prompt"``: start a generation on a running server, print its tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import typer
+
+from tokenbridge.cli import app, err
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt."),
+    url: str = typer.Option("http://127.0.0.1:8000", help="The gateway's URL."),
+    model: str = typer.Option("demo", help="Model name from the server's model table."),
+    session: str | None = typer.Option(None, help="Continue this session id."),
+    max_tokens: int | None = typer.Option(None, help="params.max_tokens"),
+    rate: float | None = typer.Option(None, help="params.rate (demo model: tokens/s)."),
+) -> None:
+    """Print the answer as it streams, resuming by itself if the connection drops."""
+    params: dict[str, Any] = {}
+    if max_tokens is not None:
+        params["max_tokens"] = max_tokens
+    if rate is not None:
+        params["rate"] = rate
+    code = asyncio.run(_generate(url, prompt, model, session, params))
+    sys.exit(code)
+
+
+async def _generate(
+    url: str, prompt: str, model: str, session: str | None, params: dict[str, Any]
+) -> int:
+    from tokenbridge.client import TokenBridgeClient
+
+    async with TokenBridgeClient(url) as client:
+        started = await client.start_generation(
+            prompt, model=model, session_id=session, params=params
+        )
+        err.print(f"session {started.session_id} generation {started.generation_id}", style="dim")
+        async for event in client.stream(started):
+            if event.event == "token":
+                sys.stdout.write(event.data["text"])
+                sys.stdout.flush()
+            elif event.event == "gap":
+                err.print(f"\n[yellow]history lost: {event.data['reason']}[/yellow]")
+            elif event.event == "error":
+                err.print(f"\n[red]error {event.data['code']}: {event.data['message']}[/red]")
+                return 1
+            elif event.event == "end":
+                sys.stdout.write("\n")
+                err.print(
+                    f"{event.data['tokens']} tokens, reason {event.data['reason']}, "
+                    f"{client.reconnects} reconnect(s)",
+                    style="dim",
+                )
+        return 0

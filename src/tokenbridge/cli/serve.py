@@ -1,0 +1,122 @@
+"""``tokenbridge serve`` (gateway + worker; embedded Redis by default), ``tokenbridge worker``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from typing import Any
+
+import typer
+import uvicorn
+from pydantic import SecretStr
+
+from tokenbridge.cli import app
+from tokenbridge.logs import configure_logging
+from tokenbridge.runtime import Runtime
+from tokenbridge.settings import Settings, load_settings
+from tokenbridge.store.embedded import EmbeddedRedis
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: drain our connections first on SIGTERM/SIGINT, and say when serving."""
+
+    def __init__(self, config: uvicorn.Config, url: str) -> None:
+        super().__init__(config)
+        self.public_url = url
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        if not self.should_exit:
+            print(f"tokenbridge serving at {self.public_url}", flush=True)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # Open SSE streams would hold uvicorn's shutdown hostage: close them first; clients
+        # get a reconnect hint and resume on another node from their Last-Event-ID.
+        app_state = getattr(self.config.loaded_app, "state", None) or getattr(
+            getattr(self.config, "app", None), "state", None
+        )
+        connections = getattr(app_state, "connections", None)
+        if connections is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(connections.close_all, "shutdown")
+        super().handle_exit(sig, frame)
+
+
+def _with_redis(settings: Settings, stack: contextlib.ExitStack) -> Settings:
+    if settings.redis_url is not None:
+        return settings
+    server = stack.enter_context(EmbeddedRedis())
+    print(f"embedded redis: {server.binary} {server.version} at {server.url}", flush=True)
+    return settings.model_copy(update={"redis_url": SecretStr(server.url)})
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="Bind address (TOKENBRIDGE_HOST)."),
+    port: int | None = typer.Option(None, help="Port (TOKENBRIDGE_PORT)."),
+    worker: bool | None = typer.Option(
+        None, "--worker/--no-worker", help="Run a generation worker in this process."
+    ),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
+) -> None:
+    """Run the gateway and a generation worker; with no Redis configured, an embedded one."""
+    configure_logging(log_level, log_json)
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    if worker is not None:
+        overrides["run_worker"] = worker
+    settings = load_settings(**overrides)
+    from tokenbridge.gateway.app import create_app
+
+    with contextlib.ExitStack() as stack:
+        settings = _with_redis(settings, stack)
+        application = create_app(settings)
+        config = uvicorn.Config(
+            application,
+            host=settings.host,
+            port=settings.port,
+            lifespan="on",
+            log_config=None,
+            timeout_graceful_shutdown=10,
+        )
+        shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        server = _Server(config, f"http://{shown_host}:{settings.port}/")
+        server.run()
+        if not server.started:
+            sys.exit(1)
+
+
+@app.command()
+def worker(
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
+) -> None:
+    """Run generation workers only, against TOKENBRIDGE_REDIS_URL (any number, anywhere)."""
+    configure_logging(log_level, log_json)
+    settings = load_settings()
+    if settings.redis_url is None:
+        from tokenbridge.exceptions import ConfigurationError
+
+        raise ConfigurationError(
+            "TOKENBRIDGE_REDIS_URL is not set: a worker joins the Redis that a gateway uses; "
+            "set it to that server's URL"
+        )
+    asyncio.run(_run_worker(settings))
+
+
+async def _run_worker(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Runtime(settings, gateway=False, worker=True) as runtime:
+        assert runtime.worker is not None
+        print(f"tokenbridge worker {runtime.worker.name} ready", flush=True)
+        await stop.wait()

@@ -1,0 +1,1 @@
+"""Consumer groups: StreamConsumer loops and the StreamConsumerService that runs them."""

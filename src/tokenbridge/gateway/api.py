@@ -1,0 +1,207 @@
+"""JSON endpoints: start generations, list models, health, readiness and status.
+
+Every error is ``{"error": {"code": "...", "message": "..."}}`` with a fitting 4xx; ``code``
+is stable (see docs/api.md), ``message`` is for people.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tokenbridge.exceptions import InvalidRequest
+from tokenbridge.gateway.client_connection import ClientConnection
+from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.gateway.resume import parse_last_event_id
+from tokenbridge.gateway.sse import EventStreamResponse
+from tokenbridge.producer.jobs import GenerationJob, Message, submit_job
+from tokenbridge.producer.models.base import GenerationParams
+from tokenbridge.producer.worker import live_workers
+from tokenbridge.runtime import Runtime
+from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.wire.keys import ID_PATTERN, new_generation_id, new_session_id, validate_id
+
+__all__ = ["GenerationRequest", "error_response"]
+
+_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def error_response(code: str, message: str, status_code: int) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code)
+
+
+class GenerationRequest(BaseModel):
+    """Body of ``POST /v1/generations``: a ``prompt`` or chat ``messages``, not both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=128)
+    prompt: str | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    session_id: str | None = Field(default=None, pattern=ID_PATTERN.pattern)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> GenerationRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    def chat_messages(self) -> list[Message]:
+        if self.messages is not None:
+            return self.messages
+        return [Message(role="user", content=self.prompt or "")]
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.state.runtime
+    return runtime
+
+
+async def _json_body(request: Request) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > _MAX_BODY_BYTES:
+        raise InvalidRequest("request_too_large", f"body over {_MAX_BODY_BYTES} bytes", 413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_BODY_BYTES:
+            raise InvalidRequest("request_too_large", f"body over {_MAX_BODY_BYTES} bytes", 413)
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("invalid_json", "the request body is not valid JSON") from None
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+async def create_generation(request: Request) -> Response:
+    """Queue a generation on the job stream and answer at once (202)."""
+    runtime = _runtime(request)
+    settings = runtime.settings
+    payload = await _json_body(request)
+    try:
+        body = GenerationRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidRequest("invalid_request", _validation_message(exc), 422) from None
+    if body.model not in runtime.models:
+        known = ", ".join(sorted(runtime.models))
+        raise InvalidRequest("unknown_model", f"unknown model {body.model!r}; known: {known}", 404)
+    messages = body.chat_messages()
+    if len(messages) > settings.max_messages:
+        raise InvalidRequest("too_many_messages", f"at most {settings.max_messages} messages", 413)
+    if sum(len(m.content) for m in messages) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            "prompt_too_large", f"prompt over {settings.max_prompt_chars} characters", 413
+        )
+    if (body.params.max_tokens or 0) > settings.max_tokens_limit:
+        raise InvalidRequest(
+            "max_tokens_too_large", f"params.max_tokens over {settings.max_tokens_limit}", 422
+        )
+    job = GenerationJob(
+        generation_id=new_generation_id(),
+        session_id=body.session_id or new_session_id(),
+        model=body.model,
+        messages=messages,
+        params=body.params,
+    )
+    await submit_job(runtime.redis, runtime.keys, job, settings.jobs_max_len)
+    return JSONResponse(
+        {
+            "session_id": job.session_id,
+            "generation_id": job.generation_id,
+            "events_url": f"/v1/sessions/{job.session_id}/events",
+        },
+        status_code=202,
+    )
+
+
+async def session_events(request: Request) -> Response:
+    """SSE stream of a session, resuming after ``Last-Event-ID`` / ``?last_event_id=``."""
+    runtime = _runtime(request)
+    session_id = validate_id(request.path_params["session_id"], "session_id")
+    last = parse_last_event_id(
+        request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    )
+    manager: ConnectionManager = request.state.connections
+    assert runtime.fanout is not None
+    conn = manager.create_connection(session_id, "sse")
+
+    def _closed(c: ClientConnection) -> None:
+        manager.remove_connection(c)
+
+    return EventStreamResponse(  # type: ignore[return-value]  # a raw ASGI app
+        conn,
+        runtime.fanout,
+        last,
+        heartbeat_s=runtime.settings.sse_heartbeat_s,
+        retry_ms=runtime.settings.sse_retry_ms,
+        history_batch=runtime.settings.history_batch,
+        on_close=_closed,
+    )
+
+
+async def list_models(request: Request) -> Response:
+    runtime = _runtime(request)
+    data = [
+        {"id": name, "adapter": config.adapter}
+        for name, config in sorted(runtime.settings.models.items())
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: Redis answers and at least one generation worker sent a heartbeat lately."""
+    runtime = _runtime(request)
+    try:
+        await runtime.redis.ping()
+        window_ms = int(runtime.settings.worker_heartbeat_s * 3000)
+        workers = await live_workers(runtime.redis, runtime.keys, window_ms)
+    except REDIS_DOWN_ERRORS as exc:
+        return error_response("redis_unavailable", f"redis does not answer: {exc}", 503)
+    if workers == 0:
+        return error_response("no_worker", "no generation worker sent a heartbeat lately", 503)
+    return JSONResponse({"status": "ready", "redis": "ok", "workers": workers})
+
+
+async def status(request: Request) -> Response:
+    """This process's fan-out, connections and worker, for people and dashboards."""
+    runtime = _runtime(request)
+    manager: ConnectionManager = request.state.connections
+    fanout = runtime.fanout
+    worker = runtime.worker
+    body: dict[str, Any] = {
+        "connections": manager.stats(),
+        "fanout": None
+        if fanout is None
+        else {
+            "node_id": fanout.node_id,
+            "readers": fanout.reader_count,
+            "sessions": fanout.session_count,
+            **vars(fanout.stats),
+        },
+        "worker": None
+        if worker is None
+        else {
+            "name": worker.name,
+            "generations_done": worker.generations_done,
+            "inflight": worker.consumer.inflight,
+            **vars(worker.consumer.stats),
+        },
+    }
+    return JSONResponse(body)

@@ -1,0 +1,102 @@
+"""create_app(settings): the ASGI application and its lifespan.
+
+The lifespan opens the :class:`Runtime` (Redis, fan-out readers, optional worker) before the
+first request and closes it after the last; an error there is a failed startup. Errors become
+``{"error": {"code", "message"}}`` JSON, never an HTML page or a bare 500.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from tokenbridge.exceptions import InvalidRequest
+from tokenbridge.gateway import api
+from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.runtime import Runtime
+from tokenbridge.settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _index_html() -> str:
+    return (importlib.resources.files("tokenbridge.gateway") / "static" / "index.html").read_text()
+
+
+async def _index(request: Request) -> Response:
+    return HTMLResponse(
+        request.app.state.index_html,
+        headers={
+            "cache-control": "no-cache",
+            "x-content-type-options": "nosniff",
+            "referrer-policy": "no-referrer",
+            "content-security-policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        },
+    )
+
+
+async def _invalid_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InvalidRequest)
+    return api.error_response(exc.code, str(exc), exc.status_code)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return api.error_response(code, str(exc.detail), exc.status_code)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error path=%s", request.url.path, exc_info=exc)
+    return api.error_response("internal_error", "internal error; see the server log", 500)
+
+
+def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
+    """The gateway app; ``worker`` overrides ``settings.run_worker``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        connections = ConnectionManager(settings.connection_max_buffered_events)
+        async with Runtime(settings, worker=worker) as runtime:
+            app.state.runtime = runtime
+            app.state.connections = connections
+            try:
+                yield {"runtime": runtime, "connections": connections}
+            finally:
+                connections.close_all("shutdown")
+
+    routes = [
+        Route("/", _index, methods=["GET"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/readyz", api.readyz, methods=["GET"]),
+        Route("/v1/models", api.list_models, methods=["GET"]),
+        Route("/v1/status", api.status, methods=["GET"]),
+        Route("/v1/generations", api.create_generation, methods=["POST"]),
+        Route("/v1/sessions/{session_id}/events", api.session_events, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            InvalidRequest: _invalid_request,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
+    )
+    app.state.index_html = _index_html()
+    app.state.settings = settings
+    return app

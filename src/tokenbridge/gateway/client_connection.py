@@ -1,0 +1,107 @@
+"""ClientConnection: one client's view of a session, with a bounded buffer and a close reason.
+
+The fan-out reader hands each connection whole :class:`Batch` es without ever awaiting it
+(:meth:`ClientConnection.deliver` is synchronous). When a connection's buffer would pass its
+bound, the connection is closed with reason ``slow_client``: the client resumes from its
+``Last-Event-ID`` and nothing is lost, while every other connection goes on unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from typing import Literal
+
+from tokenbridge.gateway.frames import Batch
+
+__all__ = ["ClientConnection", "Transport"]
+
+Transport = Literal["sse", "websocket"]
+
+
+class ClientConnection:
+    """A connection of one client to one session.
+
+    ``last_key`` is the id of the last event written to the client: batches are cut after it,
+    which is what makes the seam between history and live events exact (no gap, no duplicate).
+    """
+
+    def __init__(self, session_id: str, transport: Transport, max_buffered_events: int) -> None:
+        self.id = uuid.uuid4().hex
+        self.session_id = session_id
+        self.transport: Transport = transport
+        self.max_buffered_events = max_buffered_events
+        self.created_at = time.time()
+        self.last_activity = self.created_at
+        self.closed_reason: str | None = None
+        self.events_sent = 0
+        self.bytes_sent = 0
+        self.last_key: tuple[int, int] = (0, 0)
+        self._pending: deque[Batch] = deque()
+        self._pending_events = 0
+        self._wakeup = asyncio.Event()
+
+    def __repr__(self) -> str:
+        state = self.closed_reason or "open"
+        return (
+            f"<ClientConnection {self.id[:8]} session={self.session_id} {self.transport} "
+            f"{state} sent={self.events_sent} buffered={self._pending_events}>"
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    @property
+    def buffered_events(self) -> int:
+        return self._pending_events
+
+    def deliver(self, batch: Batch) -> None:
+        """Queue a batch for the client, never waiting; a full buffer closes as ``slow_client``."""
+        if self.closed_reason is not None:
+            return
+        if self._pending_events + len(batch) > self.max_buffered_events:
+            self.close("slow_client")
+            return
+        self._pending.append(batch)
+        self._pending_events += len(batch)
+        self._wakeup.set()
+
+    def close(self, reason: str) -> None:
+        """Close with ``reason`` (kept for stats and the client); drops what is still buffered."""
+        if self.closed_reason is not None:
+            return
+        self.closed_reason = reason
+        self._pending.clear()
+        self._pending_events = 0
+        self._wakeup.set()
+
+    async def next_batches(self, timeout_s: float) -> list[Batch] | None:
+        """Everything buffered, waiting up to ``timeout_s``; ``[]`` on timeout, None once closed."""
+        if not self._pending and self.closed_reason is None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return []
+        self._wakeup.clear()
+        if self.closed_reason is not None:
+            return None
+        batches = list(self._pending)
+        self._pending.clear()
+        self._pending_events = 0
+        return batches
+
+    def unsent(self, batch: Batch) -> Batch:
+        """The part of ``batch`` after what this client already has."""
+        return batch.after(self.last_key)
+
+    def mark_sent(self, batch: Batch, nbytes: int) -> None:
+        """Record that ``batch`` was written to the client."""
+        if batch.frames:
+            self.last_key = batch.last_key
+            self.events_sent += len(batch)
+        self.bytes_sent += nbytes
+        self.last_activity = time.time()

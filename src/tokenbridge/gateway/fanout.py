@@ -1,0 +1,274 @@
+"""SessionFanout: a fixed set of XREAD loops that feed every connection of this process.
+
+Each session with at least one connection here is owned by one of ``fanout_readers`` readers
+(by hash of the session id). A reader blocks in one ``XREAD BLOCK`` over all of its sessions'
+streams plus a private *wake* stream; subscribing a new session writes to the wake stream, so
+the blocked read returns at once and is issued again with the new stream (no sleep-polling, no
+race: an XADD before the XREAD is still seen by it). Every entry is decoded and encoded once
+and handed to each connection without awaiting any of them.
+
+The number of Redis connections is ``fanout_readers`` (one each, dedicated) whatever the number
+of clients and sessions. Multi-key XREAD needs all streams on one node: on Redis Cluster this
+module would need one read per slot (see docs/architecture.md).
+
+Exactness of the seam: :meth:`SessionFanout.subscribe` registers the connection *before* its
+history is read. Every entry is then either dispatched after registration (the connection gets
+it live) or existed before the history read began (the history has it); ids already sent are cut
+by :meth:`ClientConnection.unsent`. Hence no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from tokenbridge.exceptions import InvalidEntry
+from tokenbridge.gateway.client_connection import ClientConnection
+from tokenbridge.gateway.frames import Batch, Frame
+from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
+from tokenbridge.store.scripts import Scripts, SessionState
+from tokenbridge.wire.events import decode_entry
+from tokenbridge.wire.keys import Keys
+
+__all__ = ["FanoutStats", "SessionFanout", "decode_entries"]
+
+log = logging.getLogger(__name__)
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+@dataclass
+class FanoutStats:
+    """Counters of one process's fan-out, shown in /v1/status."""
+
+    read: int = 0
+    invalid: int = 0
+    delivered_batches: int = 0
+    reconnects: int = 0
+
+
+def decode_entries(
+    entries: Entries, epoch: str, session_id: str, stats: FanoutStats | None = None
+) -> list[Frame]:
+    """Decode raw entries into frames; entries that break the wire format are logged, skipped."""
+    frames: list[Frame] = []
+    for raw_id, fields in entries:
+        entry_id = raw_id.decode()
+        try:
+            frames.append(Frame(entry_id, epoch, decode_entry(fields)))
+        except InvalidEntry as exc:
+            if stats is not None:
+                stats.invalid += 1
+            log.warning(
+                "invalid entry skipped session=%s entry_id=%s error=%s", session_id, entry_id, exc
+            )
+    return frames
+
+
+@dataclass(eq=False)
+class _Feed:
+    """One session read by one reader: its cursor and its connections here."""
+
+    session_id: str
+    key: str
+    cursor: str
+    epoch: str
+    connections: set[ClientConnection] = field(default_factory=set)
+
+
+class _Reader:
+    """One XREAD loop over a share of the sessions, on its own connection."""
+
+    def __init__(self, fanout: SessionFanout, index: int) -> None:
+        self.fanout = fanout
+        self.index = index
+        self.feeds: dict[str, _Feed] = {}
+        self.wake_key = fanout.keys.wake(fanout.node_id, index)
+        self.wake_cursor = "$"
+
+    async def wake(self) -> None:
+        """Make the blocked XREAD return so that it is issued again with the current feeds."""
+        async with self.fanout.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self.wake_key, {"w": 1}, maxlen=10, approximate=True)
+            pipe.expire(self.wake_key, 86_400)
+            await pipe.execute()
+
+    async def run(self, stopping: asyncio.Event, make_client: Callable[[], Redis]) -> None:
+        backoff = Backoff()
+        client = make_client()
+        try:
+            while not stopping.is_set():
+                try:
+                    await self._read_once(client)
+                    backoff.reset()
+                except REDIS_DOWN_ERRORS as exc:
+                    self.fanout.stats.reconnects += 1
+                    delay = backoff.next()
+                    log.warning(
+                        "fanout reader=%d lost redis (%s); retrying in %.2fs",
+                        self.index,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    await self._refresh_after_reconnect()
+        finally:
+            await client.aclose()
+
+    async def _read_once(self, client: Redis) -> None:
+        if self.wake_cursor == "$":
+            # A concrete id, so that a wake written between two reads is never missed.
+            last: Any = await client.xrevrange(self.wake_key, count=1)
+            self.wake_cursor = last[0][0].decode() if last else "0-0"
+        streams: dict[str, str] = {self.wake_key: self.wake_cursor}
+        by_key: dict[str, _Feed] = {}
+        for feed in self.feeds.values():
+            streams[feed.key] = feed.cursor
+            by_key[feed.key] = feed
+        settings = self.fanout.settings_read
+        reply: Any = await client.xread(streams, count=settings[0], block=settings[1])  # type: ignore[arg-type]
+        for raw_key, entries in reply or ():
+            key = raw_key.decode()
+            if key == self.wake_key:
+                self.wake_cursor = entries[-1][0].decode()
+                continue
+            feed = by_key[key]
+            if self.feeds.get(feed.session_id) is not feed:
+                continue  # unsubscribed while the read was in flight
+            feed.cursor = entries[-1][0].decode()
+            self.fanout.stats.read += len(entries)
+            frames = decode_entries(entries, feed.epoch, feed.session_id, self.fanout.stats)
+            if frames:
+                batch = Batch(frames)
+                self.fanout.stats.delivered_batches += 1
+                for conn in list(feed.connections):
+                    conn.deliver(batch)
+
+    async def _refresh_after_reconnect(self) -> None:
+        """After Redis came back: if a stream's epoch changed, its data was lost; say so."""
+        self.wake_cursor = "$"
+        for feed in list(self.feeds.values()):
+            try:
+                state = await self.fanout.session_state(feed.session_id)
+            except REDIS_DOWN_ERRORS:
+                return  # still down; the next failure brings us back here
+            if state.epoch != feed.epoch:
+                log.warning(
+                    "session stream lost with redis session=%s old_epoch=%s new_epoch=%s",
+                    feed.session_id,
+                    feed.epoch,
+                    state.epoch,
+                )
+                feed.epoch = state.epoch
+                feed.cursor = "0-0"
+                for conn in list(feed.connections):
+                    conn.close("epoch_changed")
+
+
+class SessionFanout:
+    """Feeds every :class:`ClientConnection` of this process from a fixed set of readers."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        keys: Keys,
+        make_blocking_client: Callable[[], Redis],
+        readers: int,
+        block_ms: int,
+        read_count: int,
+        orphan_ttl_ms: int,
+    ) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.keys = keys
+        self.node_id = secrets.token_hex(6)
+        self.settings_read = (read_count, block_ms)
+        self.orphan_ttl_ms = orphan_ttl_ms
+        self.stats = FanoutStats()
+        self._make_client = make_blocking_client
+        self._readers = [_Reader(self, i) for i in range(readers)]
+        self._stopping = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"<SessionFanout node={self.node_id} readers={len(self._readers)} "
+            f"sessions={self.session_count} read={self.stats.read} invalid={self.stats.invalid}>"
+        )
+
+    @property
+    def reader_count(self) -> int:
+        return len(self._readers)
+
+    @property
+    def session_count(self) -> int:
+        return sum(len(reader.feeds) for reader in self._readers)
+
+    def _reader_for(self, session_id: str) -> _Reader:
+        return self._readers[zlib.crc32(session_id.encode()) % len(self._readers)]
+
+    async def session_state(self, session_id: str) -> SessionState:
+        """The session stream's epoch and id bounds (creating the epoch if missing)."""
+        return await self.scripts.session_state(
+            self.keys.meta(session_id),
+            self.keys.events(session_id),
+            new_epoch=secrets.token_hex(4),
+            orphan_ttl_ms=self.orphan_ttl_ms,
+        )
+
+    async def subscribe(self, conn: ClientConnection) -> SessionState:
+        """Register ``conn`` for live events of its session; returns the state to resume from.
+
+        Call before reading history (see the module docstring for why that order is exact).
+        """
+        state = await self.session_state(conn.session_id)
+        reader = self._reader_for(conn.session_id)
+        feed = reader.feeds.get(conn.session_id)
+        if feed is None:
+            feed = _Feed(
+                conn.session_id,
+                self.keys.events(conn.session_id),
+                cursor=state.last_id or "0-0",
+                epoch=state.epoch,
+            )
+            reader.feeds[conn.session_id] = feed
+            feed.connections.add(conn)
+            await reader.wake()
+        else:
+            feed.connections.add(conn)
+        return state
+
+    def unsubscribe(self, conn: ClientConnection) -> None:
+        """Stop feeding ``conn``; a session with no connection left is dropped from its reader."""
+        reader = self._reader_for(conn.session_id)
+        feed = reader.feeds.get(conn.session_id)
+        if feed is None:
+            return
+        feed.connections.discard(conn)
+        if not feed.connections:
+            del reader.feeds[conn.session_id]
+
+    async def run(self) -> None:
+        """Run every reader until :meth:`stop`; returns once they have all returned."""
+        async with asyncio.TaskGroup() as group:
+            for reader in self._readers:
+                group.create_task(reader.run(self._stopping, self._make_client))
+            group.create_task(self._wake_on_stop())
+
+    async def _wake_on_stop(self) -> None:
+        await self._stopping.wait()
+        for reader in self._readers:
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):  # a failed read sees the flag too
+                await reader.wake()
+
+    def stop(self) -> None:
+        """Ask the readers to return (each does once its current XREAD returns)."""
+        self._stopping.set()

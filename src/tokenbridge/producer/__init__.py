@@ -1,0 +1,1 @@
+"""Producer: runs generations and writes their events to Redis."""

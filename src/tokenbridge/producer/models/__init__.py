@@ -1,0 +1,44 @@
+"""Model adapters of the producer, and :func:`build_model` that picks one from a model entry.
+
+``adapter: "demo"`` is :class:`DemoModel` (no network), ``adapter: "openai"`` is
+:class:`OpenAIChatModel` (any OpenAI-compatible API). Every adapter satisfies :class:`ChatModel`.
+"""
+
+from __future__ import annotations
+
+from tokenbridge.exceptions import ConfigurationError
+from tokenbridge.producer.models.base import (
+    ChatModel,
+    ChatRequest,
+    Delta,
+    Finish,
+    GenerationParams,
+)
+from tokenbridge.producer.models.demo import DemoModel
+from tokenbridge.producer.models.openai import OpenAIChatModel
+from tokenbridge.settings import ModelConfig
+
+__all__ = [
+    "ChatModel",
+    "ChatRequest",
+    "Delta",
+    "DemoModel",
+    "Finish",
+    "GenerationParams",
+    "OpenAIChatModel",
+    "build_model",
+]
+
+
+def build_model(name: str, config: ModelConfig) -> ChatModel:
+    """The adapter for model ``name``; ``config.model`` (the upstream name) defaults to it.
+
+    The caller owns the result and must ``await model.aclose()``.
+    """
+    if config.adapter == "demo":
+        return DemoModel(name, config)
+    if config.adapter == "openai":
+        return OpenAIChatModel(name, config)
+    raise ConfigurationError(  # unreachable while ModelConfig.adapter is a Literal
+        f"model {name!r}: unknown adapter {config.adapter!r}; use 'demo' or 'openai'"
+    )

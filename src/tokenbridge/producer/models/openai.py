@@ -1,0 +1,246 @@
+"""OpenAIChatModel: any OpenAI-compatible chat-completions API, streamed over httpx.
+
+Owns one ``httpx.AsyncClient`` per model instance (bounded pool), closed by :meth:`aclose`.
+Promises: a Delta per non-empty ``choices[0].delta.content`` in order, then one Finish after
+``data: [DONE]`` with the last ``finish_reason`` (mapped to ``"stop"``/``"length"``; any
+other reason, such as ``content_filter``, counts as ``"stop"``) and the usage chunk, if any.
+Failures are raised with a stable ``code`` and a message that never contains the API key:
+
+    provider_error          an ``{"error": ...}`` object inside the stream
+    provider_unauthorized   HTTP 401 or 403
+    provider_rate_limited   HTTP 429
+    provider_http_4xx       any other 4xx
+    provider_http_5xx       any 5xx
+    provider_bad_response   another non-2xx status (1xx, 3xx), a chunk that is not JSON, a
+                            body that cannot be decoded, or a stream that ends before [DONE]
+    provider_unreachable    the connection could not be made
+    provider_disconnected   the connection broke mid-response
+    provider_timeout        connect/read/pool timeout (ProviderTimeout)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import httpx
+
+from tokenbridge.exceptions import ProviderError, ProviderTimeout
+from tokenbridge.producer.models.base import ChatRequest, Delta, Finish
+from tokenbridge.settings import ModelConfig
+
+__all__ = ["DEFAULT_BASE_URL", "OpenAIChatModel"]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=32)
+_EXCERPT_BYTES = 2048
+_EXCERPT_CHARS = 200
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+class OpenAIChatModel:
+    """Chat completions from ``{base_url}/chat/completions`` (``base_url`` defaults to OpenAI).
+
+    The API key is read once, here, from the variable named by ``config.api_key_env``.
+    """
+
+    def __init__(self, name: str, config: ModelConfig) -> None:
+        self.name = name
+        self.upstream = config.model or name
+        self._url = httpx.URL(
+            (config.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
+        )
+        # Shown in messages: without userinfo or query, in case the URL carries credentials.
+        self._where = str(self._url.copy_with(username=None, password=None, query=None))
+        self._key_env = config.api_key_env
+        key = config.api_key()
+        self._secret = key.get_secret_value() if key else None
+        headers = {"Accept": "text/event-stream"}
+        if self._secret:
+            headers["Authorization"] = f"Bearer {self._secret}"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
+            limits=_LIMITS,
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIChatModel(name={self.name!r}, upstream={self.upstream!r})"
+
+    async def aclose(self) -> None:
+        """Close the HTTP client; open streams are cut."""
+        await self._client.aclose()
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[Delta | Finish, None]:
+        """POST the chat with ``stream: true`` and yield its tokens, then one Finish."""
+        reason: str | None = None
+        usage: dict[str, int] | None = None
+        try:
+            async with self._client.stream("POST", self._url, json=self._body(request)) as resp:
+                if not resp.is_success:
+                    raise await self._status_error(resp)
+                async with aclosing(_sse_data(resp.aiter_lines())) as events:
+                    async for data in events:
+                        if not data:
+                            continue  # an empty keep-alive event
+                        if data == "[DONE]":
+                            yield Finish("length" if reason == "length" else "stop", usage)
+                            return
+                        chunk = self._parse(data)
+                        usage = _usage(chunk.get("usage")) or usage
+                        content, reason = self._choice(chunk, reason)
+                        if content:
+                            yield Delta(content)
+                raise self._bad_response("the stream ended before data: [DONE]")
+        except httpx.TimeoutException as exc:
+            raise ProviderTimeout(
+                f"model {self.name!r}: {self._where} did not answer in time "
+                f"({type(exc).__name__}); raise timeout_s in its model entry if it is just slow"
+            ) from exc
+        except httpx.ConnectError as exc:
+            raise ProviderError(
+                f"model {self.name!r}: cannot connect to {self._where}: {self._redact(str(exc))}."
+                " Is the server running there?",
+                code="provider_unreachable",
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ProviderError(
+                f"model {self.name!r}: connection to {self._where} broke: "
+                f"{type(exc).__name__}: {self._redact(str(exc))}",
+                code="provider_disconnected",
+            ) from exc
+        except httpx.DecodingError as exc:
+            raise self._bad_response(f"the body cannot be decoded: {exc}") from exc
+
+    def _body(self, request: ChatRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.upstream,
+            "messages": request.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        params = request.params
+        for key in ("max_tokens", "temperature", "top_p", "stop", "seed"):
+            value = getattr(params, key)
+            if value is not None:
+                body[key] = value
+        return body
+
+    def _choice(self, chunk: dict[str, Any], reason: str | None) -> tuple[str, str | None]:
+        """The text of ``choices[0].delta.content`` and the finish reason seen so far."""
+        if chunk.get("error") is not None:
+            raise ProviderError(
+                f"model {self.name!r}: the provider reported an error mid-stream: "
+                f"{self._error_message(chunk)}",
+                code="provider_error",
+            )
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return "", reason  # the usage chunk has no choices
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise self._bad_response("a choice is not an object")
+        delta = choice.get("delta")
+        content = delta.get("content") if isinstance(delta, dict) else None
+        finish = choice.get("finish_reason")
+        return (
+            content if isinstance(content, str) else "",
+            finish if isinstance(finish, str) else reason,
+        )
+
+    def _parse(self, data: str) -> dict[str, Any]:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise self._bad_response(f"a chunk is not JSON: {self._excerpt(data)!r}") from None
+        if not isinstance(chunk, dict):
+            raise self._bad_response("a chunk is not a JSON object")
+        return chunk
+
+    async def _status_error(self, resp: httpx.Response) -> ProviderError:
+        raw = b""
+        async for part in resp.aiter_bytes():  # the rest is dropped when the response closes
+            raw += part
+            if len(raw) >= _EXCERPT_BYTES:
+                break
+        text = raw[:_EXCERPT_BYTES].decode("utf-8", "replace")
+        try:
+            detail = self._error_message(json.loads(text))
+        except ValueError:
+            detail = self._excerpt(text)
+        detail = detail.rstrip(".")
+        status = resp.status_code
+        if status in (401, 403):
+            code, hint = "provider_unauthorized", self._key_hint()
+        elif status == 429:
+            code, hint = "provider_rate_limited", ""
+        elif 400 <= status < 500:
+            code, hint = "provider_http_4xx", ""
+        elif status >= 500:
+            code, hint = "provider_http_5xx", ""
+        else:
+            code, hint = "provider_bad_response", " Is base_url the API's /v1 URL?"
+        return ProviderError(
+            f"model {self.name!r}: {self._where} answered HTTP {status}: {detail}.{hint}",
+            code=code,
+        )
+
+    def _key_hint(self) -> str:
+        if not self._key_env:
+            return " No API key was sent: name its variable in the model entry's api_key_env."
+        if not self._secret:
+            return f" No API key was sent: {self._key_env} is not set."
+        return f" Check the API key in {self._key_env}."
+
+    def _error_message(self, payload: object) -> str:
+        """The provider's own message from ``{"error": {"message": ...}}``, redacted."""
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return self._excerpt(error["message"])
+        if isinstance(error, str):
+            return self._excerpt(error)
+        return self._excerpt(json.dumps(payload))
+
+    def _bad_response(self, what: str) -> ProviderError:
+        return ProviderError(
+            f"model {self.name!r}: {self._where} sent a bad stream: {what}",
+            code="provider_bad_response",
+        )
+
+    def _excerpt(self, text: str) -> str:
+        text = " ".join(text.split())
+        if len(text) > _EXCERPT_CHARS:
+            text = text[:_EXCERPT_CHARS] + "..."
+        return self._redact(text) or "(empty body)"
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+
+async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[str, None]:
+    """The ``data`` of each server-sent event (multi-line data joined by newlines)."""
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+        # comments (":..."), event:, id: and retry: carry nothing we use
+    if data:
+        yield "\n".join(data)
+
+
+def _usage(value: object) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
+    usage = {k: value[k] for k in _USAGE_KEYS if type(value.get(k)) is int}
+    if "prompt_tokens" not in usage or "completion_tokens" not in usage:
+        return None
+    usage.setdefault("total_tokens", usage["prompt_tokens"] + usage["completion_tokens"])
+    return usage

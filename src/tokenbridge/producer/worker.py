@@ -1,0 +1,181 @@
+"""GenerationWorker: takes generation jobs from the job stream and runs them on the Producer.
+
+It is a :class:`StreamConsumer` of the job stream's ``workers`` group, so each job runs on
+one worker process, and the job of a worker that died is reclaimed by a live one. A reclaimed
+job is recovered from the session's progress record (``tb:{session}:gens``):
+
+* never started: it runs now, as if it had not been interrupted;
+* finished: nothing to do (the ack was lost), it is acked;
+* half done: the session stream gets an ``error`` event with code ``worker_lost`` right after
+  the last event that was written, so clients never wait for a generation that will not come.
+
+Workers announce themselves in a sorted set (``tb:workers``, name -> heartbeat ms), which is
+what ``/readyz`` and the status page read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
+from tokenbridge.exceptions import InvalidEntry
+from tokenbridge.producer.jobs import GenerationJob
+from tokenbridge.producer.models.base import ChatModel
+from tokenbridge.producer.producer import Producer
+from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.wire.events import Event, now_ms
+from tokenbridge.wire.keys import Keys
+
+__all__ = ["WORKER_GROUP", "GenerationWorker", "live_workers"]
+
+log = logging.getLogger(__name__)
+
+WORKER_GROUP = "workers"
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()[:32]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def live_workers(redis: Redis, keys: Keys, within_ms: int) -> int:
+    """How many workers sent a heartbeat in the last ``within_ms``."""
+    count: int = await redis.zcount(keys.workers, now_ms() - within_ms, "+inf")
+    return count
+
+
+class GenerationWorker:
+    """Runs generation jobs with bounded concurrency until stopped."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        make_blocking_client: Callable[[], Redis],
+        keys: Keys,
+        producer: Producer,
+        models: dict[str, ChatModel],
+        *,
+        concurrency: int,
+        block_ms: int,
+        claim_idle_ms: int,
+        heartbeat_s: float,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.producer = producer
+        self.models = models
+        self.heartbeat_s = heartbeat_s
+        self.name = _worker_name()
+        self.generations_done = 0
+        self.consumer = StreamConsumer(
+            redis,
+            make_blocking_client,
+            keys.jobs,
+            WORKER_GROUP,
+            self.name,
+            self._handle,
+            concurrency=concurrency,
+            block_ms=block_ms,
+            count=concurrency,
+            claim_idle_ms=claim_idle_ms,
+            heartbeat_s=heartbeat_s,
+        )
+
+    def __repr__(self) -> str:
+        return f"<GenerationWorker {self.name} done={self.generations_done} {self.consumer!r}>"
+
+    def stop(self) -> None:
+        """Stop taking jobs; running generations go on until they end (or are cancelled)."""
+        self.consumer.stop()
+
+    async def run(self) -> None:
+        """Consume jobs and send heartbeats until stopped."""
+        async with asyncio.TaskGroup() as group:
+            beat = group.create_task(self._heartbeat())
+            try:
+                await self.consumer.run()
+            finally:
+                beat.cancel()
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await self.redis.zrem(self.keys.workers, self.name)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                now = now_ms()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zadd(self.keys.workers, {self.name: now})
+                    # Forget workers silent for a day; readiness looks at the last seconds.
+                    pipe.zremrangebyscore(self.keys.workers, "-inf", now - 86_400_000)
+                    await pipe.execute()
+            except REDIS_DOWN_ERRORS as exc:
+                log.debug("worker heartbeat failed (%s)", exc)
+            await asyncio.sleep(self.heartbeat_s)  # a timer: liveness is periodic by nature
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            job = GenerationJob.from_fields(delivery.fields)
+        except InvalidEntry as exc:
+            log.warning("invalid job skipped entry_id=%s error=%s", delivery.entry_id, exc)
+            return
+        if delivery.redelivered and await self._recovered(job):
+            return
+        model = self.models.get(job.model)
+        if model is None:
+            await self.producer.write_terminal(
+                job,
+                Event("error", job.generation_id, 0, code="unknown_model", message=job.model),
+            )
+            return
+        log.info(
+            "generation started session=%s generation=%s model=%s worker=%s",
+            job.session_id,
+            job.generation_id,
+            job.model,
+            self.name,
+        )
+        result = await self.producer.run(job, model)
+        self.generations_done += 1
+        log.info(
+            "generation finished generation=%s outcome=%s tokens=%d writes=%d duration_s=%.3f",
+            result.generation_id,
+            result.outcome,
+            result.tokens,
+            result.writes,
+            result.duration_s,
+        )
+
+    async def _recovered(self, job: GenerationJob) -> bool:
+        """Handle a job another worker left; True when there is nothing left to run."""
+        record: Any = await self.redis.hget(
+            self.keys.generations(job.session_id), job.generation_id
+        )
+        if record is None:
+            return False
+        state, _, last_seq = record.decode().partition(" ")
+        if state == "running":
+            log.warning(
+                "generation lost with its worker session=%s generation=%s last_seq=%s",
+                job.session_id,
+                job.generation_id,
+                last_seq,
+            )
+            await self.producer.write_terminal(
+                job,
+                Event(
+                    "error",
+                    job.generation_id,
+                    int(last_seq) + 1,
+                    code="worker_lost",
+                    message="the worker running this generation stopped; start it again",
+                ),
+            )
+        return True

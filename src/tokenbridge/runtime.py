@@ -1,0 +1,155 @@
+"""Runtime: opens Redis, owns the process's long-lived loops, drains and closes.
+
+``async with Runtime(settings) as rt:`` connects (a clear :class:`RedisUnavailable` if it
+cannot), starts the fan-out readers and, if asked, a generation worker, all in one
+``TaskGroup``. Leaving stops the loops, gives running generations ``drain_s`` to finish,
+cancels what is left (cancelled generations get their ``end`` event), then closes clients.
+Start: Redis, loops; stop: the reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from functools import partial
+from types import TracebackType
+
+from redis.asyncio import Redis
+
+from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
+from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.producer.models import build_model
+from tokenbridge.producer.models.base import ChatModel
+from tokenbridge.producer.producer import Producer
+from tokenbridge.producer.worker import GenerationWorker
+from tokenbridge.settings import Settings
+from tokenbridge.store.client import REDIS_DOWN_ERRORS, blocking_client, command_client
+from tokenbridge.store.scripts import Scripts
+from tokenbridge.wire.keys import Keys
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The process's shared resources: Redis clients, fan-out, producer, optional worker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        gateway: bool = True,
+        worker: bool | None = None,
+        drain_s: float = 10.0,
+    ) -> None:
+        url = settings.redis_url_value()
+        if url is None:
+            raise ConfigurationError(
+                "TOKENBRIDGE_REDIS_URL is not set: start the embedded server first "
+                "(`tokenbridge serve` does) or point it at a running Redis"
+            )
+        self.settings = settings
+        self.url = url
+        self.drain_s = drain_s
+        self.keys = Keys(settings.key_prefix)
+        self.redis: Redis = command_client(
+            url, settings.redis_max_connections, settings.redis_socket_timeout_s
+        )
+        self.scripts = Scripts(self.redis)
+        self.producer = Producer(
+            self.redis,
+            self.scripts,
+            self.keys,
+            stream_max_len=settings.stream_max_len,
+            retention_s=settings.stream_retention_s,
+            max_generation_s=settings.stream_max_generation_s,
+            max_pending=settings.producer_max_pending,
+        )
+        self.models: dict[str, ChatModel] = {
+            name: build_model(name, config) for name, config in settings.models.items()
+        }
+        self.fanout: SessionFanout | None = None
+        if gateway:
+            self.fanout = SessionFanout(
+                self.redis,
+                self.scripts,
+                self.keys,
+                partial(blocking_client, url, settings.fanout_block_ms),
+                readers=settings.fanout_readers,
+                block_ms=settings.fanout_block_ms,
+                read_count=settings.fanout_read_count,
+                orphan_ttl_ms=settings.stream_retention_s * 1000,
+            )
+        run_worker = settings.run_worker if worker is None else worker
+        self.worker: GenerationWorker | None = None
+        if run_worker:
+            self.worker = GenerationWorker(
+                self.redis,
+                partial(blocking_client, url, settings.worker_block_ms),
+                self.keys,
+                self.producer,
+                self.models,
+                concurrency=settings.worker_concurrency,
+                block_ms=settings.worker_block_ms,
+                claim_idle_ms=settings.worker_claim_idle_ms,
+                heartbeat_s=settings.worker_heartbeat_s,
+            )
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def __repr__(self) -> str:
+        return f"<Runtime fanout={self.fanout!r} worker={self.worker!r}>"
+
+    async def __aenter__(self) -> Runtime:
+        try:
+            await self.redis.ping()
+        except REDIS_DOWN_ERRORS as exc:
+            await self._close_clients()
+            raise RedisUnavailable(
+                f"cannot reach Redis at TOKENBRIDGE_REDIS_URL ({_safe_url(self.url)}): {exc}. "
+                "Is Redis running there? Unset the variable to use the embedded server."
+            ) from None
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        if self.fanout is not None:
+            self._tasks.append(self._group.create_task(self.fanout.run()))
+        if self.worker is not None:
+            self._tasks.append(self._group.create_task(self.worker.run()))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.fanout is not None:
+            self.fanout.stop()
+        if self.worker is not None:
+            self.worker.stop()
+        assert self._group is not None
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self.drain_s)
+            for task in pending:
+                task.cancel()
+        try:
+            await self._group.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._close_clients()
+
+    async def _close_clients(self) -> None:
+        for model in self.models.values():
+            with contextlib.suppress(Exception):
+                await model.aclose()
+        await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -1,0 +1,180 @@
+"""Settings: every knob of tokenbridge, read from ``TOKENBRIDGE_*`` environment variables.
+
+Settings are built once at the edge (the CLI, ``create_app``) and passed down; no other
+module reads ``os.environ`` (the one exception is an adapter reading the API key from the
+variable that its model entry *names*, via :meth:`ModelConfig.api_key`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tokenbridge.exceptions import ConfigurationError
+
+__all__ = ["ModelConfig", "Settings", "load_settings"]
+
+
+class ModelConfig(BaseModel):
+    """One entry of the model table: a public model name maps to an adapter and its options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adapter: Literal["demo", "openai"] = Field(description="Which adapter serves this model.")
+    base_url: str | None = Field(
+        default=None,
+        description="Base URL of an OpenAI-compatible API, e.g. http://localhost:11434/v1.",
+    )
+    model: str | None = Field(
+        default=None, description="Upstream model name; defaults to the public name."
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="Name of the environment variable that holds the API key (never the key).",
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Per-read timeout of the provider.")
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect timeout.")
+
+    def api_key(self) -> SecretStr | None:
+        """The API key read from the variable named by ``api_key_env``, if any."""
+        if not self.api_key_env:
+            return None
+        value = os.environ.get(self.api_key_env)
+        return SecretStr(value) if value else None
+
+
+def _default_models() -> dict[str, ModelConfig]:
+    return {"demo": ModelConfig(adapter="demo")}
+
+
+class Settings(BaseSettings):
+    """All configuration; env prefix ``TOKENBRIDGE_`` (``redis_url``: ``TOKENBRIDGE_REDIS_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENBRIDGE_", extra="forbid", frozen=True)
+
+    # -- Redis ---------------------------------------------------------------------------
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis URL (redis://, rediss://, unix://). Unset: start an embedded server.",
+    )
+    redis_max_connections: int = Field(
+        default=32, ge=4, le=10_000, description="Pool size for non-blocking commands."
+    )
+    redis_socket_timeout_s: float = Field(
+        default=10.0, gt=0, description="Socket timeout of non-blocking commands."
+    )
+    key_prefix: str = Field(
+        default="tb",
+        pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        description="Prefix of every Redis key tokenbridge writes.",
+    )
+
+    # -- HTTP ----------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Address the gateway binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port the gateway binds to.")
+
+    # -- Streams -------------------------------------------------------------------------
+    stream_max_len: int = Field(
+        default=10_000,
+        ge=10,
+        description="Approximate max entries kept per session stream (XADD MAXLEN ~).",
+    )
+    stream_retention_s: int = Field(
+        default=3600, ge=1, description="Session keys expire this long after a generation ends."
+    )
+    stream_max_generation_s: int = Field(
+        default=3600,
+        ge=10,
+        description="Safety TTL of a session's keys while a generation runs (crashed producers).",
+    )
+
+    # -- Gateway fan-out -----------------------------------------------------------------
+    fanout_readers: int = Field(
+        default=2, ge=1, le=64, description="XREAD loops per gateway process (fixed)."
+    )
+    fanout_block_ms: int = Field(
+        default=5000, ge=10, le=60_000, description="BLOCK of each fan-out XREAD."
+    )
+    fanout_read_count: int = Field(
+        default=1000, ge=1, le=100_000, description="COUNT per stream of each fan-out XREAD."
+    )
+    sse_heartbeat_s: float = Field(
+        default=15.0, gt=0, description="Heartbeat comment interval of idle SSE streams."
+    )
+    sse_retry_ms: int = Field(
+        default=1000, ge=0, description="Reconnect delay hint (SSE retry:) sent to clients."
+    )
+    connection_max_buffered_events: int = Field(
+        default=10_000,
+        ge=10,
+        description="Events queued for one connection before it is cut as a slow client.",
+    )
+    history_batch: int = Field(
+        default=1000, ge=1, le=100_000, description="XRANGE COUNT when replaying history."
+    )
+
+    # -- Generations ---------------------------------------------------------------------
+    run_worker: bool = Field(
+        default=True, description="Run a generation worker inside `tokenbridge serve`."
+    )
+    worker_concurrency: int = Field(
+        default=64, ge=1, le=10_000, description="Generations one worker process runs at once."
+    )
+    worker_block_ms: int = Field(
+        default=5000, ge=10, le=60_000, description="BLOCK of the job XREADGROUP."
+    )
+    worker_claim_idle_ms: int = Field(
+        default=30_000,
+        ge=1000,
+        description="A job pending this long on a silent worker is reclaimed (XAUTOCLAIM).",
+    )
+    worker_heartbeat_s: float = Field(
+        default=5.0, gt=0, description="How often a worker refreshes its liveness and its jobs."
+    )
+    producer_max_pending: int = Field(
+        default=4096, ge=1, description="Events a producer buffers before the model waits."
+    )
+    jobs_max_len: int = Field(
+        default=100_000, ge=100, description="Approximate max entries kept in the job stream."
+    )
+
+    # -- Input bounds --------------------------------------------------------------------
+    max_prompt_chars: int = Field(
+        default=100_000, ge=1, description="Max characters of a prompt or of all messages."
+    )
+    max_messages: int = Field(default=256, ge=1, description="Max messages in one request.")
+    max_tokens_limit: int = Field(
+        default=100_000, ge=1, description="Largest params.max_tokens a request may ask for."
+    )
+
+    # -- Models --------------------------------------------------------------------------
+    models: dict[str, ModelConfig] = Field(
+        default_factory=_default_models,
+        description='Model table as JSON: {"name": {"adapter": "openai", "base_url": ...}}.',
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _models_not_empty(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        if not value:
+            raise ValueError("at least one model must be configured")
+        return value
+
+    def redis_url_value(self) -> str | None:
+        """The Redis URL in clear, for the store only; never log it."""
+        return self.redis_url.get_secret_value() if self.redis_url else None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from the environment, turning validation errors into one clear line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = "_".join(str(p) for p in err["loc"]) or "settings"
+            problems.append(f"TOKENBRIDGE_{loc.upper()}: {err['msg']}")
+        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None

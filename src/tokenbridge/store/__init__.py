@@ -1,0 +1,1 @@
+"""Redis access: clients and pools (``client``), the embedded server, Lua scripts."""

@@ -1,0 +1,1 @@
+"""The wire model: stream entries (``events``) and Redis key names (``keys``)."""

@@ -1,0 +1,55 @@
+"""Fixtures: a real Redis per test session, fresh key prefixes, gateways on real sockets."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import Gateway, RedisServer
+from tokenbridge.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def settings_factory(redis_server: RedisServer) -> Any:
+    prefix = "t" + secrets.token_hex(4)
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": redis_server.url,
+            "key_prefix": prefix,
+            "worker_heartbeat_s": 0.5,
+            "worker_claim_idle_ms": 2000,
+            "fanout_block_ms": 2000,
+            "worker_block_ms": 2000,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(settings_factory: Any) -> Settings:
+    return settings_factory()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    async with Gateway(settings) as gw:
+        yield gw
+
+
+@pytest.fixture
+async def http(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+        yield client

@@ -1,0 +1,52 @@
+"""A small SSE client for the tests, over httpx (real sockets)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+__all__ = ["SSEEvent", "read_events"]
+
+
+@dataclass
+class SSEEvent:
+    event: str
+    data: dict[str, Any]
+    id: str | None = None
+    comments: list[str] = field(default_factory=list)
+
+
+async def read_events(
+    client: httpx.AsyncClient,
+    url: str,
+    last_event_id: str | None = None,
+    raw_comments: list[str] | None = None,
+) -> AsyncIterator[SSEEvent]:
+    """Yield each SSE event of ``url`` until the server closes the stream."""
+    headers = {"accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["last-event-id"] = last_event_id
+    async with client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        event, data, event_id = "message", "", None
+        async for line in response.aiter_lines():
+            if line == "":
+                if data:
+                    yield SSEEvent(event, json.loads(data), event_id)
+                event, data, event_id = "message", "", None
+            elif line.startswith(":"):
+                if raw_comments is not None:
+                    raw_comments.append(line[1:].strip())
+            else:
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "event":
+                    event = value
+                elif name == "data":
+                    data = value if not data else data + "\n" + value
+                elif name == "id":
+                    event_id = value
