@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from functools import partial
 from types import TracebackType
 
@@ -54,8 +55,14 @@ class Runtime:
         self.url = url
         self.drain_s = drain_s
         self.keys = Keys(settings.key_prefix)
+        self.node_id = secrets.token_hex(6)
+        # Every connection of this process carries its name: CLIENT LIST shows who is who.
+        self.client_name = f"tokenbridge-{self.node_id}"
         self.redis: Redis = command_client(
-            url, settings.redis_max_connections, settings.redis_socket_timeout_s
+            url,
+            settings.redis_max_connections,
+            settings.redis_socket_timeout_s,
+            client_name=self.client_name,
         )
         self.scripts = Scripts(self.redis)
         self.producer = Producer(
@@ -76,18 +83,23 @@ class Runtime:
                 self.redis,
                 self.scripts,
                 self.keys,
-                partial(blocking_client, url, settings.fanout_block_ms),
+                partial(
+                    blocking_client, url, settings.fanout_block_ms, client_name=self.client_name
+                ),
                 readers=settings.fanout_readers,
                 block_ms=settings.fanout_block_ms,
                 read_count=settings.fanout_read_count,
                 orphan_ttl_ms=settings.stream_retention_s * 1000,
+                node_id=self.node_id,
             )
         run_worker = settings.run_worker if worker is None else worker
         self.worker: GenerationWorker | None = None
         if run_worker:
             self.worker = GenerationWorker(
                 self.redis,
-                partial(blocking_client, url, settings.worker_block_ms),
+                partial(
+                    blocking_client, url, settings.worker_block_ms, client_name=self.client_name
+                ),
                 self.keys,
                 self.producer,
                 self.models,

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from redis import exceptions as redis_exc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -29,6 +30,7 @@ __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
+_REDIS_DOWN = (redis_exc.ConnectionError, redis_exc.TimeoutError, redis_exc.BusyLoadingError)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -58,6 +60,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return api.error_response(code, str(exc.detail), exc.status_code)
+
+
+async def _redis_down(request: Request, exc: Exception) -> Response:
+    log.warning("redis unavailable path=%s error=%s", request.url.path, exc)
+    return api.error_response("redis_unavailable", "Redis is not reachable; retry shortly", 503)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -94,6 +101,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         exception_handlers={
             InvalidRequest: _invalid_request,
             HTTPException: _http_error,
+            **dict.fromkeys(_REDIS_DOWN, _redis_down),
             Exception: _server_error,
         },
     )

@@ -186,11 +186,12 @@ class SessionFanout:
         block_ms: int,
         read_count: int,
         orphan_ttl_ms: int,
+        node_id: str | None = None,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.keys = keys
-        self.node_id = secrets.token_hex(6)
+        self.node_id = node_id or secrets.token_hex(6)
         self.settings_read = (read_count, block_ms)
         self.orphan_ttl_ms = orphan_ttl_ms
         self.stats = FanoutStats()

@@ -11,7 +11,8 @@ gone (expired)                      ``gap`` (reason ``expired``), then new entri
 other epoch (Redis lost the data)   ``gap`` (reason ``epoch_changed``), then all
 ==================================  ===============================================
 
-Trimming is told apart precisely with Redis 7's ``max-deleted-entry-id`` (XINFO STREAM).
+Trimming removes a prefix, so it shows as a first retained id later than the client's id;
+deletions (XDEL) show in Redis 7's ``max-deleted-entry-id`` (XINFO STREAM).
 """
 
 from __future__ import annotations
@@ -62,10 +63,22 @@ def plan_resume(state: SessionState, last: tuple[str, str] | None) -> ResumePlan
         return ResumePlan("0-0", _gap(reason, requested, state))
     if not state.exists:
         return ResumePlan("0-0", _gap("expired", requested, state))
-    key = parse_entry_id(entry_id)
-    if state.max_deleted_id and parse_entry_id(state.max_deleted_id) > key:
+    if _lost_after(state, parse_entry_id(entry_id)):
         return ResumePlan(entry_id, _gap("trimmed", requested, state))
     return ResumePlan(entry_id)
+
+
+def _lost_after(state: SessionState, key: tuple[int, int]) -> bool:
+    """Were entries after ``key`` removed? Trimming removes a prefix of the stream, so yes
+    when the first retained entry is later than ``key`` (conservatively also when ``key`` was
+    the very last entry trimmed: Redis keeps no trace of what followed it). XDEL leaves
+    ``max-deleted-entry-id`` behind (Redis 7); XTRIM does not (Redis 7.0), hence both checks.
+    """
+    if state.max_deleted_id and parse_entry_id(state.max_deleted_id) > key:
+        return True
+    if state.first_id:
+        return parse_entry_id(state.first_id) > key
+    return parse_entry_id(state.last_id) > key  # the stream exists but was emptied
 
 
 def _gap(reason: str, requested: str, state: SessionState) -> dict[str, Any]:

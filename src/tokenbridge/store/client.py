@@ -46,10 +46,13 @@ def is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, redis_exc.ResponseError) and str(exc).startswith("NOGROUP")
 
 
-def command_client(url: str, max_connections: int, socket_timeout_s: float) -> Redis:
+def command_client(
+    url: str, max_connections: int, socket_timeout_s: float, client_name: str | None = None
+) -> Redis:
     """A client over a BlockingConnectionPool: callers wait for a connection, never open more."""
     pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
         url,
+        client_name=client_name,
         max_connections=max_connections,
         timeout=socket_timeout_s,
         socket_timeout=socket_timeout_s,

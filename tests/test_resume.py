@@ -1,0 +1,195 @@
+"""Exact resume: a client that drops gets the rest with no gap and no duplicate, on any node."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from tests.servers import Gateway, GatewayProcess
+from tests.sse_client import SSEEvent, read_events
+from tests.test_token_path import collect_until_end, start
+from tokenbridge.settings import Settings
+from tokenbridge.wire.keys import Keys
+
+
+def assert_complete(events: list[SSEEvent], generation_id: str, tokens: int) -> None:
+    """One generation's events: start, every token, end; seq 0..n contiguous, ids increasing."""
+    mine = [e for e in events if e.data.get("generation_id") == generation_id]
+    assert [e.data["seq"] for e in mine] == list(range(tokens + 2))
+    assert mine[0].event == "start" and mine[-1].event == "end"
+    ids = [e.id for e in mine]
+    assert len(set(ids)) == len(ids)
+
+
+async def test_drop_and_resume_same_gateway(http: httpx.AsyncClient) -> None:
+    started = await start(http, params={"max_tokens": 200, "rate": 400})
+    url, gen = started["events_url"], started["generation_id"]
+    async with asyncio.timeout(30):
+        first = await collect_until_end(http, url, gen, limit=30)
+        assert first[-1].event == "token"
+        rest = await collect_until_end(http, url, gen, last_event_id=first[-1].id)
+    assert rest[0].data["seq"] == first[-1].data["seq"] + 1
+    assert_complete(first + rest, gen, 200)
+
+
+async def test_resume_on_a_second_gateway_process(
+    http: httpx.AsyncClient, settings: Settings
+) -> None:
+    started = await start(http, params={"max_tokens": 300, "rate": 300})
+    url, gen = started["events_url"], started["generation_id"]
+    other = GatewayProcess(
+        {
+            "TOKENBRIDGE_REDIS_URL": settings.redis_url_value() or "",
+            "TOKENBRIDGE_KEY_PREFIX": settings.key_prefix,
+        },
+        args=["serve", "--no-worker", "--log-level", "warning"],
+    )
+    other.args += ["--port", str(other.port)]
+    other.start()
+    try:
+        async with asyncio.timeout(60):
+            first = await collect_until_end(http, url, gen, limit=40)
+            await other.wait_ready()
+            async with httpx.AsyncClient(base_url=other.url, timeout=30) as second:
+                rest = await collect_until_end(second, url, gen, last_event_id=first[-1].id)
+    finally:
+        other.stop()
+    assert_complete(first + rest, gen, 300)
+
+
+async def test_two_connections_of_one_session_get_everything(http: httpx.AsyncClient) -> None:
+    started = await start(http, params={"max_tokens": 300, "rate": 1000})
+    url, gen = started["events_url"], started["generation_id"]
+    async with asyncio.timeout(30):
+        a, b = await asyncio.gather(
+            collect_until_end(http, url, gen), collect_until_end(http, url, gen)
+        )
+    assert_complete(a, gen, 300)
+    assert [(e.id, e.data) for e in a] == [(e.id, e.data) for e in b]
+
+
+async def test_later_generations_of_a_session_follow_on_one_stream(
+    http: httpx.AsyncClient,
+) -> None:
+    first = await start(http, params={"max_tokens": 5, "rate": 0})
+    events: list[SSEEvent] = []
+    second: dict[str, Any] = {}
+    async with asyncio.timeout(30):
+        async for ev in read_events(http, first["events_url"]):
+            events.append(ev)
+            if ev.event == "end" and ev.data["generation_id"] == first["generation_id"]:
+                second = await start(
+                    http, session_id=first["session_id"], params={"max_tokens": 7, "rate": 0}
+                )
+            if second and ev.event == "end" and ev.data["generation_id"] == second["generation_id"]:
+                break
+    assert_complete(events, first["generation_id"], 5)
+    assert_complete(events, second["generation_id"], 7)
+
+
+async def _redis(settings: Settings) -> aioredis.Redis:
+    return aioredis.Redis.from_url(settings.redis_url_value() or "")
+
+
+async def test_resume_past_trimmed_history_gets_a_gap_event(settings_factory: Any) -> None:
+    settings = settings_factory(stream_max_len=10)
+    async with Gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        started = await start(http, params={"max_tokens": 30, "rate": 0})
+        url, gen = started["events_url"], started["generation_id"]
+        async with asyncio.timeout(30):
+            early = await collect_until_end(http, url, gen, limit=3)
+            await collect_until_end(http, url, gen)  # the generation has ended
+            # Trim hard so that the entries right after `early[-1]` are gone.
+            client = await _redis(settings)
+            async with client:
+                await client.xtrim(
+                    Keys(settings.key_prefix).events(started["session_id"]), 5, approximate=False
+                )
+            rest = await collect_until_end(http, url, gen, last_event_id=early[-1].id)
+    assert rest[0].event == "gap"
+    assert rest[0].data["reason"] == "trimmed"
+    assert rest[0].data["last_event_id"] == early[-1].id
+    tail = rest[1:]
+    assert len(tail) == 5 and tail[-1].event == "end"
+    assert [e.data["seq"] for e in tail] == list(range(27, 32))
+
+
+async def test_resume_after_expiry_gets_a_gap_event(
+    http: httpx.AsyncClient, settings: Settings
+) -> None:
+    started = await start(http, params={"max_tokens": 3, "rate": 0})
+    url, gen = started["events_url"], started["generation_id"]
+    async with asyncio.timeout(30):
+        events = await collect_until_end(http, url, gen)
+        keys = Keys(settings.key_prefix)
+        client = await _redis(settings)
+        async with client:  # what retention does, right now
+            await client.delete(
+                keys.events(started["session_id"]), keys.meta(started["session_id"])
+            )
+        gone = await collect_until_end(http, url, gen, last_event_id=events[-1].id, limit=1)
+        later = await start(http, session_id=started["session_id"], params={"max_tokens": 2})
+        await collect_until_end(http, url, later["generation_id"])  # the new stream exists
+        rest = await collect_until_end(
+            http, url, later["generation_id"], last_event_id=events[-1].id
+        )
+    assert gone[0].event == "gap" and gone[0].data["reason"] == "expired"
+    assert rest[0].event == "gap"
+    assert rest[0].data["reason"] == "epoch_changed"
+    assert_complete(rest[1:], later["generation_id"], 2)
+
+
+@pytest.mark.parametrize("n_sessions,per_session", [(100, 10)])
+async def test_many_clients_use_a_bounded_number_of_redis_connections(
+    gateway: Gateway, settings: Settings, n_sessions: int, per_session: int
+) -> None:
+    """1,000 SSE clients on 100 sessions: Redis connections stay within the configured bound."""
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+        sessions = [f"bound-{i}" for i in range(n_sessions)]
+        all_in = asyncio.Event()
+        connected = 0
+
+        async def client(session_id: str) -> int:
+            nonlocal connected
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(
+                f"GET /v1/sessions/{session_id}/events HTTP/1.1\r\nHost: x\r\n"
+                "Accept: text/event-stream\r\n\r\n".encode()
+            )
+            await writer.drain()
+            await reader.readuntil(b"retry:")
+            connected += 1
+            if connected == n_sessions * per_session:
+                all_in.set()
+            tokens = 0
+            buffer = b""
+            while b"event: end" not in buffer:
+                chunk = await reader.read(65536)
+                assert chunk, "server closed early"
+                buffer = buffer[-64:] + chunk
+                tokens += chunk.count(b"event: token")
+            writer.close()
+            await writer.wait_closed()
+            return tokens
+
+        async with asyncio.timeout(90):
+            tasks = [asyncio.create_task(client(s)) for s in sessions for _ in range(per_session)]
+            await all_in.wait()
+            redis = await _redis(settings)
+            async with redis:
+                clients_before = await redis.client_list()
+                for s in sessions:
+                    await start(http, session_id=s, params={"max_tokens": 20, "rate": 200})
+                counts = await asyncio.gather(*tasks)
+                clients_after = await redis.client_list()
+    assert counts == [20] * (n_sessions * per_session)
+    name = gateway.runtime.client_name
+    bound = settings.redis_max_connections + settings.fanout_readers + 1  # + worker's read loop
+    for listing in (clients_before, clients_after):
+        ours = [c for c in listing if c.get("name") == name]
+        assert settings.fanout_readers < len(ours) <= bound
+    assert gateway.runtime.fanout.reader_count == settings.fanout_readers
