@@ -1,0 +1,211 @@
+"""The processes a benchmark run starts, their CPU figures, and the machine they run on.
+
+Every child gets its own session (a Ctrl-C in the terminal reaches only the bench, which then
+stops its children in order) and, on Linux, ``PR_SET_PDEATHSIG`` (a SIGKILLed bench never
+leaves one behind). Stopping is by PID: SIGTERM, then SIGKILL after a deadline. A child's
+stdout is drained by a thread into a bounded buffer, so that a chatty child never blocks on a
+full pipe, and its readiness is a line it prints, not a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+__all__ = [
+    "ROOT",
+    "Child",
+    "GatewayProcess",
+    "free_port",
+    "machine_info",
+    "process_cpu_s",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The source checkout: children run here, so that ``benchmarks`` is importable."""
+
+_PR_SET_PDEATHSIG = 1
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a live process (all its threads), from /proc; else None."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+class Child:
+    """A child process with a drained stdout (stderr merged); ``stop()`` is safe to repeat."""
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        ready_marker: str | None = None,
+        keep_lines: int = 200,
+    ) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.ready_marker = ready_marker
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
+        self.process: subprocess.Popen[str] | None = None
+        self._settled = threading.Event()  # the marker was seen, or stdout ended
+        self._ready = False
+        self._reader: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"<Child {self.name} pid={self.pid}>"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.args,
+            env=self.env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._drain, name=f"drain-{self.name}", daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self.ready_marker is not None and self.ready_marker in line:
+                self._ready = True
+                self._settled.set()
+        self._settled.set()
+
+    def output(self, last: int = 20) -> str:
+        return "\n".join(list(self.lines)[-last:])
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait for the ready line; raise with the child's last output if it never comes."""
+        settled = await asyncio.to_thread(self._settled.wait, timeout_s)
+        if not settled or not self._ready:
+            why = "did not get ready" if not settled else "exited before it was ready"
+            raise RuntimeError(f"{self.name} {why} within {timeout_s}s:\n{self.output()}")
+
+    async def wait_exit(self, timeout_s: float) -> int:
+        """Wait for the child to exit on its own; raise (after stopping it) past the deadline."""
+        assert self.process is not None
+        try:
+            code = await asyncio.to_thread(self.process.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not finish within {timeout_s}s") from None
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 5)
+        return code
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; then close the pipe."""
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=timeout_s)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+class GatewayProcess(Child):
+    """``python -m tokenbridge serve --no-worker`` on a free port, against one Redis URL."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.port = free_port()
+        env = {**os.environ, "TOKENBRIDGE_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+        args = [sys.executable, "-m", "tokenbridge", "serve", "--port", str(self.port)]
+        args += ["--no-worker", "--log-level", "warning"]
+        super().__init__("gateway", args, env, ready_marker="tokenbridge serving at")
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loop_stack() -> str:
+    """What uvicorn's ``auto`` picks in the gateway: uvloop and httptools when installed."""
+    parts = []
+    for module, fallback in (("uvloop", "asyncio"), ("httptools", "h11")):
+        try:
+            __import__(module)
+            parts.append(module)
+        except ImportError:
+            parts.append(fallback)
+    return " + ".join(parts)
+
+
+def machine_info(redis_version: str) -> list[tuple[str, str]]:
+    """Rows describing the machine and the software under test."""
+    import redis as redis_py
+
+    overrides = sorted(k for k in os.environ if k.startswith("TOKENBRIDGE_"))
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return [
+        ("CPU", _cpu_model()),
+        ("cores", f"{cores} ({usable} usable by this process)"),
+        ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
+        ("Redis server", redis_version),
+        ("redis-py", redis_py.__version__),
+        ("gateway loop / HTTP", _loop_stack()),
+        ("gateway settings", ", ".join(overrides) + " from env" if overrides else "defaults"),
+        ("OS", f"{platform.system()} {platform.release()}"),
+    ]

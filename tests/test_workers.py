@@ -1,0 +1,80 @@
+"""Generations run on workers: they outlive gateways, and a dead worker's job is recovered."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import httpx
+
+from tests.servers import Gateway, GatewayProcess
+from tests.test_resume import assert_complete
+from tests.test_token_path import collect_until_end, start
+from tokenbridge.settings import Settings
+
+
+def worker_process(settings: Settings) -> GatewayProcess:
+    return GatewayProcess(
+        {
+            "TOKENBRIDGE_REDIS_URL": settings.redis_url_value() or "",
+            "TOKENBRIDGE_KEY_PREFIX": settings.key_prefix,
+            "TOKENBRIDGE_WORKER_HEARTBEAT_S": "0.5",
+            "TOKENBRIDGE_WORKER_CLAIM_IDLE_MS": "1500",
+            "TOKENBRIDGE_WORKER_BLOCK_MS": "1000",
+        },
+        args=["worker", "--log-level", "warning"],
+    )
+
+
+async def test_generation_outlives_the_gateway_that_accepted_it(settings_factory: Any) -> None:
+    settings = settings_factory(run_worker=False)
+    worker = worker_process(settings)
+    worker.start()
+    try:
+        await worker.wait_ready(marker=b"ready")
+        async with Gateway(settings) as first:
+            async with httpx.AsyncClient(base_url=first.url, timeout=30) as http:
+                started = await start(http, params={"max_tokens": 200, "rate": 200})
+                url, gen = started["events_url"], started["generation_id"]
+                async with asyncio.timeout(30):
+                    early = await collect_until_end(http, url, gen, limit=20)
+        # The first gateway is gone; the worker goes on; a new gateway serves the rest.
+        async with Gateway(settings) as second:
+            async with httpx.AsyncClient(base_url=second.url, timeout=30) as http:
+                async with asyncio.timeout(30):
+                    rest = await collect_until_end(http, url, gen, last_event_id=early[-1].id)
+    finally:
+        worker.stop()
+    assert_complete(early + rest, gen, 200)
+
+
+async def test_job_of_a_killed_worker_is_recovered_by_another(settings_factory: Any) -> None:
+    settings = settings_factory(run_worker=False)
+    doomed = worker_process(settings)
+    doomed.start()
+    survivor = worker_process(settings)
+    try:
+        await doomed.wait_ready(marker=b"ready")
+        async with Gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+            started = await start(http, params={"max_tokens": 10_000, "rate": 100})
+            url, gen = started["events_url"], started["generation_id"]
+            async with asyncio.timeout(60):
+                early = await collect_until_end(http, url, gen, limit=10)
+                doomed.stop(signal.SIGKILL)
+                survivor.start()
+                await survivor.wait_ready(marker=b"ready")
+                rest = await collect_until_end(http, url, gen, last_event_id=early[-1].id)
+            # A job queued after the crash runs normally on the survivor.
+            again = await start(http, params={"max_tokens": 3, "rate": 0})
+            async with asyncio.timeout(30):
+                after = await collect_until_end(http, again["events_url"], again["generation_id"])
+    finally:
+        doomed.stop(signal.SIGKILL)
+        survivor.stop()
+    events = early + rest
+    last = events[-1]
+    assert last.event == "error" and last.data["code"] == "worker_lost"
+    seqs = [e.data["seq"] for e in events]
+    assert seqs == list(range(len(seqs)))  # the error follows the last written event
+    assert_complete(after, again["generation_id"], 3)
