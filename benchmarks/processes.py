@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import os
 import platform
@@ -27,6 +28,7 @@ __all__ = [
     "GatewayProcess",
     "free_port",
     "machine_info",
+    "new_runner",
     "process_cpu_s",
 ]
 
@@ -72,11 +74,13 @@ class Child:
         env: dict[str, str],
         ready_marker: str | None = None,
         keep_lines: int = 200,
+        stdin_pipe: bool = False,
     ) -> None:
         self.name = name
         self.args = args
         self.env = env
         self.ready_marker = ready_marker
+        self.stdin_pipe = stdin_pipe
         self.lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
         self.process: subprocess.Popen[str] | None = None
         self._settled = threading.Event()  # the marker was seen, or stdout ended
@@ -90,12 +94,16 @@ class Child:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def start(self) -> None:
         self.process = subprocess.Popen(
             self.args,
             env=self.env,
             cwd=ROOT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if self.stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -114,6 +122,12 @@ class Child:
                 self._ready = True
                 self._settled.set()
         self._settled.set()
+
+    def send_line(self, line: str) -> None:
+        """Write one line to the child's stdin (``stdin_pipe=True``)."""
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
 
     def output(self, last: int = 20) -> str:
         return "\n".join(list(self.lines)[-last:])
@@ -151,8 +165,10 @@ class Child:
                 process.wait(timeout=timeout_s)
         if self._reader is not None:
             self._reader.join(timeout=5)
-        if process.stdout is not None:
-            process.stdout.close()
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 class GatewayProcess(Child):
@@ -209,3 +225,12 @@ def machine_info(redis_version: str) -> list[tuple[str, str]]:
         ("gateway settings", ", ".join(overrides) + " from env" if overrides else "defaults"),
         ("OS", f"{platform.system()} {platform.release()}"),
     ]
+
+
+def new_runner() -> asyncio.Runner:
+    """An asyncio runner on uvloop when installed (it comes with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)

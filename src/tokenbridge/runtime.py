@@ -18,6 +18,8 @@ from types import TracebackType
 
 from redis.asyncio import Redis
 
+from tokenbridge.consumers.dead_letters import DeadLetters
+from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.producer.models import build_model
@@ -43,7 +45,7 @@ class Runtime:
         *,
         gateway: bool = True,
         worker: bool | None = None,
-        drain_s: float = 10.0,
+        drain_s: float | None = None,
     ) -> None:
         url = settings.redis_url_value()
         if url is None:
@@ -53,7 +55,6 @@ class Runtime:
             )
         self.settings = settings
         self.url = url
-        self.drain_s = drain_s
         self.keys = Keys(settings.key_prefix)
         self.node_id = secrets.token_hex(6)
         # Every connection of this process carries its name: CLIENT LIST shows who is who.
@@ -92,14 +93,19 @@ class Runtime:
                 orphan_ttl_ms=settings.stream_retention_s * 1000,
                 node_id=self.node_id,
             )
+        self.dead_letters = DeadLetters(self.redis, self.keys.dead_letters, settings.dlq_max_len)
+        self.consumers = StreamConsumerService(
+            self.redis,
+            partial(blocking_client, url, settings.worker_block_ms, client_name=self.client_name),
+            self.dead_letters,
+            drain_s=drain_s if drain_s is not None else settings.shutdown_drain_s,
+        )
         run_worker = settings.run_worker if worker is None else worker
         self.worker: GenerationWorker | None = None
         if run_worker:
             self.worker = GenerationWorker(
                 self.redis,
-                partial(
-                    blocking_client, url, settings.worker_block_ms, client_name=self.client_name
-                ),
+                self.consumers,
                 self.keys,
                 self.producer,
                 self.models,
@@ -107,6 +113,7 @@ class Runtime:
                 block_ms=settings.worker_block_ms,
                 claim_idle_ms=settings.worker_claim_idle_ms,
                 heartbeat_s=settings.worker_heartbeat_s,
+                max_deliveries=settings.consumer_max_deliveries,
             )
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -125,6 +132,7 @@ class Runtime:
             ) from None
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
+        await self.consumers.__aenter__()
         if self.fanout is not None:
             self._tasks.append(self._group.create_task(self.fanout.run()))
         if self.worker is not None:
@@ -142,11 +150,13 @@ class Runtime:
         if self.worker is not None:
             self.worker.stop()
         assert self._group is not None
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=self.drain_s)
-            for task in pending:
-                task.cancel()
         try:
+            # Consumers drain (bounded by shutdown_drain_s), then the loops return.
+            await self.consumers.__aexit__(exc_type, exc, tb)
+            if self._tasks:
+                _, pending = await asyncio.wait(self._tasks, timeout=5)
+                for task in pending:
+                    task.cancel()
             await self._group.__aexit__(exc_type, exc, tb)
         finally:
             await self._close_clients()

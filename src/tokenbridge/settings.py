@@ -134,6 +134,15 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(
         default=5.0, gt=0, description="How often a worker refreshes its liveness and its jobs."
     )
+    consumer_max_deliveries: int = Field(
+        default=5, ge=1, le=1000, description="Deliveries before an entry is dead-lettered."
+    )
+    dlq_max_len: int = Field(
+        default=100_000, ge=100, description="Approximate max entries of the dead-letter stream."
+    )
+    shutdown_drain_s: float = Field(
+        default=10.0, ge=0, description="On stop, how long running handlers get to finish."
+    )
     producer_max_pending: int = Field(
         default=4096, ge=1, description="Events a producer buffers before the model waits."
     )

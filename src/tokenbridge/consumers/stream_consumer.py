@@ -5,15 +5,15 @@ re-reads its own pending entries (``XREADGROUP ... 0``), then blocks for new one
 never sleeping between reads. Handlers run as tasks with bounded concurrency; a read asks for
 no more entries than there are free slots. Acks are pipelined: finished ids are acked together.
 
-A *keeper* task, every ``heartbeat_s``, refreshes the idle time of the entries it is still
-working on (``XCLAIM ... JUSTID``, which does not count as a delivery) so that long handlers
-(a minute-long generation) are not taken over, and takes over entries idle longer than
-``claim_idle_ms`` on other consumers (``XAUTOCLAIM``): those of crashed processes. Entries
-trimmed from the stream while pending are dropped from the pending list and counted.
+Failures: a handler raising :class:`InvalidEntry` dead-letters the entry at once; any other
+exception leaves it pending, to be delivered again (``reclaim.py``) until its ``max_deliveries``
+th failure, when it is dead-lettered (``dead_letters.py``). An entry already delivered more than
+``max_deliveries`` times (a handler that kills its process) is dead-lettered without running.
 
 Redis errors make the loops back off (with jitter) and retry; ``NOGROUP`` (Redis lost the
-stream) recreates the group. :meth:`stop` ends reading; in-flight handlers finish (or are
-cancelled by the owner's deadline), and nothing is acked that was not processed.
+stream) recreates the group. :meth:`stop` ends the blocked read at once (``CLIENT UNBLOCK``);
+in-flight handlers finish (or are cancelled by the owner's deadline, and stay pending); nothing
+is acked that was not processed.
 """
 
 from __future__ import annotations
@@ -28,20 +28,29 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from tokenbridge.consumers.dead_letters import DeadLetters
+from tokenbridge.consumers.reclaim import Reclaimer
+from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff, is_busygroup, is_nogroup
 
 __all__ = ["ConsumerStats", "Delivery", "Handler", "StreamConsumer"]
 
 log = logging.getLogger(__name__)
 
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One entry handed to a handler; ``redelivered`` when it was pending before (reclaimed)."""
+    """One entry handed to a handler; ``deliveries`` counts this one (1 = first delivery)."""
 
     entry_id: str
     fields: dict[bytes, bytes]
-    redelivered: bool
+    deliveries: int = 1
+
+    @property
+    def redelivered(self) -> bool:
+        return self.deliveries > 1
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
@@ -49,12 +58,13 @@ Handler = Callable[[Delivery], Awaitable[None]]
 
 @dataclass
 class ConsumerStats:
-    """Counters of one consumer (past participles, as in metrics)."""
+    """Counters of one consumer (past participles, shared with metrics and status)."""
 
     read: int = 0
     acked: int = 0
     failed: int = 0
     reclaimed: int = 0
+    dead_lettered: int = 0
     trimmed: int = 0
     last_activity: float = 0.0
 
@@ -76,6 +86,9 @@ class StreamConsumer:
         count: int = 100,
         claim_idle_ms: int = 30_000,
         heartbeat_s: float = 5.0,
+        max_deliveries: int = 5,
+        dead_letters: DeadLetters | None = None,
+        burst: bool = False,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -85,10 +98,12 @@ class StreamConsumer:
         self.concurrency = concurrency
         self.block_ms = block_ms
         self.count = count
-        self.claim_idle_ms = claim_idle_ms
-        self.heartbeat_s = heartbeat_s
+        self.max_deliveries = max_deliveries
+        self.dead_letters = dead_letters
+        self.burst = burst
         self.stats = ConsumerStats()
         self.running = False
+        self.reclaimer = Reclaimer(self, claim_idle_ms, heartbeat_s)
         self._make_client = make_blocking_client
         self._stopping = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -96,22 +111,32 @@ class StreamConsumer:
         self._to_ack: list[str] = []
         self._ack_wanted = asyncio.Event()
         self._reader_client_id: int | None = None
+        self._group: asyncio.TaskGroup | None = None
 
     def __repr__(self) -> str:
         s = self.stats
         return (
             f"<StreamConsumer {self.stream} {self.group}/{self.consumer} running={self.running} "
             f"read={s.read} acked={s.acked} failed={s.failed} reclaimed={s.reclaimed} "
-            f"inflight={len(self._inflight)}>"
+            f"dead_lettered={s.dead_lettered} inflight={len(self._inflight)}>"
         )
 
     @property
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def inflight_ids(self) -> list[str]:
+        return list(self._inflight)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         """Stop reading; :meth:`run` returns once in-flight handlers have finished."""
         self._stopping.set()
+        self._slot_free.set()
 
     async def ensure_group(self) -> None:
         """Create the group at the start of the stream if missing (idempotent)."""
@@ -122,7 +147,7 @@ class StreamConsumer:
                 raise
 
     async def run(self) -> None:
-        """Consume until :meth:`stop`; handler tasks are owned and awaited here."""
+        """Consume until :meth:`stop` (or, in burst mode, until nothing is left)."""
         self.running = True
         log.info(
             "consumer started stream=%s group=%s consumer=%s",
@@ -132,57 +157,46 @@ class StreamConsumer:
         )
         try:
             async with asyncio.TaskGroup() as group:
-                keeper = group.create_task(self._keep(group))
+                self._group = group
+                keeper = group.create_task(self.reclaimer.run())
                 acker = group.create_task(self._ack_loop())
                 unblocker = group.create_task(self._unblock_on_stop())
-                await self._read_loop(group)
-                # Drain: let handlers finish, flush their acks, then stop the helpers.
-                while self._inflight:
+                await self._read_loop()
+                while self._inflight:  # drain: handlers finish, their acks are flushed
                     await asyncio.wait(list(self._inflight.values()))
                 keeper.cancel()
                 unblocker.cancel()
-                self._ack_wanted.set()
                 self._stopping.set()
+                self._ack_wanted.set()
                 await acker
+            await self.reclaimer.forget_self()
         finally:
             self.running = False
-            log.info(
-                "consumer stopped stream=%s group=%s consumer=%s",
-                self.stream,
-                self.group,
-                self.consumer,
-            )
+            self._group = None
+            log.info("consumer stopped %r", self)
 
-    async def _read_loop(self, group: asyncio.TaskGroup) -> None:
+    async def _read_loop(self) -> None:
         backoff = Backoff()
         client = self._make_client()
         pending_cursor: str | None = "0-0"  # own pending entries first
         try:
             await self._retrying(self.ensure_group)
             while not self._stopping.is_set():
-                if self._reader_client_id is None:
-                    with contextlib.suppress(*REDIS_DOWN_ERRORS):
-                        self._reader_client_id = await client.client_id()
                 free = self.concurrency - len(self._inflight)
                 if free <= 0:
                     self._slot_free.clear()
                     await self._slot_free.wait()
                     continue
                 try:
-                    cursor = pending_cursor if pending_cursor is not None else ">"
-                    reply: Any = await client.xreadgroup(
-                        self.group,
-                        self.consumer,
-                        {self.stream: cursor},
-                        count=min(free, self.count),
-                        block=None if pending_cursor is not None else self.block_ms,
-                    )
+                    if self._reader_client_id is None:
+                        self._reader_client_id = await client.client_id()
+                    entries = await self._read(client, pending_cursor, free)
                     backoff.reset()
                 except REDIS_DOWN_ERRORS as exc:
                     self._reader_client_id = None  # a new connection gets a new id
                     delay = backoff.next()
                     log.warning(
-                        "consumer %s lost redis (%s); retrying in %.2fs", self.consumer, exc, delay
+                        "consumer %s lost redis (%s); retry in %.2fs", self.consumer, exc, delay
                     )
                     await self._sleep_unless_stopping(delay)
                     pending_cursor = "0-0"
@@ -196,22 +210,40 @@ class StreamConsumer:
                     await self._retrying(self.ensure_group)
                     pending_cursor = "0-0"
                     continue
-                entries = reply[0][1] if reply else []
                 if pending_cursor is not None:
                     if not entries:
                         pending_cursor = None
                         continue
                     pending_cursor = entries[-1][0].decode()
-                self._dispatch(group, entries, redelivered=pending_cursor is not None)
+                    await self.dispatch(entries, redelivered=True)
+                elif entries:
+                    await self.dispatch(entries, redelivered=False)
+                elif self.burst and await self._drained():
+                    return
         finally:
             await client.aclose()
 
-    def _dispatch(
-        self,
-        group: asyncio.TaskGroup,
-        entries: list[tuple[bytes, dict[bytes, bytes]]],
-        redelivered: bool,
-    ) -> None:
+    async def _read(self, client: Redis, pending_cursor: str | None, free: int) -> Entries:
+        reply: Any = await client.xreadgroup(
+            self.group,
+            self.consumer,
+            {self.stream: pending_cursor or ">"},
+            count=min(free, self.count),
+            block=None if pending_cursor is not None else self.block_ms,
+        )
+        return reply[0][1] if reply else []
+
+    async def _drained(self) -> bool:
+        """Burst mode: nothing new, nothing in flight, nothing pending in the whole group."""
+        if self._inflight or self._to_ack:
+            return False
+        summary: Any = await self.redis.xpending(self.stream, self.group)
+        return int(summary["pending"]) == 0
+
+    async def dispatch(self, entries: Entries, redelivered: bool) -> None:
+        """Start a handler task per entry (counts of redeliveries come from XPENDING)."""
+        assert self._group is not None
+        counts = await self._delivery_counts(entries) if redelivered else {}
         now = time.time()
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
@@ -223,28 +255,67 @@ class StreamConsumer:
                 continue
             if entry_id in self._inflight:
                 continue
-            task = group.create_task(self._handle(Delivery(entry_id, fields, redelivered)))
+            delivery = Delivery(entry_id, fields, counts.get(entry_id, 1))
+            task = self._group.create_task(self._handle(delivery))
             self._inflight[entry_id] = task
+
+    async def _delivery_counts(self, entries: Entries) -> dict[str, int]:
+        ids = [raw_id.decode() for raw_id, _ in entries]
+        rows: Any = await self.redis.xpending_range(
+            self.stream, self.group, ids[0], ids[-1], len(ids) + 100, consumername=self.consumer
+        )
+        return {_s(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
-            await self.handler(delivery)
-        except asyncio.CancelledError:
-            raise  # stays pending: another consumer (or our restart) takes it over
-        except Exception:
-            self.stats.failed += 1
-            log.exception(
-                "handler failed stream=%s group=%s entry_id=%s; left pending",
-                self.stream,
-                self.group,
-                delivery.entry_id,
-            )
-        else:
-            self._ack(delivery.entry_id)
+            if delivery.deliveries > self.max_deliveries and self.dead_letters is not None:
+                await self._dead_letter(delivery, f"delivered {delivery.deliveries} times")
+                return
+            try:
+                await self.handler(delivery)
+            except asyncio.CancelledError:
+                raise  # stays pending: another consumer (or our restart) takes it over
+            except InvalidEntry as exc:
+                self.stats.failed += 1
+                if self.dead_letters is None:
+                    log.warning("invalid entry acked entry_id=%s error=%s", delivery.entry_id, exc)
+                    self._ack(delivery.entry_id)
+                else:
+                    await self._dead_letter(delivery, f"invalid entry: {exc}")
+            except Exception as exc:
+                self.stats.failed += 1
+                if delivery.deliveries >= self.max_deliveries and self.dead_letters is not None:
+                    await self._dead_letter(delivery, f"{type(exc).__name__}: {exc}")
+                else:
+                    log.warning(
+                        "handler failed stream=%s group=%s entry_id=%s deliveries=%d error=%r",
+                        self.stream,
+                        self.group,
+                        delivery.entry_id,
+                        delivery.deliveries,
+                        exc,
+                    )
+            else:
+                self._ack(delivery.entry_id)
+        except REDIS_DOWN_ERRORS as exc:  # dead-lettering failed: it stays pending
+            log.warning("could not dead-letter entry_id=%s (%s)", delivery.entry_id, exc)
         finally:
             self._inflight.pop(delivery.entry_id, None)
             self.stats.last_activity = time.time()
             self._slot_free.set()
+
+    async def _dead_letter(self, delivery: Delivery, error: str) -> None:
+        assert self.dead_letters is not None
+        await self.dead_letters.move(
+            self.stream,
+            self.group,
+            delivery.entry_id,
+            delivery.fields,
+            error,
+            delivery.deliveries,
+            self.consumer,
+        )
+        self.stats.dead_lettered += 1
 
     def _ack(self, entry_id: str) -> None:
         self._to_ack.append(entry_id)
@@ -269,67 +340,16 @@ class StreamConsumer:
                     self.stats.acked += len(ids)
                     backoff.reset()
                 except REDIS_DOWN_ERRORS as exc:
-                    # Not acked: the entries stay pending and will be handled again (at least once).
-                    log.warning("xack failed for %d entries (%s)", len(ids), exc)
+                    log.warning("xack failed for %d entries (%s); retrying", len(ids), exc)
+                    self._to_ack[:0] = ids  # still pending in Redis until acked
                     await asyncio.sleep(backoff.next())
+                    self._ack_wanted.set()
             if self._stopping.is_set() and not self._inflight and not self._to_ack:
                 return
 
-    async def _keep(self, group: asyncio.TaskGroup) -> None:
-        """Refresh our in-flight entries and take over those of dead consumers."""
-        while True:
-            await asyncio.sleep(self.heartbeat_s)  # a timer, not a poll: the work is periodic
-            try:
-                if self._inflight:
-                    await self.redis.xclaim(
-                        self.stream, self.group, self.consumer, 0, list(self._inflight), justid=True
-                    )
-                await self._reclaim(group)
-            except REDIS_DOWN_ERRORS as exc:
-                log.debug("keeper: redis unavailable (%s)", exc)
-            except Exception as exc:
-                if not is_nogroup(exc):
-                    raise
-
-    async def _reclaim(self, group: asyncio.TaskGroup) -> int:
-        """XAUTOCLAIM entries idle past ``claim_idle_ms`` (as many as we have free slots)."""
-        cursor = "0-0"
-        claimed_total = 0
-        while not self._stopping.is_set():
-            free = self.concurrency - len(self._inflight)
-            if free <= 0:
-                break
-            reply: Any = await self.redis.xautoclaim(
-                self.stream,
-                self.group,
-                self.consumer,
-                self.claim_idle_ms,
-                cursor,
-                count=min(free, 100),
-            )
-            cursor = _str(reply[0])
-            entries = [(raw_id, fields) for raw_id, fields in reply[1] if fields is not None]
-            deleted = reply[2] if len(reply) > 2 else []
-            if deleted:
-                self.stats.trimmed += len(deleted)  # XAUTOCLAIM already removed them from the PEL
-            claimed_total += len(entries)
-            self._dispatch(group, entries, redelivered=True)
-            if cursor == "0-0":
-                break
-        if claimed_total:
-            self.stats.reclaimed += claimed_total
-            log.info(
-                "reclaimed entries stream=%s group=%s consumer=%s count=%d",
-                self.stream,
-                self.group,
-                self.consumer,
-                claimed_total,
-            )
-        return claimed_total
-
     async def _retrying(self, op: Callable[[], Awaitable[None]]) -> None:
         backoff = Backoff()
-        while True:
+        while not self._stopping.is_set():
             try:
                 await op()
                 return
@@ -337,16 +357,12 @@ class StreamConsumer:
                 delay = backoff.next()
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
                 await self._sleep_unless_stopping(delay)
-                if self._stopping.is_set():
-                    return
 
     async def _sleep_unless_stopping(self, delay: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._stopping.wait()
-        except TimeoutError:
-            pass
 
 
-def _str(value: bytes | str) -> str:
+def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value

@@ -197,11 +197,9 @@ async def status(request: Request) -> Response:
         },
         "worker": None
         if worker is None
-        else {
-            "name": worker.name,
-            "generations_done": worker.generations_done,
-            "inflight": worker.consumer.inflight,
-            **vars(worker.consumer.stats),
-        },
+        else {"name": worker.name, "generations_done": worker.generations_done},
+        "consumers": runtime.consumers.status(),
+        "groups": await runtime.consumers.group_status(runtime.keys.jobs),
+        "dead_letters": await runtime.dead_letters.count(),
     }
     return JSONResponse(body)

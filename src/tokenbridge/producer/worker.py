@@ -21,13 +21,12 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
 
 from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
-from tokenbridge.exceptions import InvalidEntry
+from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
@@ -58,7 +57,7 @@ class GenerationWorker:
     def __init__(
         self,
         redis: Redis,
-        make_blocking_client: Callable[[], Redis],
+        service: StreamConsumerService,
         keys: Keys,
         producer: Producer,
         models: dict[str, ChatModel],
@@ -67,45 +66,50 @@ class GenerationWorker:
         block_ms: int,
         claim_idle_ms: int,
         heartbeat_s: float,
+        max_deliveries: int = 5,
     ) -> None:
         self.redis = redis
+        self.service = service
         self.keys = keys
         self.producer = producer
         self.models = models
         self.heartbeat_s = heartbeat_s
         self.name = _worker_name()
         self.generations_done = 0
-        self.consumer = StreamConsumer(
-            redis,
-            make_blocking_client,
-            keys.jobs,
-            WORKER_GROUP,
-            self.name,
-            self._handle,
-            concurrency=concurrency,
-            block_ms=block_ms,
-            count=concurrency,
-            claim_idle_ms=claim_idle_ms,
-            heartbeat_s=heartbeat_s,
-        )
+        self._options: dict[str, Any] = {
+            "concurrency": concurrency,
+            "block_ms": block_ms,
+            "count": concurrency,
+            "claim_idle_ms": claim_idle_ms,
+            "heartbeat_s": heartbeat_s,
+            "max_deliveries": max_deliveries,
+        }
+        self.consumer: StreamConsumer | None = None
+        self._stopping = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<GenerationWorker {self.name} done={self.generations_done} {self.consumer!r}>"
 
     def stop(self) -> None:
         """Stop taking jobs; running generations go on until they end (or are cancelled)."""
-        self.consumer.stop()
+        self._stopping.set()
+        if self.consumer is not None:
+            self.consumer.stop()
 
     async def run(self) -> None:
-        """Consume jobs and send heartbeats until stopped."""
-        async with asyncio.TaskGroup() as group:
-            beat = group.create_task(self._heartbeat())
-            try:
-                await self.consumer.run()
-            finally:
-                beat.cancel()
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await self.redis.zrem(self.keys.workers, self.name)
+        """Start the job consumer (in the service) and send heartbeats until stopped."""
+        self.consumer = self.service.start_consumer(
+            self.keys.jobs, WORKER_GROUP, self.name, self._handle, **self._options
+        )
+        beat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._stopping.wait()
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await self.redis.zrem(self.keys.workers, self.name)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -121,11 +125,7 @@ class GenerationWorker:
             await asyncio.sleep(self.heartbeat_s)  # a timer: liveness is periodic by nature
 
     async def _handle(self, delivery: Delivery) -> None:
-        try:
-            job = GenerationJob.from_fields(delivery.fields)
-        except InvalidEntry as exc:
-            log.warning("invalid job skipped entry_id=%s error=%s", delivery.entry_id, exc)
-            return
+        job = GenerationJob.from_fields(delivery.fields)  # InvalidEntry: dead-lettered
         if delivery.redelivered and await self._recovered(job):
             return
         model = self.models.get(job.model)

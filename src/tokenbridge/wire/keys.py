@@ -81,6 +81,11 @@ class Keys:
         """Sorted set: worker name -> last heartbeat (ms); readiness looks here."""
         return f"{self.prefix}:workers"
 
+    @property
+    def dead_letters(self) -> str:
+        """The dead-letter stream of every consumer group (docs/operations.md)."""
+        return f"{self.prefix}:dlq"
+
     def wake(self, node_id: str, reader: int) -> str:
         """Private stream a gateway writes to wake its own blocked fan-out reader."""
         return f"{self.prefix}:wake:{node_id}:{reader}"

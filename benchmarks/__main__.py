@@ -1,0 +1,152 @@
+"""``python -m benchmarks``: start Redis and one gateway process, run the scenarios, report.
+
+Run from the source checkout (see benchmarks/README.md). Every process it starts (Redis, the
+gateway, producers) is stopped by PID when it returns, fails, or gets Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from benchmarks.processes import GatewayProcess, machine_info, new_runner
+from benchmarks.report import print_report
+from benchmarks.scenarios import Bench, ScenarioResult, fanout, latency, single_session
+from tokenbridge.exceptions import TokenBridgeError
+from tokenbridge.store.embedded import EmbeddedRedis
+
+__all__ = ["main"]
+
+SCENARIOS = ("single", "latency", "fanout")
+
+
+@dataclass(frozen=True)
+class Options:
+    scenarios: tuple[str, ...]
+    tokens: int
+    fanout_connections: int
+    fanout_tokens: int
+    sessions: int
+    rate: float
+    duration_s: float
+    timeout_s: float
+
+
+def _parse(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure tokenbridge on an embedded Redis and one gateway process.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (seconds)")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument("--tokens", type=int, help="single: tokens (200,000; quick 20,000)")
+    parser.add_argument("--fanout-connections", type=int, default=100, help="fanout: clients")
+    parser.add_argument(
+        "--fanout-tokens", type=int, help="fanout: tokens written (20,000; quick 2,000)"
+    )
+    parser.add_argument("--sessions", type=int, default=200, help="latency: sessions")
+    parser.add_argument("--rate", type=float, default=20.0, help="latency: tokens/s per session")
+    parser.add_argument("--duration", type=float, help="latency: seconds (20; quick 5)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="bound of each wait, s")
+    args = parser.parse_args(argv)
+    chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown or not chosen:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+    quick = args.quick
+    return Options(
+        scenarios=tuple(s for s in SCENARIOS if s in chosen),
+        tokens=args.tokens or (20_000 if quick else 200_000),
+        fanout_connections=args.fanout_connections,
+        fanout_tokens=args.fanout_tokens or (2_000 if quick else 20_000),
+        sessions=args.sessions,
+        rate=args.rate,
+        duration_s=args.duration or (5.0 if quick else 20.0),
+        timeout_s=args.timeout,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult:
+    if name == "warm-up":  # a first short run, so that no figure includes start-up costs
+        return await single_session(bench, 2_000, options.timeout_s)
+    if name == "single":
+        return await single_session(bench, options.tokens, options.timeout_s)
+    if name == "latency":
+        return await latency(
+            bench, options.sessions, options.rate, options.duration_s, options.timeout_s
+        )
+    return await fanout(bench, options.fanout_connections, options.fanout_tokens, options.timeout_s)
+
+
+async def _run(options: Options, console: Console) -> int:
+    current = asyncio.current_task()
+    assert current is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
+    results: list[ScenarioResult] = []
+    failures: list[tuple[str, str]] = []
+    with EmbeddedRedis() as redis_server:
+        machine = machine_info(redis_server.version)
+        gateway = GatewayProcess(redis_server.url)
+        try:
+            gateway.start()
+            await gateway.wait_ready(timeout_s=30)
+            bench = Bench(redis_server, gateway, tag=secrets.token_hex(3))
+            try:
+                for name in ("warm-up", *options.scenarios):
+                    with console.status(f"running {name}"):
+                        try:
+                            result = await _scenario(bench, name, options)
+                        except (Exception, ExceptionGroup) as exc:  # report, go on with the next
+                            failures.append((name, _describe(exc)))
+                            if name == "warm-up" or not gateway.running:
+                                failures.append(("gateway", f"output:\n{gateway.output()}"))
+                                break
+                            continue
+                    if name != "warm-up":
+                        results.append(result)
+            finally:
+                await bench.aclose()
+        finally:
+            gateway.stop()
+    print_report(console, machine, results, failures)
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit code (130 on Ctrl-C, 143 on SIGTERM)."""
+    options = _parse(argv)
+    console = Console()
+    runner = new_runner()
+    try:
+        with runner:
+            return runner.run(_run(options, console))
+    except KeyboardInterrupt:
+        console.print("[red]interrupted: every process the benchmark started is stopped[/red]")
+        return 130
+    except (RuntimeError, TokenBridgeError) as exc:
+        console.print(f"[red]{type(exc).__name__}: {exc}[/red]", highlight=False)
+        return 1
+    except asyncio.CancelledError:
+        console.print("[red]terminated: every process the benchmark started is stopped[/red]")
+        return 143
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The scenarios: what each one sets up, waits on and measures.
+
+Every scenario subscribes its clients first (each has received the ``retry:`` preamble, so the
+gateway's fan-out reader holds its session), then opens a measurement window (Redis
+``INFO commandstats`` and the CPU time of every process), starts its producer process, waits
+for every client's ``end`` event, and closes the window. Every wait is bounded; hitting a
+bound fails the scenario, it is never a figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from benchmarks.processes import Child, GatewayProcess, process_cpu_s
+from benchmarks.producer import READY, paced_session_ids
+from benchmarks.sse_client import StreamTally, follow
+from tokenbridge.store.embedded import EmbeddedRedis
+
+__all__ = ["Bench", "Figure", "ScenarioResult", "fanout", "latency", "single_session"]
+
+
+@dataclass(slots=True)
+class Figure:
+    """One measured figure; ``ok`` is None when it has no target."""
+
+    label: str
+    value: float
+    unit: str
+    target: str = ""
+    ok: bool | None = None
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    figures: list[Figure] = field(default_factory=list)
+    tokens_delivered: int = 0
+    commands: dict[str, int] = field(default_factory=dict)  # INFO commandstats call deltas
+    cpu: dict[str, float] = field(default_factory=dict)  # % of one core over the window
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Window:
+    """CPU seconds and Redis command counts at the start of a measurement."""
+
+    started: float
+    cpu: dict[str, float | None]
+    commands: dict[str, int]
+
+
+class Bench:
+    """The servers under test and what a scenario needs to drive them."""
+
+    def __init__(self, redis_server: EmbeddedRedis, gateway: GatewayProcess, tag: str) -> None:
+        self.redis_server = redis_server
+        self.gateway = gateway
+        self.tag = tag
+        self.stats = Redis.from_url(redis_server.url)
+        self.env = {**os.environ, "TOKENBRIDGE_REDIS_URL": redis_server.url}
+
+    async def aclose(self) -> None:
+        await self.stats.aclose()
+
+    def _cpu(self) -> dict[str, float | None]:
+        return {
+            "gateway": process_cpu_s(self.gateway.pid),
+            "redis": process_cpu_s(self.redis_server.pid),
+            "clients (bench)": time.process_time(),
+        }
+
+    async def _commands(self) -> dict[str, int]:
+        info: dict[str, Any] = await self.stats.info("commandstats")
+        return {
+            name.removeprefix("cmdstat_"): int(stat["calls"])
+            for name, stat in info.items()
+            if name != "cmdstat_info"
+        }
+
+    async def open_window(self) -> _Window:
+        return _Window(time.perf_counter(), self._cpu(), await self._commands())
+
+    async def close_window(
+        self, window: _Window, result: ScenarioResult, producer_cpu_s: float
+    ) -> None:
+        """Fill ``result.cpu`` (% of one core) and ``result.commands`` since ``window``."""
+        wall = time.perf_counter() - window.started
+        now = self._cpu()
+        for name, before in window.cpu.items():
+            after = now[name]
+            if before is not None and after is not None:
+                result.cpu[name] = 100 * (after - before) / wall
+        result.cpu["producer"] = 100 * producer_cpu_s / wall
+        after_commands = await self._commands()
+        result.commands = {
+            name: calls - window.commands.get(name, 0)
+            for name, calls in after_commands.items()
+            if calls > window.commands.get(name, 0)
+        }
+
+    async def run_producer(
+        self, args: list[str], timeout_s: float
+    ) -> tuple[dict[str, Any], _Window]:
+        """Run ``python -m benchmarks.producer ARGS``: its JSON summary, and the window opened
+        once it was ready (connected, imports done), just before it was told to go."""
+        argv = [sys.executable, "-m", "benchmarks.producer", *args]
+        child = Child("producer", argv, self.env, ready_marker=READY, stdin_pipe=True)
+        try:
+            child.start()
+            await child.wait_ready(30)
+            window = await self.open_window()
+            child.send_line("go")
+            code = await child.wait_exit(timeout_s)
+        finally:
+            child.stop()
+        summary = next((line for line in reversed(child.lines) if line.startswith("{")), None)
+        if code != 0 or summary is None:
+            raise RuntimeError(f"producer exited with {code}:\n{child.output()}")
+        result: dict[str, Any] = json.loads(summary)
+        return result, window
+
+    async def subscribe(self, tallies: Sequence[StreamTally], group: asyncio.TaskGroup) -> None:
+        """Open one event stream per tally in ``group``; return once each is subscribed."""
+        for tally in tallies:
+            group.create_task(follow(self.gateway.host, self.gateway.port, tally))
+        async with asyncio.timeout(30):
+            for tally in tallies:
+                await tally.subscribed.wait()
+
+    async def until_ended(self, tallies: Sequence[StreamTally], timeout_s: float) -> None:
+        async with asyncio.timeout(timeout_s):
+            for tally in tallies:
+                await tally.ended.wait()
+
+
+def _stream_notes(result: ScenarioResult, tallies: Sequence[StreamTally], expected: int) -> None:
+    """Say what a reader of the figures must know: lost tokens, resumes, gaps."""
+    delivered = sum(t.tokens for t in tallies)
+    if delivered < expected * len(tallies):
+        result.notes.append(
+            f"{expected * len(tallies) - delivered:,} of {expected * len(tallies):,} tokens "
+            "never reached a client (trimmed from the stream before the gateway read them?)"
+        )
+    reconnects = sum(t.reconnects for t in tallies)
+    if reconnects:
+        reasons: dict[str, int] = {}
+        for tally in tallies:
+            for reason in tally.closed_reasons:
+                reasons[reason] = reasons.get(reason, 0) + 1
+        shown = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items())) or "socket closed"
+        result.notes.append(f"{reconnects} resumes with Last-Event-ID after cuts ({shown})")
+    gaps = sum(t.gaps for t in tallies)
+    if gaps:
+        result.notes.append(f"{gaps} gap events (history lost before a resume)")
+
+
+async def single_session(bench: Bench, tokens: int, timeout_s: float) -> ScenarioResult:
+    """1. One client, one session; the real Producer writes ``tokens`` as fast as it can."""
+    result = ScenarioResult("1. single session, full speed")
+    tally = StreamTally(f"bench-{bench.tag}-single-{tokens}")
+    async with asyncio.TaskGroup() as group:
+        await bench.subscribe([tally], group)
+        produced, window = await bench.run_producer(
+            ["fast", "--session", tally.session_id, "--tokens", str(tokens)], timeout_s
+        )
+        await bench.until_ended([tally], timeout_s)
+        await bench.close_window(window, result, produced["cpu_s"])
+    assert tally.first_token_at is not None and tally.end_at is not None
+    delivered_rate = tally.tokens / max(tally.end_at - tally.first_token_at, 1e-9)
+    result.tokens_delivered = tally.tokens
+    result.figures = [
+        Figure("delivered to the client", delivered_rate, "tokens/s", "≥ 100,000",
+               delivered_rate >= 100_000),
+        Figure("producer write rate", produced["tokens"] / produced["duration_s"], "tokens/s"),
+        Figure("producer round trips per token", produced["writes"] / produced["tokens"], ""),
+        Figure("producer round trips (GenerationResult.writes)", produced["writes"], ""),
+    ]  # fmt: skip
+    _stream_notes(result, [tally], tokens)
+    return result
+
+
+async def fanout(bench: Bench, connections: int, tokens: int, timeout_s: float) -> ScenarioResult:
+    """3. ``connections`` clients on one session; the real Producer writes ``tokens`` fast."""
+    result = ScenarioResult(f"3. fan-out, {connections} connections")
+    session_id = f"bench-{bench.tag}-fanout-{tokens}"
+    tallies = [StreamTally(session_id) for _ in range(connections)]
+    async with asyncio.TaskGroup() as group:
+        await bench.subscribe(tallies, group)
+        produced, window = await bench.run_producer(
+            ["fast", "--session", session_id, "--tokens", str(tokens)], timeout_s
+        )
+        await bench.until_ended(tallies, timeout_s)
+        await bench.close_window(window, result, produced["cpu_s"])
+    first = min(t.first_token_at for t in tallies if t.first_token_at is not None)
+    last = max(t.end_at for t in tallies if t.end_at is not None)
+    delivered = sum(t.tokens for t in tallies)
+    rate = delivered / max(last - first, 1e-9)
+    result.tokens_delivered = delivered
+    result.figures = [
+        Figure("delivered, sum over connections", rate, "tokens/s", "≥ 300,000",
+               rate >= 300_000),
+        Figure("per connection", rate / connections, "tokens/s"),
+        Figure("producer write rate", produced["tokens"] / produced["duration_s"], "tokens/s"),
+        Figure("first token to last end", (last - first) * 1000, "ms"),
+    ]  # fmt: skip
+    _stream_notes(result, tallies, tokens)
+    return result
+
+
+def _percentile(ordered: Sequence[int], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
+
+
+async def latency(
+    bench: Bench, sessions: int, rate: float, duration_s: float, timeout_s: float
+) -> ScenarioResult:
+    """2. ``sessions`` sessions at ``rate`` tokens/s each; added latency of every token."""
+    total_rate = sessions * rate
+    result = ScenarioResult(f"2. added latency, {sessions} sessions x {rate:g} tokens/s")
+    tallies = [
+        StreamTally(session_id, latency=True)
+        for session_id in paced_session_ids(bench.tag, sessions)
+    ]
+    args = ["paced", "--tag", bench.tag, "--sessions", str(sessions)]
+    args += ["--rate", str(rate), "--duration", str(duration_s)]
+    async with asyncio.TaskGroup() as group:
+        await bench.subscribe(tallies, group)
+        produced, window = await bench.run_producer(args, duration_s + timeout_s)
+        await bench.until_ended(tallies, timeout_s)
+        await bench.close_window(window, result, produced["cpu_s"])
+    if produced["errors"] or produced["replies"] != produced["events"]:
+        result.notes.append(
+            f"producer: {produced['replies']} replies to {produced['events']} XADDs, "
+            f"errors {produced['errors']}"
+        )
+    samples = sorted(ns for tally in tallies for ns in tally.latencies_ns)
+    if not samples:
+        raise RuntimeError("no token reached a client")
+    result.tokens_delivered = len(samples)
+    p99 = _percentile(samples, 0.99)
+    result.figures = [
+        Figure("p50 added latency", _percentile(samples, 0.50), "ms"),
+        Figure("p90 added latency", _percentile(samples, 0.90), "ms"),
+        Figure("p99 added latency", p99, "ms", f"< 5 at {total_rate:,.0f} tokens/s", p99 < 5),
+        Figure("max added latency", samples[-1] / 1e6, "ms"),
+        Figure("offered load", produced["tokens"] / produced["duration_s"], "tokens/s"),
+        Figure("producer pacing: p99 lateness", produced["late_p99_ms"], "ms"),
+    ]
+    _stream_notes(result, tallies, produced["tokens"] // sessions)
+    return result

@@ -1,0 +1,131 @@
+"""Reclaimer: keeps a consumer's own entries, takes over those of dead consumers, tidies up.
+
+Every ``heartbeat_s``, for its :class:`StreamConsumer`:
+
+1. refreshes the idle time of the entries it is still working on (``XCLAIM ... JUSTID``, which
+   does not count as a delivery), so a long handler (a minute-long generation) is not taken over;
+2. takes over entries idle longer than ``claim_idle_ms`` on any consumer (``XAUTOCLAIM``): those
+   of crashed processes. They are handed to the consumer's handlers as redeliveries. Entries
+   trimmed from the stream while pending come back as deleted ids: XAUTOCLAIM has already
+   dropped them from the pending list; they are counted as ``trimmed``;
+3. now and then deletes consumers of the group that hold nothing and have been idle for a long
+   time (``XGROUP DELCONSUMER``): names of processes that are gone. A live consumer deleted by
+   mistake is recreated by its next read, so this is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from tokenbridge.store.client import REDIS_DOWN_ERRORS, is_nogroup
+
+if TYPE_CHECKING:
+    from tokenbridge.consumers.stream_consumer import StreamConsumer
+
+__all__ = ["Reclaimer"]
+
+log = logging.getLogger(__name__)
+
+_CLEANUP_EVERY = 12  # heartbeats
+_DEAD_CONSUMER_IDLE_MS = 3_600_000
+
+
+class Reclaimer:
+    """The periodic upkeep of one consumer (a timer, not a poll: the work is periodic)."""
+
+    def __init__(self, consumer: StreamConsumer, claim_idle_ms: int, heartbeat_s: float) -> None:
+        self.consumer = consumer
+        self.claim_idle_ms = claim_idle_ms
+        self.heartbeat_s = heartbeat_s
+        self._beats = 0
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self.tick()
+            except REDIS_DOWN_ERRORS as exc:
+                log.debug("reclaimer: redis unavailable (%s)", exc)
+            except Exception as exc:
+                if not is_nogroup(exc):
+                    raise
+
+    async def tick(self) -> None:
+        c = self.consumer
+        inflight: list[Any] = c.inflight_ids
+        if inflight:
+            await c.redis.xclaim(c.stream, c.group, c.consumer, 0, list(inflight), justid=True)
+        await self.reclaim()
+        self._beats += 1
+        if self._beats % _CLEANUP_EVERY == 0:
+            await self.forget_dead_consumers()
+
+    async def reclaim(self) -> int:
+        """XAUTOCLAIM idle entries, as many as the consumer has free slots for."""
+        c = self.consumer
+        cursor = "0-0"
+        claimed_total = 0
+        while not c.stopping:
+            free = c.concurrency - c.inflight
+            if free <= 0:
+                break
+            reply: Any = await c.redis.xautoclaim(
+                c.stream, c.group, c.consumer, self.claim_idle_ms, cursor, count=min(free, 100)
+            )
+            cursor = _s(reply[0])
+            entries = [(raw_id, fields) for raw_id, fields in reply[1] if fields is not None]
+            deleted = reply[2] if len(reply) > 2 else []
+            if deleted:
+                c.stats.trimmed += len(deleted)
+            if entries:
+                claimed_total += len(entries)
+                await c.dispatch(entries, redelivered=True)
+            if cursor == "0-0":
+                break
+        if claimed_total:
+            c.stats.reclaimed += claimed_total
+            log.info(
+                "reclaimed entries stream=%s group=%s consumer=%s count=%d",
+                c.stream,
+                c.group,
+                c.consumer,
+                claimed_total,
+            )
+        return claimed_total
+
+    async def forget_dead_consumers(self) -> int:
+        """Delete consumers with nothing pending, idle for an hour: names of gone processes."""
+        c = self.consumer
+        rows: Any = await c.redis.xinfo_consumers(c.stream, c.group)
+        removed = 0
+        for row in rows:
+            name = _s(row["name"])
+            if (
+                name != c.consumer
+                and int(row["pending"]) == 0
+                and int(row["idle"]) > max(_DEAD_CONSUMER_IDLE_MS, self.claim_idle_ms * 10)
+            ):
+                await c.redis.xgroup_delconsumer(c.stream, c.group, name)
+                removed += 1
+        if removed:
+            log.info(
+                "forgot idle consumers stream=%s group=%s count=%d", c.stream, c.group, removed
+            )
+        return removed
+
+    async def forget_self(self) -> None:
+        """On a clean stop: delete our own consumer name if it holds nothing."""
+        c = self.consumer
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            rows: Any = await c.redis.xpending_range(
+                c.stream, c.group, "-", "+", 1, consumername=c.consumer
+            )
+            if not rows:
+                await c.redis.xgroup_delconsumer(c.stream, c.group, c.consumer)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

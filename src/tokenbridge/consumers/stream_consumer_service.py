@@ -1,0 +1,165 @@
+"""StreamConsumerService: start, stop and report the StreamConsumers of this process.
+
+Consumers are keyed by (stream, group, consumer) and run as tasks of the service's own
+``TaskGroup`` (``async with StreamConsumerService(...)``); leaving stops them all, gives their
+handlers ``drain_s`` to finish, then cancels what is left (those entries stay pending).
+
+:meth:`status` reports this process's consumers with live figures; :meth:`group_status` reads
+any stream's groups and consumers from Redis (``XINFO GROUPS``/``XINFO CONSUMERS``), so every
+process can show the whole picture, not only its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from redis.asyncio import Redis
+
+from tokenbridge.consumers.dead_letters import DeadLetters
+from tokenbridge.consumers.stream_consumer import Handler, StreamConsumer
+from tokenbridge.store.client import REDIS_DOWN_ERRORS
+
+__all__ = ["StreamConsumerService"]
+
+log = logging.getLogger(__name__)
+
+ConsumerKey = tuple[str, str, str]
+
+
+def _s(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class StreamConsumerService:
+    """Owns the consumers of one process."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        make_blocking_client: Callable[[], Redis],
+        dead_letters: DeadLetters | None = None,
+        drain_s: float = 10.0,
+        **defaults: Any,
+    ) -> None:
+        self.redis = redis
+        self.dead_letters = dead_letters
+        self.drain_s = drain_s
+        self.defaults = defaults
+        self._make_client = make_blocking_client
+        self._consumers: dict[ConsumerKey, tuple[StreamConsumer, asyncio.Task[None]]] = {}
+        self._group: asyncio.TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        return f"<StreamConsumerService consumers={len(self._consumers)}>"
+
+    async def __aenter__(self) -> StreamConsumerService:
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop_all()
+        assert self._group is not None
+        await self._group.__aexit__(exc_type, exc, tb)
+        self._group = None
+
+    def start_consumer(
+        self, stream: str, group: str, consumer: str, handler: Handler, **options: Any
+    ) -> StreamConsumer:
+        """Start a consumer (``options`` override the service's defaults); returns it."""
+        if self._group is None:
+            raise RuntimeError("StreamConsumerService is not entered (use `async with`)")
+        key = (stream, group, consumer)
+        if key in self._consumers:
+            return self._consumers[key][0]
+        settings = {**self.defaults, **options}
+        settings.setdefault("dead_letters", self.dead_letters)
+        instance = StreamConsumer(
+            self.redis, self._make_client, stream, group, consumer, handler, **settings
+        )
+        task = self._group.create_task(instance.run(), name=f"consumer:{stream}:{consumer}")
+        task.add_done_callback(lambda _t, k=key: self._consumers.pop(k, None))  # type: ignore[misc]
+        self._consumers[key] = (instance, task)
+        return instance
+
+    async def stop_consumer(self, stream: str, group: str, consumer: str) -> bool:
+        """Stop one consumer, waiting up to ``drain_s`` for its handlers; False if unknown."""
+        entry = self._consumers.get((stream, group, consumer))
+        if entry is None:
+            return False
+        await self._stop([entry])
+        return True
+
+    async def stop_all(self) -> None:
+        await self._stop(list(self._consumers.values()))
+
+    async def _stop(self, entries: list[tuple[StreamConsumer, asyncio.Task[None]]]) -> None:
+        for instance, _ in entries:
+            instance.stop()
+        tasks = [task for _, task in entries]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self.drain_s)
+        for task in pending:
+            log.warning("consumer did not drain in %.1fs; cancelling %s", self.drain_s, task)
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def consumers(self) -> list[StreamConsumer]:
+        return [instance for instance, _ in self._consumers.values()]
+
+    def status(self) -> list[dict[str, Any]]:
+        """This process's consumers with their live figures."""
+        return [
+            {
+                "stream": c.stream,
+                "group": c.group,
+                "consumer": c.consumer,
+                "running": c.running,
+                "inflight": c.inflight,
+                **vars(c.stats),
+            }
+            for c in self.consumers()
+        ]
+
+    async def group_status(self, stream: str) -> list[dict[str, Any]]:
+        """Every group of ``stream`` with its consumers, as Redis sees them (all processes)."""
+        try:
+            groups: Any = await self.redis.xinfo_groups(stream)
+        except REDIS_DOWN_ERRORS:
+            raise
+        except Exception:  # no such stream yet
+            return []
+        out = []
+        for g in groups:
+            name = _s(g["name"])
+            consumers: Any = await self.redis.xinfo_consumers(stream, name)
+            out.append(
+                {
+                    "stream": stream,
+                    "group": name,
+                    "pending": int(g["pending"]),
+                    "lag": g.get("lag"),
+                    "last_delivered_id": _s(g["last-delivered-id"]),
+                    "consumers": [
+                        {
+                            "name": _s(c["name"]),
+                            "pending": int(c["pending"]),
+                            "idle_ms": int(c["idle"]),
+                        }
+                        for c in consumers
+                    ],
+                }
+            )
+        return out
