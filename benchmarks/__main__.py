@@ -24,7 +24,7 @@ from tokenbridge.store.embedded import EmbeddedRedis
 
 __all__ = ["main"]
 
-SCENARIOS = ("single", "latency", "fanout")
+SCENARIOS = ("single", "single-raw", "latency", "fanout")
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,9 @@ def _describe(exc: BaseException) -> str:
 async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult:
     if name == "warm-up":  # a first short run, so that no figure includes start-up costs
         return await single_session(bench, 2_000, options.timeout_s)
-    if name == "single":
-        return await single_session(bench, options.tokens, options.timeout_s)
+    if name in ("single", "single-raw"):
+        producer = "raw" if name == "single-raw" else "fast"
+        return await single_session(bench, options.tokens, options.timeout_s, producer)
     if name == "latency":
         return await latency(
             bench, options.sessions, options.rate, options.duration_s, options.timeout_s
@@ -132,7 +133,7 @@ async def _run(options: Options, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (130 on Ctrl-C, 143 on SIGTERM)."""
     options = _parse(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     runner = new_runner()
     try:
         with runner:

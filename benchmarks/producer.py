@@ -289,5 +289,6 @@ def _main() -> None:
     with new_runner() as runner, contextlib.suppress(KeyboardInterrupt):
         print(json.dumps(runner.run(work)), flush=True)
 
+
 if __name__ == "__main__":
     _main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,7 +109,7 @@ CHILD = textwrap.dedent(
 
     server = EmbeddedRedis()
     server.start()
-    print(server.pid, server.port, flush=True)
+    print(server.pid, server.port, server._dir.name, flush=True)
     time.sleep(3600)
     """
 )
@@ -124,12 +125,14 @@ async def test_server_dies_with_a_sigkilled_parent() -> None:
         stderr=subprocess.DEVNULL,
     )
     redis_pid: int | None = None
+    workdir = ""
     try:
         assert child.stdout is not None
         async with asyncio.timeout(20):
             line = await child.stdout.readline()
         assert line, "the child exited before starting its server"
-        redis_pid, port = (int(part) for part in line.split())
+        pid_text, port_text, workdir = line.decode().split()
+        redis_pid, port = int(pid_text), int(port_text)
         assert running(redis_pid) and accepts(port)
         child.send_signal(signal.SIGKILL)  # no cleanup code runs: only the kernel can help
         async with asyncio.timeout(10):
@@ -149,3 +152,5 @@ async def test_server_dies_with_a_sigkilled_parent() -> None:
         await child.communicate()
         if redis_pid is not None and running(redis_pid):
             os.kill(redis_pid, signal.SIGKILL)  # do not leave an orphan behind a failed test
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)  # the SIGKILLed parent could not

@@ -135,7 +135,8 @@ class EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         if self._process is not None:
             return
-        self._dir = tempfile.TemporaryDirectory(prefix="tokenbridge-redis-")
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="tokenbridge-redis-")
         workdir = self._dir.name
         args = [
             str(self.binary),
@@ -207,10 +208,24 @@ class EmbeddedRedis:
             self._process.stderr.close()
         self._process = None
 
-    def restart(self) -> None:
-        """Start again on the same port (data is gone: persistence is off)."""
-        self.kill()
-        self._cleanup()
+    def restart(self, keep_data: bool = False) -> None:
+        """Start again on the same port.
+
+        By default the server is SIGKILLed and its data is gone (persistence is off). With
+        ``keep_data`` it is stopped with SIGTERM and restarted in the same directory, so a
+        server started with ``--appendonly yes`` comes back with its data.
+        """
+        if keep_data:
+            process = self._process
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(timeout=10)
+            if process is not None and process.stderr:
+                process.stderr.close()
+            self._process = None
+        else:
+            self.kill()
+            self._cleanup()
         self.start()
 
     def _cleanup(self) -> None:
