@@ -33,17 +33,21 @@ async def test_generation_outlives_the_gateway_that_accepted_it(settings_factory
     worker.start()
     try:
         await worker.wait_ready(marker=b"ready")
-        async with Gateway(settings) as first:
-            async with httpx.AsyncClient(base_url=first.url, timeout=30) as http:
-                started = await start(http, params={"max_tokens": 200, "rate": 200})
-                url, gen = started["events_url"], started["generation_id"]
-                async with asyncio.timeout(30):
-                    early = await collect_until_end(http, url, gen, limit=20)
+        async with (
+            Gateway(settings) as first,
+            httpx.AsyncClient(base_url=first.url, timeout=30) as http,
+        ):
+            started = await start(http, params={"max_tokens": 200, "rate": 200})
+            url, gen = started["events_url"], started["generation_id"]
+            async with asyncio.timeout(30):
+                early = await collect_until_end(http, url, gen, limit=20)
         # The first gateway is gone; the worker goes on; a new gateway serves the rest.
-        async with Gateway(settings) as second:
-            async with httpx.AsyncClient(base_url=second.url, timeout=30) as http:
-                async with asyncio.timeout(30):
-                    rest = await collect_until_end(http, url, gen, last_event_id=early[-1].id)
+        async with (
+            Gateway(settings) as second,
+            httpx.AsyncClient(base_url=second.url, timeout=30) as http,
+        ):
+            async with asyncio.timeout(30):
+                rest = await collect_until_end(http, url, gen, last_event_id=early[-1].id)
     finally:
         worker.stop()
     assert_complete(early + rest, gen, 200)
