@@ -30,6 +30,7 @@ __all__ = [
     "machine_info",
     "new_runner",
     "process_cpu_s",
+    "system_busy_s",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,18 @@ def process_cpu_s(pid: int | None) -> float | None:
         return None
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def system_busy_s() -> float | None:
+    """CPU seconds all cores spent busy since boot (/proc/stat), to tell others' load apart."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # guest time is already counted in user
+    return busy / _CLK_TCK
 
 
 class Child:

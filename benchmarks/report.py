@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -11,7 +12,7 @@ from benchmarks.scenarios import Figure, ScenarioResult
 
 __all__ = ["print_report"]
 
-_PROCESSES = ("gateway", "redis", "producer", "clients (bench)")
+_PROCESSES = ("gateway", "redis", "producer", "clients (bench)", "other processes")
 _MAIN_COMMANDS = ("xadd", "xread", "xrange", "xrevrange", "evalsha", "eval", "hset", "expire")
 
 
@@ -52,7 +53,8 @@ def _figures(results: Sequence[ScenarioResult]) -> Table:
 
 def _cpu(results: Sequence[ScenarioResult]) -> Table:
     table = Table(
-        title="CPU over each measurement window (% of one core; the machine has them all)",
+        title="CPU over each measurement window (% of one core; "
+        f"the machine has {os.cpu_count()} cores; 'other processes' is load not from this run)",
         title_justify="left",
     )
     table.add_column("scenario")

@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from benchmarks.processes import Child, GatewayProcess, process_cpu_s
+from benchmarks.processes import Child, GatewayProcess, process_cpu_s, system_busy_s
 from benchmarks.producer import READY, paced_session_ids
 from benchmarks.sse_client import StreamTally, follow
 from tokenbridge.store.embedded import EmbeddedRedis
@@ -76,6 +76,7 @@ class Bench:
             "gateway": process_cpu_s(self.gateway.pid),
             "redis": process_cpu_s(self.redis_server.pid),
             "clients (bench)": time.process_time(),
+            "all": system_busy_s(),
         }
 
     async def _commands(self) -> dict[str, int]:
@@ -100,6 +101,9 @@ class Bench:
             if before is not None and after is not None:
                 result.cpu[name] = 100 * (after - before) / wall
         result.cpu["producer"] = 100 * producer_cpu_s / wall
+        if "all" in result.cpu:  # what the machine did besides the processes of this run
+            ours = sum(v for k, v in result.cpu.items() if k != "all")
+            result.cpu["other processes"] = max(0.0, result.cpu.pop("all") - ours)
         after_commands = await self._commands()
         result.commands = {
             name: calls - window.commands.get(name, 0)

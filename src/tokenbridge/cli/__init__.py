@@ -35,7 +35,7 @@ def _root(
 
 
 def _register() -> None:
-    from tokenbridge.cli import generate, serve  # noqa: F401  (commands register on import)
+    from tokenbridge.cli import admin, generate, serve  # noqa: F401  (commands register on import)
 
 
 def main() -> None:

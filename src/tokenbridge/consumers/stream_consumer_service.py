@@ -24,7 +24,7 @@ from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer import Handler, StreamConsumer
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 
-__all__ = ["StreamConsumerService"]
+__all__ = ["StreamConsumerService", "group_status"]
 
 log = logging.getLogger(__name__)
 
@@ -135,31 +135,32 @@ class StreamConsumerService:
 
     async def group_status(self, stream: str) -> list[dict[str, Any]]:
         """Every group of ``stream`` with its consumers, as Redis sees them (all processes)."""
-        try:
-            groups: Any = await self.redis.xinfo_groups(stream)
-        except REDIS_DOWN_ERRORS:
-            raise
-        except Exception:  # no such stream yet
-            return []
-        out = []
-        for g in groups:
-            name = _s(g["name"])
-            consumers: Any = await self.redis.xinfo_consumers(stream, name)
-            out.append(
-                {
-                    "stream": stream,
-                    "group": name,
-                    "pending": int(g["pending"]),
-                    "lag": g.get("lag"),
-                    "last_delivered_id": _s(g["last-delivered-id"]),
-                    "consumers": [
-                        {
-                            "name": _s(c["name"]),
-                            "pending": int(c["pending"]),
-                            "idle_ms": int(c["idle"]),
-                        }
-                        for c in consumers
-                    ],
-                }
-            )
-        return out
+        return await group_status(self.redis, stream)
+
+
+async def group_status(redis: Redis, stream: str) -> list[dict[str, Any]]:
+    """Every group of ``stream`` with its consumers, from XINFO GROUPS / XINFO CONSUMERS."""
+    try:
+        groups: Any = await redis.xinfo_groups(stream)
+    except REDIS_DOWN_ERRORS:
+        raise
+    except Exception:  # no such stream yet
+        return []
+    out = []
+    for g in groups:
+        name = _s(g["name"])
+        consumers: Any = await redis.xinfo_consumers(stream, name)
+        out.append(
+            {
+                "stream": stream,
+                "group": name,
+                "pending": int(g["pending"]),
+                "lag": g.get("lag"),
+                "last_delivered_id": _s(g["last-delivered-id"]),
+                "consumers": [
+                    {"name": _s(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+                    for c in consumers
+                ],
+            }
+        )
+    return out
