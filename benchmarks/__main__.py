@@ -80,6 +80,8 @@ def _parse(argv: Sequence[str] | None) -> Options:
 def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "TimeoutError: a bounded wait passed its deadline (see --timeout)"
     return f"{type(exc).__name__}: {exc}"
 
 

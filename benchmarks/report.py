@@ -18,7 +18,7 @@ _MAIN_COMMANDS = ("xadd", "xread", "xrange", "xrevrange", "evalsha", "eval", "hs
 
 def _value(figure: Figure) -> str:
     value = figure.value
-    if figure.unit == "ms":
+    if figure.unit in ("ms", "us"):
         text = f"{value:,.2f}"
     elif abs(value) < 10 and value != int(value):
         text = f"{value:.4f}"
@@ -66,9 +66,18 @@ def _cpu(results: Sequence[ScenarioResult]) -> Table:
     return table
 
 
+def _per_token(calls: int, tokens: int) -> str:
+    if not calls:
+        return "-"
+    ratio = calls / tokens
+    return f"{ratio:.4f}" if ratio >= 0.001 else f"{ratio:.1e}"
+
+
 def _commands(results: Sequence[ScenarioResult]) -> Table:
     table = Table(
-        title="Redis commands per delivered token (INFO commandstats deltas)", title_justify="left"
+        title="Redis commands per delivered token (INFO commandstats deltas; "
+        "a pipeline sends many commands in one round trip)",
+        title_justify="left",
     )
     table.add_column("command")
     for result in results:
@@ -78,14 +87,13 @@ def _commands(results: Sequence[ScenarioResult]) -> Table:
     for command in shown:
         cells = []
         for result in results:
-            calls = result.commands.get(command, 0)
-            cells.append(f"{calls / result.tokens_delivered:.4f}" if calls else "-")
+            cells.append(_per_token(result.commands.get(command, 0), result.tokens_delivered))
         table.add_row(command, *cells)
     other, total = [], []
     for result in results:
         rest = sum(n for c, n in result.commands.items() if c not in shown)
-        other.append(f"{rest / result.tokens_delivered:.4f}" if rest else "-")
-        total.append(f"{sum(result.commands.values()) / result.tokens_delivered:.4f}")
+        other.append(_per_token(rest, result.tokens_delivered))
+        total.append(_per_token(sum(result.commands.values()), result.tokens_delivered))
     table.add_row("other", *other)
     table.add_section()
     table.add_row("all commands", *total)

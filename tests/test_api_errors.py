@@ -116,17 +116,6 @@ async def post(api: httpx.AsyncClient, body: Any) -> httpx.Response:
             "max_tokens_too_large",
             id="max-tokens-over-limit",
         ),
-        pytest.param(
-            {"model": "demo", "prompt": "\ud800"},
-            422,
-            "invalid_request",
-            id="lone-surrogate",
-            marks=pytest.mark.xfail(
-                reason="bug: api.py:118 submit_job -> jobs.py:45 model_dump_json raises "
-                "PydanticSerializationError on a lone surrogate; answered 500 internal_error",
-                strict=True,
-            ),
-        ),
     ],
 )
 async def test_invalid_body_is_rejected(
@@ -142,14 +131,11 @@ async def test_invalid_body_is_rejected(
         pytest.param(b"", id="empty"),
         pytest.param(b'{"model": "\xff"}', id="not-utf8"),
         pytest.param(b"model=demo&prompt=hi", id="form"),
+        pytest.param(b"[" * 100_000, id="deeply-nested"),
+        pytest.param(b'{"model": "demo", "prompt": "\\ud800"}', id="lone-surrogate-prompt"),
         pytest.param(
-            b"[" * 100_000,
-            id="deeply-nested",
-            marks=pytest.mark.xfail(
-                reason="bug: api.py:75 json.loads raises RecursionError (not caught at line 76) "
-                "on deeply nested JSON; answered 500 internal_error",
-                strict=True,
-            ),
+            b'{"model": "demo", "messages": [{"role": "user", "content": "a\\udfff"}]}',
+            id="lone-surrogate-message",
         ),
     ],
 )
@@ -229,24 +215,66 @@ async def test_malformed_last_event_id(api: httpx.AsyncClient, value: str) -> No
     assert_error(response, 400, "invalid_last_event_id")
 
 
+async def start_and_read_epoch(http: httpx.AsyncClient) -> tuple[dict[str, Any], str]:
+    """Start a demo generation; its session stream's epoch, from the first event's id."""
+    started = await post(http, {"model": "demo", "prompt": "hi", "params": OK_PARAMS})
+    assert started.status_code == 202, started.text
+    async with (
+        asyncio.timeout(10),
+        contextlib.aclosing(read_events(http, started.json()["events_url"])) as events,
+    ):
+        first = await anext(events)
+    assert first.id is not None
+    return started.json(), first.id.split(":")[0]
+
+
+@pytest.mark.parametrize(
+    ("entry_id", "where"),
+    [
+        ("99999999999999999999-0", "header"),
+        ("18446744073709551616-0", "header"),
+        ("0-18446744073709551616", "header"),
+        ("١٢-0", "query"),
+    ],
+)
+async def test_last_event_id_redis_cannot_read(
+    http: httpx.AsyncClient, entry_id: str, where: str
+) -> None:
+    """With the stream's real epoch such an id would reach XRANGE (which fails mid-stream)."""
+    started, epoch = await start_and_read_epoch(http)
+    url, value = started["events_url"], f"{epoch}:{entry_id}"
+    if where == "header":
+        response = await http.get(url, headers={"last-event-id": value})
+    else:
+        response = await http.get(url, params={"last_event_id": value})
+    assert_error(response, 400, "invalid_last_event_id")
+
+
 @pytest.mark.xfail(
-    reason="bug: frames.py:295 parse_entry_id accepts ms/seq past 2**64-1 (20 digits); the "
-    "Last-Event-ID passes api.py:133, then resume.py:175 XRANGE fails with ResponseError after "
-    "the 200 was sent: the stream is cut instead of a 400 invalid_last_event_id",
+    reason="bug: resume.py:104 XRANGE min='(18446744073709551615-18446744073709551615' fails "
+    "('invalid start ID for the interval'); parse_entry_id accepts this largest id, so the SSE "
+    "response is cut after its 200 instead of a 400 or an empty history",
     strict=True,
 )
-async def test_last_event_id_out_of_range(http: httpx.AsyncClient) -> None:
-    started = await post(http, {"model": "demo", "prompt": "hi", "params": OK_PARAMS})
-    url = started.json()["events_url"]
-    async with asyncio.timeout(10):
-        async with contextlib.aclosing(read_events(http, url)) as events:
-            first = await anext(events)
-        assert first.id is not None
-        epoch = first.id.split(":")[0]
-        headers = {"last-event-id": f"{epoch}:99999999999999999999-0"}
-        async with http.stream("GET", url, headers=headers) as response:
+async def test_last_event_id_at_the_largest_stream_id(http: httpx.AsyncClient) -> None:
+    started, epoch = await start_and_read_epoch(http)
+    top = 2**64 - 1
+    headers = {"last-event-id": f"{epoch}:{top}-{top}"}
+    async with (
+        asyncio.timeout(10),
+        http.stream("GET", started["events_url"], headers=headers) as response,
+    ):
+        if response.status_code != 200:
             await response.aread()
-    assert_error(response, 400, "invalid_last_event_id")
+            assert_error(response, 400, "invalid_last_event_id")
+            return
+        # Nothing is after that id: the stream must stay open and carry the next generation.
+        body = {"model": "demo", "prompt": "again", "session_id": started["session_id"]}
+        again = await post(http, {**body, "params": OK_PARAMS})
+        marker = f'"generation_id":"{again.json()["generation_id"]}"'
+        async for line in response.aiter_lines():
+            if line.startswith("data:") and marker in line:
+                break
 
 
 @pytest.mark.parametrize(

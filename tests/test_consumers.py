@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis import exceptions as redis_exc
 
 from tests.servers import RedisServer
 from tokenbridge.consumers.dead_letters import DeadLetters
@@ -213,7 +214,13 @@ async def test_consumer_survives_a_redis_restart(durable_redis: RedisServer, str
             group.create_task(c.run())
             await produce(client, stream, 100, phase="a")
             await asyncio.to_thread(durable_redis.restart, True)
-            await produce(client, stream, 100, phase="b")
+            for attempt in range(5):  # pooled connections died with the server: retry
+                try:
+                    await produce(client, stream, 100, phase="b")
+                    break
+                except redis_exc.ConnectionError:
+                    if attempt == 4:
+                        raise
             async with asyncio.timeout(60):
                 await all_seen.wait()
             c.stop()

@@ -23,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error, one line, whatever the width
 _state: dict[str, Any] = {"debug": False}
 
 
@@ -35,7 +35,7 @@ def _root(
 
 
 def _register() -> None:
-    from tokenbridge.cli import admin, generate, serve  # noqa: F401  (commands register on import)
+    from tokenbridge.cli import admin, bench, generate, serve  # noqa: F401  (register on import)
 
 
 def main() -> None:

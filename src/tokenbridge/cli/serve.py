@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -32,6 +34,21 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if not self.should_exit:
             print(f"tokenbridge serving at {self.public_url}", flush=True)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Like uvicorn's, without re-raising the signal after a graceful shutdown: that would
+        kill this process before the embedded Redis is stopped and exit 143 instead of 0."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         # Open SSE streams would hold uvicorn's shutdown hostage: close them first; clients

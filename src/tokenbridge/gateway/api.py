@@ -12,12 +12,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.websockets import WebSocket
 
 from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.gateway.sse import EventStreamResponse
+from tokenbridge.gateway.websocket import serve_websocket
+from tokenbridge.producer.cancel import request_cancel
 from tokenbridge.producer.jobs import GenerationJob, Message, submit_job
 from tokenbridge.producer.models.base import GenerationParams
 from tokenbridge.producer.worker import live_workers
@@ -72,9 +75,12 @@ async def _json_body(request: Request) -> Any:
         if len(body) > _MAX_BODY_BYTES:
             raise InvalidRequest("request_too_large", f"body over {_MAX_BODY_BYTES} bytes", 413)
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("invalid_json", "the request body is not valid JSON") from None
+        payload = json.loads(body)
+        # Lone surrogates ("\ud800") parse but cannot be stored or sent on: reject them here.
+        json.dumps(payload, ensure_ascii=False).encode()
+    except (ValueError, UnicodeError, RecursionError):
+        raise InvalidRequest("invalid_json", "the request body is not valid UTF-8 JSON") from None
+    return payload
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -115,7 +121,8 @@ async def create_generation(request: Request) -> Response:
         messages=messages,
         params=body.params,
     )
-    await submit_job(runtime.redis, runtime.keys, job, settings.jobs_max_len)
+    lookup_ttl_s = settings.stream_max_generation_s + settings.stream_retention_s
+    await submit_job(runtime.redis, runtime.keys, job, settings.jobs_max_len, lookup_ttl_s)
     return JSONResponse(
         {
             "session_id": job.session_id,
@@ -148,6 +155,38 @@ async def session_events(request: Request) -> Response:
         retry_ms=runtime.settings.sse_retry_ms,
         history_batch=runtime.settings.history_batch,
         on_close=_closed,
+    )
+
+
+async def cancel_generation(request: Request) -> Response:
+    """Cancel a generation, wherever it runs: 202 while it stops, 409 if it already ended."""
+    runtime = _runtime(request)
+    generation_id = validate_id(request.path_params["generation_id"], "generation_id")
+    outcome = await request_cancel(runtime.redis, runtime.keys, generation_id)
+    if outcome == "not_found":
+        raise InvalidRequest("generation_not_found", f"no generation {generation_id}", 404)
+    if outcome == "finished":
+        raise InvalidRequest("generation_finished", f"{generation_id} has already ended", 409)
+    return JSONResponse({"generation_id": generation_id, "state": outcome}, status_code=202)
+
+
+async def session_websocket(websocket: WebSocket) -> None:
+    """WebSocket stream of a session (same events and ids as SSE) with resume and cancel."""
+    runtime: Runtime = websocket.state.runtime
+    manager: ConnectionManager = websocket.state.connections
+    assert runtime.fanout is not None
+
+    async def cancel(session_id: str, generation_id: str) -> bool:
+        outcome = await request_cancel(runtime.redis, runtime.keys, generation_id, session_id)
+        return outcome != "not_found"
+
+    await serve_websocket(
+        websocket,
+        runtime.fanout,
+        manager,
+        cancel,
+        heartbeat_s=runtime.settings.sse_heartbeat_s,
+        history_batch=runtime.settings.history_batch,
     )
 
 

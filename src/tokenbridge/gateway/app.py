@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway import api
@@ -93,7 +93,9 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         Route("/v1/models", api.list_models, methods=["GET"]),
         Route("/v1/status", api.status, methods=["GET"]),
         Route("/v1/generations", api.create_generation, methods=["POST"]),
+        Route("/v1/generations/{generation_id}", api.cancel_generation, methods=["DELETE"]),
         Route("/v1/sessions/{session_id}/events", api.session_events, methods=["GET"]),
+        WebSocketRoute("/v1/sessions/{session_id}/ws", api.session_websocket),
     ]
     app = Starlette(
         routes=routes,

@@ -17,11 +17,16 @@ from tokenbridge.wire.events import Event
 __all__ = ["Batch", "Frame", "format_event_id", "parse_entry_id", "parse_event_id", "sse_message"]
 
 
+_MAX_U64 = 2**64 - 1
+
+
 def parse_entry_id(entry_id: str) -> tuple[int, int]:
     """``"1700000000000-3"`` -> ``(1700000000000, 3)``; raises ValueError if malformed."""
     ms, _, seq = entry_id.partition("-")
-    if not ms.isdigit() or not seq.isdigit() or len(ms) > 20 or len(seq) > 20:
+    if not (ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
         raise ValueError(f"not a stream entry id: {entry_id[:60]!r}")
+    if len(ms) > 20 or len(seq) > 20 or int(ms) > _MAX_U64 or int(seq) > _MAX_U64:
+        raise ValueError(f"stream entry id out of range: {entry_id[:60]!r}")
     return int(ms), int(seq)
 
 
@@ -95,6 +100,13 @@ class Batch:
     @cached_property
     def sse(self) -> bytes:
         return b"".join(frame.sse for frame in self.frames)
+
+    @cached_property
+    def json(self) -> str:
+        """The WebSocket message: one event as an object, several as an array of them."""
+        if len(self.frames) == 1:
+            return self.frames[0].json
+        return "[" + ",".join(frame.json for frame in self.frames) + "]"
 
     def after(self, key: tuple[int, int]) -> Batch:
         """The frames strictly after ``key`` (the resume seam): this batch if all are."""

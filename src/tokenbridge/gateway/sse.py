@@ -1,10 +1,9 @@
 """SSE transport: framing, Last-Event-ID resume, heartbeats and clean close.
 
-:class:`EventStreamResponse` is a raw ASGI response. It races the event stream against the
-client's disconnect in one task group (as sse-starlette does): whichever ends first ends the
-other. Order on the wire: ``retry:`` hint, ``gap`` if history was lost, history, live events.
-Each write carries every event queued for the connection (coalesced), encoded once per event
-for all connections. A connection cut by the server gets a final ``: closed <reason>`` comment.
+:class:`EventStreamResponse` is a raw ASGI response. It races the connection's :func:`pump`
+against the client's disconnect in one task group (as sse-starlette does): whichever ends
+first ends the other. A connection cut by the server gets a final ``: closed <reason>`` comment;
+``retry:`` carries jitter so that a mass reconnect (a deploy) spreads over time.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.frames import Batch, sse_message
-from tokenbridge.gateway.resume import iter_history, plan_resume
+from tokenbridge.gateway.pump import pump
 
 __all__ = ["EventStreamResponse"]
 
@@ -34,6 +34,34 @@ _HEADERS = [
 ]
 
 
+class _SSESink:
+    def __init__(self, send: Send, retry_ms: int) -> None:
+        self.send = send
+        self.retry_ms = retry_ms
+
+    async def _body(self, body: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def preamble(self, gap: dict[str, Any] | None) -> None:
+        retry = int(self.retry_ms * random.uniform(1.0, 1.5))
+        body = f"retry: {retry}\n\n".encode()
+        if gap is not None:
+            body += sse_message("gap", gap)
+        await self._body(body)
+
+    async def write(self, batches: list[Batch]) -> int:
+        body = batches[0].sse if len(batches) == 1 else b"".join(b.sse for b in batches)
+        await self._body(body)
+        return len(body)
+
+    async def heartbeat(self) -> None:
+        await self._body(b": ping\n\n")
+
+    async def closing(self, reason: str) -> None:
+        with contextlib.suppress(OSError):
+            await self._body(f": closed {reason}\n\n".encode())
+
+
 class EventStreamResponse:
     """Stream one session to one client over SSE, from its resume point, until it leaves."""
 
@@ -45,7 +73,7 @@ class EventStreamResponse:
         heartbeat_s: float,
         retry_ms: int,
         history_batch: int,
-        on_close: Any = None,
+        on_close: Callable[[ClientConnection], None] | None = None,
     ) -> None:
         self.conn = conn
         self.fanout = fanout
@@ -57,16 +85,25 @@ class EventStreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+        sink = _SSESink(send, self.retry_ms)
         try:
             async with asyncio.TaskGroup() as group:
                 watcher = group.create_task(self._watch_disconnect(receive))
                 try:
-                    await self._stream(send)
+                    await pump(
+                        self.conn,
+                        self.fanout,
+                        self.last_event_id,
+                        sink,
+                        heartbeat_s=self.heartbeat_s,
+                        history_batch=self.history_batch,
+                    )
                 finally:
                     watcher.cancel()
         except OSError:
             self.conn.close("client_gone")  # the socket broke under a write
         finally:
+            self.conn.close("done")
             self.fanout.unsubscribe(self.conn)
             if self.on_close is not None:
                 self.on_close(self.conn)
@@ -82,54 +119,3 @@ class EventStreamResponse:
             if message["type"] == "http.disconnect":
                 self.conn.close("client_gone")
                 return
-
-    async def _write(self, send: Send, body: bytes) -> None:
-        await send({"type": "http.response.body", "body": body, "more_body": True})
-
-    async def _stream(self, send: Send) -> None:
-        conn = self.conn
-        state = await self.fanout.subscribe(conn)
-        plan = plan_resume(state, self.last_event_id)
-        # Jitter spreads a mass reconnect (a deploy, a Redis blip) over time.
-        retry = int(self.retry_ms * random.uniform(1.0, 1.5))
-        preamble = f"retry: {retry}\n\n".encode()
-        if plan.gap is not None:
-            preamble += sse_message("gap", plan.gap)
-            log.info("resume gap session=%s reason=%s", conn.session_id, plan.gap["reason"])
-        await self._write(send, preamble)
-        async for batch in iter_history(
-            self.fanout.redis,
-            self.fanout.keys.events(conn.session_id),
-            conn.session_id,
-            state.epoch,
-            plan.after_id,
-            self.history_batch,
-            self.fanout.stats,
-        ):
-            if conn.closed:
-                break
-            await self._send_batches(send, [batch])
-        while True:
-            batches = await conn.next_batches(self.heartbeat_s)
-            if batches is None:
-                break
-            if not batches:
-                await self._write(send, b": ping\n\n")
-                continue
-            await self._send_batches(send, batches)
-        if conn.closed_reason not in (None, "client_gone"):
-            with contextlib.suppress(OSError):
-                await self._write(send, f": closed {conn.closed_reason}\n\n".encode())
-
-    async def _send_batches(self, send: Send, batches: list[Batch]) -> None:
-        conn = self.conn
-        parts: list[bytes] = []
-        for batch in batches:
-            unsent = conn.unsent(batch)
-            if unsent.frames:
-                parts.append(unsent.sse)
-                conn.mark_sent(unsent, 0)
-        if parts:
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
-            await self._write(send, body)
-            conn.bytes_sent += len(body)

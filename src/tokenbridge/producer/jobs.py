@@ -62,7 +62,12 @@ class GenerationJob(BaseModel):
         return ChatRequest(messages=messages, params=self.params)
 
 
-async def submit_job(redis: Redis, keys: Keys, job: GenerationJob, max_len: int) -> str:
-    """Append ``job`` to the job stream; returns its entry id."""
-    entry_id = await redis.xadd(keys.jobs, job.to_fields(), maxlen=max_len, approximate=True)  # type: ignore[arg-type]
+async def submit_job(
+    redis: Redis, keys: Keys, job: GenerationJob, max_len: int, lookup_ttl_s: int
+) -> str:
+    """Append ``job`` to the job stream (and record its session for cancel); returns its id."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(keys.generation(job.generation_id), job.session_id, ex=lookup_ttl_s)
+        pipe.xadd(keys.jobs, job.to_fields(), maxlen=max_len, approximate=True)  # type: ignore[arg-type]
+        _, entry_id = await pipe.execute()
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

@@ -1,13 +1,16 @@
 """Producer: runs one generation and appends its events to the session stream.
 
 The model's tokens go into a bounded queue; one writer task drains whatever is queued and
-writes it with one pipelined round trip (XADD ... MAXLEN ~ per event, plus the generation's
-progress record). While a round trip is in flight the next tokens queue up, so the batch size
-follows the speed of the model relative to Redis: one event per write for a slow model, hundreds
-for a fast one. A full queue makes the model wait (backpressure) instead of growing memory.
+writes it in one round trip (``XADD ... MAXLEN ~`` per event, the generation's progress record,
+and a read of its cancel flag), hand-packed (``store/resp.py``). While a round trip is in flight
+the next tokens queue up, so the batch size follows the speed of the model relative to Redis:
+one event per write for a slow model, thousands for a fast one. A full queue makes the model
+wait (backpressure) instead of growing memory.
 
 Every generation ends with exactly one terminal event: ``end`` (stop, length, cancelled) or
-``error`` (with a code). Then the session's keys get their retention TTL.
+``error`` (with a code). Then the session's keys get their retention TTL. A cancel request
+(``producer/cancel.py``) is seen through the flag read with every write, or at once through
+the ``cancel`` event the worker sets on a pub/sub notice.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -25,13 +27,16 @@ from redis.asyncio import Redis
 from tokenbridge.exceptions import ModelError
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel, Delta, Finish
+from tokenbridge.store.resp import arg, checkout, pack, read_replies
 from tokenbridge.store.scripts import Scripts
-from tokenbridge.wire.events import Event
+from tokenbridge.wire.events import Event, now_ms
 from tokenbridge.wire.keys import Keys
 
 __all__ = ["GenerationResult", "Producer"]
 
 log = logging.getLogger(__name__)
+
+_MAX_BATCH = 4096
 
 
 @dataclass(slots=True)
@@ -47,42 +52,69 @@ class GenerationResult:
 
 
 class _Writer:
-    """Batches a generation's events into pipelined XADD round trips."""
+    """Batches a generation's events into single round trips; watches the cancel flag."""
 
-    def __init__(self, producer: Producer, job: GenerationJob, max_pending: int) -> None:
+    def __init__(self, producer: Producer, job: GenerationJob, cancel: asyncio.Event) -> None:
+        p = producer
         self.producer = producer
         self.job = job
-        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=max_pending)
+        self.cancel = cancel
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=p.max_pending)
         self.writes = 0
+        self.events_key = p.keys.events(job.session_id).encode()
+        self.gens_key = p.keys.generations(job.session_id).encode()
+        self.meta_key = p.keys.meta(job.session_id).encode()
+        self.gen = job.generation_id.encode()
+        self.maxlen = str(p.stream_max_len).encode()
+        self.xadd_head = b"".join(
+            arg(a) for a in (b"XADD", self.events_key, b"MAXLEN", b"~", self.maxlen, b"*")
+        )
+        # Every token entry shares these bytes: only seq, ts and text are packed per token.
+        self.token_head = (
+            b"*18\r\n"
+            + self.xadd_head
+            + b"".join(arg(a) for a in (b"v", b"1", b"kind", b"token", b"gen", self.gen))
+        )
+        self.cancel_field = b"cancel:" + self.gen
+
+    def _xadd(self, event: Event) -> bytes:
+        if event.kind == "token":
+            text = event.text.encode()
+            return b"%b$3\r\nseq\r\n%b$2\r\nts\r\n%b$4\r\ntext\r\n%b" % (
+                self.token_head,
+                arg(b"%d" % event.seq),
+                arg(b"%d" % event.ts),
+                arg(text),
+            )
+        fields = [str(x).encode() for pair in event.to_fields().items() for x in pair]
+        return b"*%d\r\n%b%b" % (6 + len(fields), self.xadd_head, b"".join(map(arg, fields)))
 
     async def run(self) -> None:
         """Write until a terminal event is written."""
         p = self.producer
-        events_key = p.keys.events(self.job.session_id)
-        gens_key = p.keys.generations(self.job.session_id)
         while True:
             batch = [await self.queue.get()]
-            while not self.queue.empty() and len(batch) < 4096:
+            while not self.queue.empty() and len(batch) < _MAX_BATCH:
                 batch.append(self.queue.get_nowait())
             last = batch[-1]
             terminal = last.kind in ("end", "error")
-            async with p.redis.pipeline(transaction=False) as pipe:
-                for event in batch:
-                    pipe.xadd(
-                        events_key,
-                        event.to_fields(),  # type: ignore[arg-type]
-                        maxlen=p.stream_max_len,
-                        approximate=True,
-                    )
-                state = "done" if terminal else "running"
-                pipe.hset(gens_key, self.job.generation_id, f"{state} {last.seq}")
-                if terminal:
-                    for key in (events_key, gens_key, p.keys.meta(self.job.session_id)):
-                        pipe.expire(key, p.retention_s)
-                await pipe.execute()
+            state = b"%b %d" % (b"done" if terminal else b"running", last.seq)
+            commands = [self._xadd(event) for event in batch]
+            commands.append(pack(b"HSET", self.gens_key, self.gen, state))
+            commands.append(pack(b"HGET", self.gens_key, self.cancel_field))
+            if terminal:
+                ttl = str(p.retention_s).encode()
+                for key in (self.events_key, self.gens_key, self.meta_key):
+                    commands.append(pack(b"EXPIRE", key, ttl))
+            async with checkout(p.redis) as conn:
+                await conn.send_packed_command(b"".join(commands), check_health=False)
+                replies = await read_replies(conn, len(commands))
             self.writes += 1
             if terminal:
                 return
+            if replies[len(batch) + 1] is not None and not self.cancel.is_set():
+                log.info("generation cancel seen generation=%s", self.job.generation_id)
+                self.cancel.set()
 
 
 class Producer:
@@ -118,90 +150,107 @@ class Producer:
         )
         await self.redis.expire(self.keys.generations(session_id), self.max_generation_s)
 
-    async def write_terminal(self, job: GenerationJob, event: Event) -> None:
-        """Write a lone terminal event for ``job`` (a job that cannot run, or a lost worker)."""
+    async def write_terminal(self, job: GenerationJob, *events: Event) -> None:
+        """Write a few events ending in a terminal one (a job that cannot run, a lost worker)."""
         await self.prepare(job.session_id)
-        writer = _Writer(self, job, 1)
-        writer.queue.put_nowait(event)
+        writer = _Writer(self, job, asyncio.Event())
+        for event in events:
+            writer.queue.put_nowait(event)
         await writer.run()
 
-    async def run(self, job: GenerationJob, model: ChatModel) -> GenerationResult:
+    async def run(
+        self, job: GenerationJob, model: ChatModel, cancel: asyncio.Event | None = None
+    ) -> GenerationResult:
         """Run ``job`` on ``model`` to its terminal event.
 
-        A model error becomes an ``error`` event; cancellation writes ``end`` (reason
-        ``cancelled``, shielded) before re-raising. Redis errors propagate.
+        A model error becomes an ``error`` event. Setting ``cancel`` (or the job's cancel flag
+        in Redis) stops the model call and writes ``end`` with reason ``cancelled``; so does
+        cancelling this coroutine, which then re-raises. Redis errors propagate.
         """
         await self.prepare(job.session_id)
-        writer = _Writer(self, job, self.max_pending)
-        started = time.monotonic()
-        first_token_s: list[float] = []
-        outcome = "error"
-        tokens = 0
+        cancel = cancel or asyncio.Event()
+        writer = _Writer(self, job, cancel)
+        feed = _Feed(job, model, writer)
         async with asyncio.TaskGroup() as group:
             write_task = group.create_task(writer.run())
-            seq = 0
+            feed_task = group.create_task(feed.run())
+            watch = group.create_task(_cancel_on(cancel, feed_task))
             try:
-                await writer.queue.put(Event("start", job.generation_id, 0, model=job.model))
-                items = _with_first(model, job, first_token_s, started)
-                async with contextlib.aclosing(items):
-                    async for item in items:
-                        seq += 1
-                        if isinstance(item, Delta):
-                            await writer.queue.put(
-                                Event("token", job.generation_id, seq, text=item.text)
-                            )
-                            tokens += 1
-                        else:
-                            outcome = item.reason
-                            await writer.queue.put(
-                                Event(
-                                    "end",
-                                    job.generation_id,
-                                    seq,
-                                    reason=item.reason,
-                                    tokens=tokens,
-                                    usage=item.usage,
-                                )
-                            )
-                            break
-                    else:
-                        seq += 1
-                        outcome = "stop"
-                        await writer.queue.put(
-                            Event("end", job.generation_id, seq, reason="stop", tokens=tokens)
-                        )
-            except ModelError as exc:
-                outcome = f"error:{exc.code}"
-                log.info("generation failed generation=%s code=%s", job.generation_id, exc.code)
-                await writer.queue.put(
-                    Event(
-                        "error", job.generation_id, seq + 1, code=exc.code, message=str(exc)[:1000]
-                    )
-                )
+                await asyncio.shield(feed_task)
             except asyncio.CancelledError:
-                outcome = "cancelled"
-                end = Event("end", job.generation_id, seq + 1, reason="cancelled", tokens=tokens)
-                with contextlib.suppress(TimeoutError):
+                feed_task.cancel()  # our own cancellation: end the stream, then re-raise
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     async with asyncio.timeout(10):  # bounded: the writer drains the queue
-                        await writer.queue.put(end)
+                        await asyncio.wait({feed_task})
                         await asyncio.shield(write_task)
                 raise
+            finally:
+                watch.cancel()
         return GenerationResult(
             job.generation_id,
-            outcome,
-            tokens,
+            feed.outcome,
+            feed.tokens,
             writer.writes,
-            first_token_s[0] if first_token_s else None,
-            time.monotonic() - started,
+            feed.first_token_s,
+            time.monotonic() - feed.started,
         )
 
 
-async def _with_first(
-    model: ChatModel, job: GenerationJob, first: list[float], started: float
-) -> AsyncGenerator[Delta | Finish, None]:
-    """The model's stream, noting when the first token arrived; always closes the stream."""
-    async with contextlib.aclosing(model.stream(job.chat_request())) as stream:
-        async for item in stream:
-            if not first and isinstance(item, Delta):
-                first.append(time.monotonic() - started)
-            yield item
+async def _cancel_on(cancel: asyncio.Event, task: asyncio.Task[None]) -> None:
+    await cancel.wait()
+    task.cancel()
+
+
+class _Feed:
+    """Reads the model and queues its events; exactly one terminal event, whatever happens."""
+
+    def __init__(self, job: GenerationJob, model: ChatModel, writer: _Writer) -> None:
+        self.job = job
+        self.model = model
+        self.writer = writer
+        self.outcome = "error"
+        self.tokens = 0
+        self.seq = 0
+        self.started = time.monotonic()
+        self.first_token_s: float | None = None
+
+    async def run(self) -> None:
+        job, put = self.job, self.writer.queue.put
+        gid = job.generation_id
+        try:
+            await put(Event("start", gid, 0, model=job.model))
+            terminal = await self._tokens()
+        except ModelError as exc:
+            self.outcome = f"error:{exc.code}"
+            log.info("generation failed generation=%s code=%s", gid, exc.code)
+            terminal = Event("error", gid, self.seq + 1, code=exc.code, message=str(exc)[:1000])
+        except asyncio.CancelledError:
+            self.outcome = "cancelled"
+            terminal = Event("end", gid, self.seq + 1, reason="cancelled", tokens=self.tokens)
+        await put(terminal)
+
+    async def _tokens(self) -> Event:
+        gid = self.job.generation_id
+        queue = self.writer.queue
+        stream = self.model.stream(self.job.chat_request())
+        async with contextlib.aclosing(stream) as items:
+            async for item in items:
+                self.seq += 1
+                if isinstance(item, Delta):
+                    if self.first_token_s is None:
+                        self.first_token_s = time.monotonic() - self.started
+                    event = Event("token", gid, self.seq, now_ms(), item.text)
+                    try:
+                        queue.put_nowait(event)
+                    except asyncio.QueueFull:
+                        await queue.put(event)
+                    self.tokens += 1
+                elif isinstance(item, Finish):
+                    self.outcome = item.reason
+                    return Event(
+                        "end", gid, self.seq, reason=item.reason, tokens=self.tokens,
+                        usage=item.usage,
+                    )  # fmt: skip
+        self.seq += 1
+        self.outcome = "stop"
+        return Event("end", gid, self.seq, reason="stop", tokens=self.tokens)

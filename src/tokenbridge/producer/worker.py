@@ -27,10 +27,11 @@ from redis.asyncio import Redis
 
 from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
+from tokenbridge.producer.cancel import cancel_requested
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
-from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
 from tokenbridge.wire.events import Event, now_ms
 from tokenbridge.wire.keys import Keys
 
@@ -86,6 +87,7 @@ class GenerationWorker:
         }
         self.consumer: StreamConsumer | None = None
         self._stopping = asyncio.Event()
+        self._running: dict[str, asyncio.Event] = {}  # generation id -> its cancel event
 
     def __repr__(self) -> str:
         return f"<GenerationWorker {self.name} done={self.generations_done} {self.consumer!r}>"
@@ -101,13 +103,16 @@ class GenerationWorker:
         self.consumer = self.service.start_consumer(
             self.keys.jobs, WORKER_GROUP, self.name, self._handle, **self._options
         )
-        beat = asyncio.create_task(self._heartbeat())
+        helpers = [
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._listen_for_cancels()),
+        ]
         try:
             await self._stopping.wait()
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await self.redis.zrem(self.keys.workers, self.name)
 
@@ -124,9 +129,37 @@ class GenerationWorker:
                 log.debug("worker heartbeat failed (%s)", exc)
             await asyncio.sleep(self.heartbeat_s)  # a timer: liveness is periodic by nature
 
+    async def _listen_for_cancels(self) -> None:
+        """Cancel notices (pub/sub) stop a running generation at once; missed ones are caught
+        by the producer's flag check, so a reconnect gap here loses nothing."""
+        backoff = Backoff()
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.cancel_channel)
+                backoff.reset()
+                async for message in pubsub.listen():
+                    event = self._running.get(_text(message.get("data")))
+                    if event is not None:
+                        event.set()
+            except REDIS_DOWN_ERRORS as exc:
+                log.debug("cancel listener: redis unavailable (%s)", exc)
+                await asyncio.sleep(backoff.next())
+            finally:
+                with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
     async def _handle(self, delivery: Delivery) -> None:
         job = GenerationJob.from_fields(delivery.fields)  # InvalidEntry: dead-lettered
         if delivery.redelivered and await self._recovered(job):
+            return
+        gid = job.generation_id
+        if await cancel_requested(self.redis, self.keys, job.session_id, gid):
+            await self.producer.write_terminal(
+                job,
+                Event("start", gid, 0, model=job.model),
+                Event("end", gid, 1, reason="cancelled"),
+            )
             return
         model = self.models.get(job.model)
         if model is None:
@@ -142,7 +175,11 @@ class GenerationWorker:
             job.model,
             self.name,
         )
-        result = await self.producer.run(job, model)
+        cancel = self._running[gid] = asyncio.Event()
+        try:
+            result = await self.producer.run(job, model, cancel)
+        finally:
+            self._running.pop(gid, None)
         self.generations_done += 1
         log.info(
             "generation finished generation=%s outcome=%s tokens=%d writes=%d duration_s=%.3f",
@@ -179,3 +216,7 @@ class GenerationWorker:
                 ),
             )
         return True
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -137,7 +137,7 @@ def _usage(fields: dict[bytes, bytes]) -> dict[str, int] | None:
         return None
     try:
         usage = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidEntry("field 'usage' is not JSON") from None
     if not isinstance(usage, dict) or not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)

@@ -71,6 +71,15 @@ class Keys:
         start = events_key.index("{") + 1
         return events_key[start : events_key.index("}", start)]
 
+    def generation(self, generation_id: str) -> str:
+        """String: the session id of a generation (cancel finds the session from it)."""
+        return f"{self.prefix}:gen:{generation_id}"
+
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel on which cancel requests reach the workers at once."""
+        return f"{self.prefix}:cancel"
+
     @property
     def jobs(self) -> str:
         """The job stream that generation workers consume with a consumer group."""

@@ -1,0 +1,169 @@
+"""WebSocket transport: the same events and ids as SSE, as JSON messages, plus client commands.
+
+``GET /v1/sessions/{session_id}/ws[?last_event_id=...]``. Server messages are one event
+``{"id", "event", "data"}`` or, when several were queued, a JSON array of them (one write).
+Client messages (JSON, at most ``_MAX_CLIENT_MESSAGE`` bytes):
+
+* ``{"type": "resume", "last_event_id": "..."}``: restart the stream right after that id;
+* ``{"type": "cancel", "generation_id": "..."}``: cancel a generation of this session;
+* ``{"type": "ping"}``: answered with ``{"type": "pong"}``.
+
+Close codes: 1000 normal, 1008 policy violation (bad id, bad message), 1009 message too big,
+1012 service restart (the gateway drains: reconnect elsewhere), 1013 try again later (the
+client was too slow: resume from its last id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from tokenbridge.exceptions import InvalidRequest
+from tokenbridge.gateway.client_connection import ClientConnection
+from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.gateway.frames import Batch
+from tokenbridge.gateway.pump import pump
+from tokenbridge.gateway.resume import parse_last_event_id
+from tokenbridge.wire.keys import validate_id
+
+__all__ = ["serve_websocket"]
+
+log = logging.getLogger(__name__)
+
+_MAX_CLIENT_MESSAGE = 4096
+_CLOSE_CODES = {"shutdown": 1012, "slow_client": 1013, "idle": 1000, "done": 1000}
+
+Canceller = Callable[[str, str], Awaitable[bool]]
+
+
+class _WSSink:
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+
+    async def preamble(self, gap: dict[str, Any] | None) -> None:
+        if gap is not None:
+            await self.websocket.send_text(json.dumps({"id": None, "event": "gap", "data": gap}))
+
+    async def write(self, batches: list[Batch]) -> int:
+        if len(batches) == 1:
+            text = batches[0].json
+        else:
+            text = "[" + ",".join(f.json for b in batches for f in b.frames) + "]"
+        await self.websocket.send_text(text)
+        return len(text)
+
+    async def heartbeat(self) -> None:
+        await self.websocket.send_text('{"type":"ping"}')
+
+    async def closing(self, reason: str) -> None:
+        pass  # the close frame carries the reason
+
+
+class _Command(Exception):
+    """A client message that restarts the stream (resume)."""
+
+    def __init__(self, last: tuple[str, str] | None) -> None:
+        self.last = last
+
+
+async def serve_websocket(
+    websocket: WebSocket,
+    fanout: SessionFanout,
+    manager: ConnectionManager,
+    cancel: Canceller,
+    *,
+    heartbeat_s: float,
+    history_batch: int,
+) -> None:
+    """Serve one WebSocket until either side closes it."""
+    await websocket.accept()
+    try:
+        session_id = validate_id(websocket.path_params["session_id"], "session_id")
+        last = parse_last_event_id(websocket.query_params.get("last_event_id"))
+    except InvalidRequest as exc:
+        await websocket.close(1008, reason=f"{exc.code}: {exc}"[:120])
+        return
+    close_code, reason = 1000, "done"
+    while True:
+        conn = manager.create_connection(session_id, "websocket")
+        resume = asyncio.Event()
+        state: dict[str, Any] = {}
+        try:
+            async with asyncio.TaskGroup() as group:
+                reader = group.create_task(_read_commands(websocket, conn, cancel, resume, state))
+                try:
+                    await pump(
+                        conn,
+                        fanout,
+                        last,
+                        _WSSink(websocket),
+                        heartbeat_s=heartbeat_s,
+                        history_batch=history_batch,
+                    )
+                finally:
+                    reader.cancel()
+        except (WebSocketDisconnect, OSError):
+            conn.close("client_gone")
+        finally:
+            conn.close("done")
+            fanout.unsubscribe(conn)
+            manager.remove_connection(conn)
+        if resume.is_set():
+            last = state["last"]
+            continue
+        reason = conn.closed_reason or "done"
+        close_code = state.get("close_code") or _CLOSE_CODES.get(reason, 1000)
+        break
+    if reason != "client_gone":
+        with contextlib.suppress(Exception):
+            await websocket.close(close_code, reason=state.get("close_reason", reason)[:120])
+
+
+async def _read_commands(
+    websocket: WebSocket,
+    conn: ClientConnection,
+    cancel: Canceller,
+    resume: asyncio.Event,
+    state: dict[str, Any],
+) -> None:
+    """Handle client messages until the connection closes (closing it on a bad message)."""
+    while True:
+        try:
+            text = await websocket.receive_text()
+        except (WebSocketDisconnect, RuntimeError):
+            conn.close("client_gone")
+            return
+        if len(text) > _MAX_CLIENT_MESSAGE:
+            state.update(close_code=1009, close_reason="message_too_big")
+            conn.close("message_too_big")
+            return
+        try:
+            message = json.loads(text)
+            kind = message["type"]
+            if kind == "ping":
+                await websocket.send_text('{"type":"pong"}')
+            elif kind == "resume":
+                state["last"] = parse_last_event_id(message.get("last_event_id"))
+                resume.set()
+                conn.close("resume")
+                return
+            elif kind == "cancel":
+                generation_id = validate_id(message.get("generation_id"), "generation_id")
+                found = await cancel(conn.session_id, generation_id)
+                await websocket.send_text(
+                    json.dumps({"type": "cancel", "generation_id": generation_id, "found": found})
+                )
+            else:
+                raise InvalidRequest("unknown_message", f"unknown message type {kind!r}")
+        except (ValueError, KeyError, TypeError, InvalidRequest) as exc:
+            code = exc.code if isinstance(exc, InvalidRequest) else "invalid_message"
+            state.update(close_code=1008, close_reason=code)
+            conn.close(code)
+            return
