@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -101,11 +102,13 @@ async def test_generate_prints_the_stream(redis_server: RedisServer) -> None:
         assert found, err
         session_id, generation_id = found.groups()
         texts: list[str] = []
+        url = f"/v1/sessions/{session_id}/events"
         async with (
             httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
             asyncio.timeout(10),
+            contextlib.aclosing(read_events(http, url)) as stream,
         ):
-            async for ev in read_events(http, f"/v1/sessions/{session_id}/events"):
+            async for ev in stream:
                 assert ev.data["generation_id"] == generation_id
                 if ev.event == "token":
                     texts.append(ev.data["text"])

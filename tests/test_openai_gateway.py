@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,8 +28,9 @@ async def generate(settings: Any, prompt: str) -> list[SSEEvent]:
         assert response.status_code == 202, response.text
         started = response.json()
         events: list[SSEEvent] = []
-        async with asyncio.timeout(15):
-            async for ev in read_events(http, started["events_url"]):
+        stream = read_events(http, started["events_url"])
+        async with asyncio.timeout(15), contextlib.aclosing(stream):
+            async for ev in stream:
                 assert ev.data["generation_id"] == started["generation_id"]
                 events.append(ev)
                 if ev.event in ("end", "error"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import httpx
@@ -223,8 +224,9 @@ async def test_garbage_entries_are_skipped_by_sse(
         await redis.xadd(key, hand_entry("token", 1, text="Hello"))
         await redis.xadd(key, {"v": 1, "kind": "token", "gen": "g hand", "seq": "x"})
         events: list[SSEEvent] = []
-        async with asyncio.timeout(10):
-            async for ev in read_events(http, f"/v1/sessions/{session_id}/events"):
+        url = f"/v1/sessions/{session_id}/events"
+        async with asyncio.timeout(10), contextlib.aclosing(read_events(http, url)) as stream:
+            async for ev in stream:
                 events.append(ev)
                 if ev.event == "token" and ev.data["seq"] == 1:
                     # The history read is done (it sent this event): the rest arrives live,
