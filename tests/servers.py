@@ -79,10 +79,14 @@ class Gateway:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # As `tokenbridge serve` does on SIGTERM: close our streams, then let uvicorn run the
+        # lifespan shutdown (force_exit would skip it and leak the Runtime's tasks).
+        connections = getattr(self.app.state, "connections", None)
+        if connections is not None:
+            connections.close_all("shutdown")
         self.server.should_exit = True
-        self.server.force_exit = True
         if self._task is not None:
-            async with asyncio.timeout(20):
+            async with asyncio.timeout(30):
                 await self._task
 
 

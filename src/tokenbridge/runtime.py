@@ -27,7 +27,12 @@ from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
 from tokenbridge.producer.worker import GenerationWorker
 from tokenbridge.settings import Settings
-from tokenbridge.store.client import REDIS_DOWN_ERRORS, blocking_client, command_client
+from tokenbridge.store.client import (
+    REDIS_DOWN_ERRORS,
+    blocking_client,
+    blocking_pool,
+    command_client,
+)
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.keys import Keys
 
@@ -84,9 +89,7 @@ class Runtime:
                 self.redis,
                 self.scripts,
                 self.keys,
-                partial(
-                    blocking_client, url, settings.fanout_block_ms, client_name=self.client_name
-                ),
+                partial(blocking_pool, url, settings.fanout_block_ms, client_name=self.client_name),
                 readers=settings.fanout_readers,
                 block_ms=settings.fanout_block_ms,
                 read_count=settings.fanout_read_count,

@@ -28,12 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.frames import Batch, Frame
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
+from tokenbridge.store.resp import arg
 from tokenbridge.store.scripts import Scripts, SessionState
 from tokenbridge.wire.events import decode_entry
 from tokenbridge.wire.keys import Keys
@@ -53,6 +54,7 @@ class FanoutStats:
     invalid: int = 0
     delivered_batches: int = 0
     reconnects: int = 0
+    lagged: int = 0
 
 
 def decode_entries(
@@ -75,24 +77,72 @@ def decode_entries(
 
 @dataclass(eq=False)
 class _Feed:
-    """One session read by one reader: its cursor and its connections here."""
+    """One session read by one reader: its cursor, its connections here, the last seq seen
+    per running generation (a jump means entries were trimmed before this reader saw them)."""
 
     session_id: str
     key: str
     cursor: str
     epoch: str
     connections: set[ClientConnection] = field(default_factory=set)
+    seqs: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.key_arg = arg(self.key.encode())
+
+    def lost_entries(self, frames: list[Frame]) -> bool:
+        """Track seq per generation; True if a generation's seq jumped (entries lost)."""
+        seqs = self.seqs
+        lost = False
+        for frame in frames:
+            event = frame.event
+            previous = seqs.get(event.generation_id)
+            if previous is not None and event.seq != previous + 1:
+                lost = True
+            if event.kind in ("end", "error"):
+                seqs.pop(event.generation_id, None)
+            else:
+                if len(seqs) >= 256:  # bounded: forget the oldest generation
+                    del seqs[next(iter(seqs))]
+                seqs[event.generation_id] = event.seq
+        return lost
+
+
+def _fields(raw: Any) -> dict[bytes, bytes]:
+    if isinstance(raw, dict):
+        return raw
+    it = iter(raw)
+    return dict(zip(it, it, strict=False))
+
+
+def _stream_items(reply: Any) -> Any:
+    """XREAD's reply as (key, entries) pairs, whether RESP2 (list) or RESP3 (map)."""
+    if reply is None:
+        return ()
+    if isinstance(reply, dict):
+        return reply.items()
+    return reply
 
 
 class _Reader:
-    """One XREAD loop over a share of the sessions, on its own connection."""
+    """One XREAD loop over a share of the sessions, on its own dedicated connection.
+
+    The XREAD is hand-packed (``store/resp.py``): each feed's key is encoded once, only the
+    cursors change between reads.
+    """
 
     def __init__(self, fanout: SessionFanout, index: int) -> None:
         self.fanout = fanout
         self.index = index
         self.feeds: dict[str, _Feed] = {}
         self.wake_key = fanout.keys.wake(fanout.node_id, index)
+        self.wake_key_bytes = self.wake_key.encode()
+        self.wake_arg = arg(self.wake_key_bytes)
         self.wake_cursor = "$"
+        count, block = fanout.settings_read
+        self.head = b"".join(
+            arg(a) for a in (b"XREAD", b"COUNT", str(count).encode(), b"BLOCK", str(block).encode())
+        ) + arg(b"STREAMS")
 
     async def wake(self) -> None:
         """Make the blocked XREAD return so that it is issued again with the current feeds."""
@@ -101,15 +151,18 @@ class _Reader:
             pipe.expire(self.wake_key, 86_400)
             await pipe.execute()
 
-    async def run(self, stopping: asyncio.Event, make_client: Callable[[], Redis]) -> None:
+    async def run(self, stopping: asyncio.Event, make_pool: Callable[[], ConnectionPool]) -> None:
         backoff = Backoff()
-        client = make_client()
+        pool = make_pool()
+        conn: Any = None
         try:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             while not stopping.is_set():
                 try:
-                    await self._read_once(client)
+                    await self._read_once(conn)
                     backoff.reset()
                 except REDIS_DOWN_ERRORS as exc:
+                    await conn.disconnect()
                     self.fanout.stats.reconnects += 1
                     delay = backoff.next()
                     log.warning(
@@ -121,36 +174,56 @@ class _Reader:
                     await asyncio.sleep(delay)
                     await self._refresh_after_reconnect()
         finally:
-            await client.aclose()
+            if conn is not None:
+                await conn.disconnect()
+            await pool.disconnect()
 
-    async def _read_once(self, client: Redis) -> None:
+    async def _read_once(self, conn: Any) -> None:
         if self.wake_cursor == "$":
             # A concrete id, so that a wake written between two reads is never missed.
-            last: Any = await client.xrevrange(self.wake_key, count=1)
+            last: Any = await self.fanout.redis.xrevrange(self.wake_key, count=1)
             self.wake_cursor = last[0][0].decode() if last else "0-0"
-        streams: dict[str, str] = {self.wake_key: self.wake_cursor}
-        by_key: dict[str, _Feed] = {}
-        for feed in self.feeds.values():
-            streams[feed.key] = feed.cursor
-            by_key[feed.key] = feed
-        settings = self.fanout.settings_read
-        reply: Any = await client.xread(streams, count=settings[0], block=settings[1])  # type: ignore[arg-type]
-        for raw_key, entries in reply or ():
-            key = raw_key.decode()
-            if key == self.wake_key:
+        feeds = list(self.feeds.values())
+        keys = [self.wake_arg, *(feed.key_arg for feed in feeds)]
+        ids = [arg(self.wake_cursor.encode()), *(arg(f.cursor.encode()) for f in feeds)]
+        command = b"*%d\r\n%b%b%b" % (6 + 2 * len(keys), self.head, b"".join(keys), b"".join(ids))
+        await conn.send_packed_command(command, check_health=False)
+        reply = await conn.read_response()
+        by_key = {feed.key.encode(): feed for feed in feeds}
+        for raw_key, entries in _stream_items(reply):
+            if raw_key == self.wake_key_bytes:
                 self.wake_cursor = entries[-1][0].decode()
                 continue
-            feed = by_key[key]
-            if self.feeds.get(feed.session_id) is not feed:
+            feed = by_key.get(raw_key)
+            if feed is None or self.feeds.get(feed.session_id) is not feed:
                 continue  # unsubscribed while the read was in flight
-            feed.cursor = entries[-1][0].decode()
-            self.fanout.stats.read += len(entries)
-            frames = decode_entries(entries, feed.epoch, feed.session_id, self.fanout.stats)
-            if frames:
-                batch = Batch(frames)
-                self.fanout.stats.delivered_batches += 1
-                for conn in list(feed.connections):
-                    conn.deliver(batch)
+            self._dispatch(feed, entries)
+
+    def _dispatch(self, feed: _Feed, entries: Any) -> None:
+        feed.cursor = entries[-1][0].decode()
+        stats = self.fanout.stats
+        stats.read += len(entries)
+        frames = decode_entries(
+            [(raw_id, _fields(raw)) for raw_id, raw in entries], feed.epoch, feed.session_id, stats
+        )
+        if not frames:
+            return
+        if feed.lost_entries(frames):
+            # Trimmed before this reader got to them: cut the clients; their resume from
+            # Last-Event-ID tells them exactly what is gone (a `gap` event).
+            stats.lagged += 1
+            log.warning(
+                "entries trimmed before delivery session=%s cursor=%s; clients resume",
+                feed.session_id,
+                feed.cursor,
+            )
+            for conn in list(feed.connections):
+                conn.close("lagged")
+            return
+        batch = Batch(frames)
+        stats.delivered_batches += 1
+        for conn in list(feed.connections):
+            conn.deliver(batch)
 
     async def _refresh_after_reconnect(self) -> None:
         """After Redis came back: if a stream's epoch changed, its data was lost; say so."""
@@ -181,7 +254,7 @@ class SessionFanout:
         redis: Redis,
         scripts: Scripts,
         keys: Keys,
-        make_blocking_client: Callable[[], Redis],
+        make_pool: Callable[[], ConnectionPool],
         readers: int,
         block_ms: int,
         read_count: int,
@@ -195,7 +268,7 @@ class SessionFanout:
         self.settings_read = (read_count, block_ms)
         self.orphan_ttl_ms = orphan_ttl_ms
         self.stats = FanoutStats()
-        self._make_client = make_blocking_client
+        self._make_pool = make_pool
         self._readers = [_Reader(self, i) for i in range(readers)]
         self._stopping = asyncio.Event()
 
@@ -261,7 +334,7 @@ class SessionFanout:
         """Run every reader until :meth:`stop`; returns once they have all returned."""
         async with asyncio.TaskGroup() as group:
             for reader in self._readers:
-                group.create_task(reader.run(self._stopping, self._make_client))
+                group.create_task(reader.run(self._stopping, self._make_pool))
             group.create_task(self._wake_on_stop())
 
     async def _wake_on_stop(self) -> None:

@@ -13,7 +13,7 @@ import random
 from typing import Any
 
 from redis import exceptions as redis_exc
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -21,6 +21,7 @@ __all__ = [
     "REDIS_DOWN_ERRORS",
     "Backoff",
     "blocking_client",
+    "blocking_pool",
     "command_client",
     "is_busygroup",
     "is_nogroup",
@@ -74,6 +75,19 @@ def blocking_client(url: str, block_ms: int, **kwargs: Any) -> Redis:
         socket_connect_timeout=10,
         **kwargs,
     )
+
+
+def blocking_pool(url: str, block_ms: int, client_name: str | None = None) -> ConnectionPool:
+    """A pool from which one blocking-read loop takes its one connection, timeout > BLOCK."""
+    timeout_s = block_ms / 1000 + 10
+    pool: ConnectionPool = ConnectionPool.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=10,
+        client_name=client_name,
+        max_connections=1,
+    )
+    return pool
 
 
 class Backoff:
