@@ -53,13 +53,17 @@ def sse_message(event: str, data: dict[str, Any], event_id: str | None = None) -
 class Frame:
     """One event of one session, with its ids; encodings are computed once, on first use."""
 
-    __slots__ = ("__dict__", "entry_id", "epoch", "event", "key")
+    __slots__ = ("__dict__", "entry_id", "epoch", "event")
 
     def __init__(self, entry_id: str, epoch: str, event: Event) -> None:
         self.entry_id = entry_id
         self.epoch = epoch
         self.event = event
-        self.key = parse_entry_id(entry_id)
+
+    @cached_property
+    def key(self) -> tuple[int, int]:
+        """The entry id as a comparable pair; only needed at a connection's resume seam."""
+        return parse_entry_id(self.entry_id)
 
     @cached_property
     def event_id(self) -> str:
@@ -67,7 +71,14 @@ class Frame:
 
     @cached_property
     def sse(self) -> bytes:
-        return sse_message(self.event.kind, self.event.to_data(), self.event_id)
+        event = self.event
+        if event.kind == "token":  # the hot path: only the text needs JSON escaping
+            return (
+                f"id: {self.epoch}:{self.entry_id}\nevent: token\n"
+                f'data: {{"generation_id":"{event.generation_id}","seq":{event.seq},'
+                f'"ts":{event.ts},"text":{json.dumps(event.text)}}}\n\n'
+            ).encode()
+        return sse_message(event.kind, event.to_data(), self.event_id)
 
     @cached_property
     def json(self) -> str:

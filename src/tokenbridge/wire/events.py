@@ -35,6 +35,9 @@ _MAX_TEXT = 1_000_000
 _END_REASONS = frozenset({"stop", "length", "cancelled"})
 
 
+_VALID_IDS: set[str] = set()  # generation ids already checked against ID_PATTERN
+
+
 def now_ms() -> int:
     """Wall-clock time in milliseconds since the epoch (the ``ts`` field)."""
     return time.time_ns() // 1_000_000
@@ -161,8 +164,12 @@ def decode_entry(fields: dict[bytes, bytes]) -> Event:
     if kind not in KINDS:
         raise InvalidEntry(f"unknown kind {kind!r}")
     generation_id = _text(fields, b"gen")
-    if not ID_PATTERN.fullmatch(generation_id):
-        raise InvalidEntry(f"invalid generation id {generation_id[:80]!r}")
+    if generation_id not in _VALID_IDS:
+        if not ID_PATTERN.fullmatch(generation_id):
+            raise InvalidEntry(f"invalid generation id {generation_id[:80]!r}")
+        if len(_VALID_IDS) >= 4096:  # bounded: generation ids repeat for a while, then stop
+            _VALID_IDS.clear()
+        _VALID_IDS.add(generation_id)
     event = Event(
         kind=kind,  # type: ignore[arg-type]  # checked against KINDS above
         generation_id=generation_id,
