@@ -19,6 +19,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "configuration.md"
 
@@ -27,10 +31,6 @@ try:
 except ModuleNotFoundError:  # run from a checkout without an install
     sys.path.insert(0, str(HERE.parent / "src"))
     from tokenbridge import settings as settings_module
-
-from pydantic import BaseModel, SecretStr
-from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 Settings = settings_module.Settings
 ModelConfig = settings_module.ModelConfig

@@ -19,28 +19,6 @@ MAX_BODY = 4 * 1024 * 1024
 OK_PARAMS = {"max_tokens": 3, "rate": 0}
 
 
-class GracefulGateway(Gateway):
-    """A Gateway that stops like a served process: uvicorn runs the lifespan shutdown.
-
-    ``tests.servers.Gateway.__aexit__`` sets ``force_exit``, with which uvicorn skips the lifespan
-    shutdown: the Runtime is never closed and its Redis connections surface as ResourceWarnings
-    at the end of the session. Drop this class once that helper stops forcing the exit.
-    """
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        if self._task is not None:
-            async with asyncio.timeout(20):
-                await self._task
-
-
-@pytest.fixture
-async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
-    """Overrides conftest's (and so the ``http`` fixture's) gateway, see GracefulGateway."""
-    async with GracefulGateway(settings) as gw:
-        yield gw
-
-
 @pytest.fixture(scope="module")
 async def api(redis_server: RedisServer) -> AsyncIterator[httpx.AsyncClient]:
     """One gateway for the module: a rejected request changes nothing, so tests can share it."""
@@ -52,7 +30,7 @@ async def api(redis_server: RedisServer) -> AsyncIterator[httpx.AsyncClient]:
         worker_block_ms=2000,
     )
     async with (
-        GracefulGateway(settings) as gw,
+        Gateway(settings) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
     ):
         yield client
@@ -155,7 +133,7 @@ async def test_body_over_4_mib_chunked(api: httpx.AsyncClient) -> None:
 async def test_prompt_and_messages_over_limits(settings_factory: Any) -> None:
     settings = settings_factory(max_prompt_chars=10, max_messages=2)
     async with (
-        GracefulGateway(settings) as gw,
+        Gateway(settings) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=30) as api,
     ):
         ok = await post(api, {"model": "demo", "prompt": "x" * 10, "params": OK_PARAMS})
@@ -299,7 +277,7 @@ async def test_readyz_with_worker(api: httpx.AsyncClient) -> None:
 async def test_readyz_without_worker(settings_factory: Any) -> None:
     settings = settings_factory(key_prefix="t" + secrets.token_hex(4))
     async with (
-        GracefulGateway(settings, worker=False) as gw,
+        Gateway(settings, worker=False) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=30) as api,
     ):
         assert_error(await api.get("/readyz"), 503, "no_worker")

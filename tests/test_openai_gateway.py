@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from tests.model_server import Answer, FailMidStream, ModelServer, Stall
+from tests.servers import Gateway
 from tests.sse_client import SSEEvent, read_events
-from tests.test_api_errors import GracefulGateway
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def model_server() -> Iterator[ModelServer]:
 async def generate(settings: Any, prompt: str) -> list[SSEEvent]:
     """POST a generation of model ``local`` and read its events to ``end``/``error``."""
     async with (
-        GracefulGateway(settings) as gw,
+        Gateway(settings) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=30) as http,
     ):
         response = await http.post("/v1/generations", json={"model": "local", "prompt": prompt})

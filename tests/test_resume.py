@@ -193,3 +193,33 @@ async def test_many_clients_use_a_bounded_number_of_redis_connections(
         ours = [c for c in listing if c.get("name") == name]
         assert settings.fanout_readers < len(ours) <= bound
     assert gateway.runtime.fanout.reader_count == settings.fanout_readers
+
+
+async def test_stream_renewed_under_a_live_connection_switches_epoch_without_gap(
+    http: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Retention expired the session between two generations while a client stayed connected:
+    the new generation reaches it with ids of the new epoch, and resuming from them works."""
+    first = await start(http, params={"max_tokens": 3, "rate": 0})
+    sid = first["session_id"]
+    keys = Keys(settings.key_prefix)
+    events: list[SSEEvent] = []
+    second: dict[str, Any] = {}
+    async with asyncio.timeout(30):
+        async for ev in read_events(http, first["events_url"]):
+            events.append(ev)
+            if ev.event == "end" and ev.data["generation_id"] == first["generation_id"]:
+                client = await _redis(settings)
+                async with client:  # what retention does
+                    await client.delete(keys.events(sid), keys.meta(sid), keys.generations(sid))
+                second = await start(http, session_id=sid, params={"max_tokens": 4, "rate": 0})
+            if second and ev.event == "end" and ev.data["generation_id"] == second["generation_id"]:
+                break
+        tail = [e for e in events if e.data["generation_id"] == second["generation_id"]]
+        assert tail[0].id is not None and events[0].id is not None
+        assert tail[0].id.split(":")[0] != events[0].id.split(":")[0]  # a new epoch
+        resumed = await collect_until_end(
+            http, first["events_url"], second["generation_id"], last_event_id=tail[1].id
+        )
+    assert [e.event for e in resumed] == ["token", "token", "token", "end"]  # no gap event
+    assert_complete(tail, second["generation_id"], 4)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,10 +13,8 @@ from redis.crc import key_slot
 
 from tests.servers import Gateway
 from tests.sse_client import SSEEvent, read_events
-from tests.test_api_errors import GracefulGateway
 from tokenbridge.exceptions import InvalidEntry, InvalidRequest
 from tokenbridge.gateway.frames import format_event_id, parse_entry_id, parse_event_id
-from tokenbridge.settings import Settings
 from tokenbridge.wire.events import Event, decode_entry
 from tokenbridge.wire.keys import Keys, new_generation_id, new_session_id, validate_id
 
@@ -202,13 +199,6 @@ def test_parse_event_id_rejects_garbage(value: str) -> None:
 
 
 # -- end to end: a bad entry between good ones is skipped -------------------------------------
-
-
-@pytest.fixture
-async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
-    """Overrides conftest's (and so the ``http`` fixture's) gateway, see GracefulGateway."""
-    async with GracefulGateway(settings) as gw:
-        yield gw
 
 
 def hand_entry(kind: str, seq: int, **extra: str | int) -> dict[str, str | int]:

@@ -10,7 +10,15 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tokenbridge.exceptions import ConfigurationError
@@ -164,6 +172,15 @@ class Settings(BaseSettings):
         default_factory=_default_models,
         description='Model table as JSON: {"name": {"adapter": "openai", "base_url": ...}}.',
     )
+
+    @model_validator(mode="after")
+    def _claim_after_heartbeats(self) -> Settings:
+        if self.worker_claim_idle_ms < self.worker_heartbeat_s * 3000:
+            raise ValueError(
+                "worker_claim_idle_ms must be at least 3 x worker_heartbeat_s, or running "
+                "jobs are taken over from live workers"
+            )
+        return self
 
     @field_validator("models")
     @classmethod

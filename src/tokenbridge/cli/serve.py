@@ -101,7 +101,7 @@ def serve(
             port=settings.port,
             lifespan="on",
             log_config=None,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_s)),
         )
         shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         server = _Server(config, f"http://{shown_host}:{settings.port}/")

@@ -209,7 +209,7 @@ async def readyz(request: Request) -> Response:
     runtime = _runtime(request)
     try:
         await runtime.redis.ping()
-        window_ms = int(runtime.settings.worker_heartbeat_s * 3000)
+        window_ms = int(max(15.0, runtime.settings.worker_heartbeat_s * 3) * 1000)
         workers = await live_workers(runtime.redis, runtime.keys, window_ms)
     except REDIS_DOWN_ERRORS as exc:
         return error_response("redis_unavailable", f"redis does not answer: {exc}", 503)

@@ -32,7 +32,7 @@ from redis.asyncio import ConnectionPool, Redis
 
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.gateway.client_connection import ClientConnection
-from tokenbridge.gateway.frames import Batch, Frame
+from tokenbridge.gateway.frames import Batch, Frame, parse_entry_id
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
 from tokenbridge.store.resp import arg
 from tokenbridge.store.scripts import Scripts, SessionState
@@ -197,15 +197,35 @@ class _Reader:
             feed = by_key.get(raw_key)
             if feed is None or self.feeds.get(feed.session_id) is not feed:
                 continue  # unsubscribed while the read was in flight
-            self._dispatch(feed, entries)
+            previous = feed.cursor
+            feed.cursor = entries[-1][0].decode()
+            stats = self.fanout.stats
+            stats.read += len(entries)
+            pairs = [(raw_id, _fields(raw)) for raw_id, raw in entries]
+            frames = decode_entries(pairs, feed.epoch, feed.session_id, stats)
+            if any(frame.event.kind == "start" for frame in frames):
+                await self._check_epoch(feed, previous, frames)
+            self._dispatch(feed, frames)
 
-    def _dispatch(self, feed: _Feed, entries: Any) -> None:
-        feed.cursor = entries[-1][0].decode()
+    async def _check_epoch(self, feed: _Feed, previous: str, frames: list[Frame]) -> None:
+        """A generation starts: did its producer start a new stream (new epoch) after the old
+        one expired? If that stream begins after all we delivered, nothing was lost: switch
+        the ids over to the new epoch; otherwise the clients must resume and learn of the gap."""
+        state = await self.fanout.session_state(feed.session_id)
+        if state.epoch == feed.epoch:
+            return
+        if state.first_id and parse_entry_id(state.first_id) > parse_entry_id(previous):
+            log.info("session stream renewed session=%s epoch=%s", feed.session_id, state.epoch)
+            feed.epoch = state.epoch
+            for frame in frames:
+                frame.epoch = state.epoch
+            return
+        feed.epoch = state.epoch
+        for conn in list(feed.connections):
+            conn.close("epoch_changed")
+
+    def _dispatch(self, feed: _Feed, frames: list[Frame]) -> None:
         stats = self.fanout.stats
-        stats.read += len(entries)
-        frames = decode_entries(
-            [(raw_id, _fields(raw)) for raw_id, raw in entries], feed.epoch, feed.session_id, stats
-        )
         if not frames:
             return
         if feed.lost_entries(frames):

@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import Any
 
 from tokenbridge.wire.events import Event
+from tokenbridge.wire.keys import ID_PATTERN
 
 __all__ = ["Batch", "Frame", "format_event_id", "parse_entry_id", "parse_event_id", "sse_message"]
 
@@ -38,7 +39,7 @@ def format_event_id(epoch: str, entry_id: str) -> str:
 def parse_event_id(event_id: str) -> tuple[str, str]:
     """``"k3f9:1700000000000-3"`` -> ``("k3f9", "1700000000000-3")``; ValueError if malformed."""
     epoch, sep, entry_id = event_id.partition(":")
-    if not sep or not epoch or len(epoch) > 64 or not epoch.isalnum():
+    if not sep or not ID_PATTERN.fullmatch(epoch):
         raise ValueError(f"not a tokenbridge event id: {event_id[:80]!r}")
     parse_entry_id(entry_id)
     return epoch, entry_id

@@ -60,7 +60,7 @@ async def pump(
         state.epoch,
         plan.after_id,
         history_batch,
-        fanout.stats,
+        fanout.stats,  # counts invalid entries met, once per connection that replays them
     ):
         if conn.closed:
             break

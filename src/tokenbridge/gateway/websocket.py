@@ -38,7 +38,14 @@ __all__ = ["serve_websocket"]
 log = logging.getLogger(__name__)
 
 _MAX_CLIENT_MESSAGE = 4096
-_CLOSE_CODES = {"shutdown": 1012, "slow_client": 1013, "idle": 1000, "done": 1000}
+# 1012/1013 tell a client to come back (elsewhere / later) and resume from its last id.
+_CLOSE_CODES = {
+    "shutdown": 1012,
+    "slow_client": 1013,
+    "lagged": 1013,
+    "epoch_changed": 1013,
+    "done": 1000,
+}
 
 Canceller = Callable[[str, str], Awaitable[bool]]
 
@@ -49,7 +56,8 @@ class _WSSink:
 
     async def preamble(self, gap: dict[str, Any] | None) -> None:
         if gap is not None:
-            await self.websocket.send_text(json.dumps({"id": None, "event": "gap", "data": gap}))
+            message = {"id": None, "event": "gap", "data": gap}
+            await self.websocket.send_text(json.dumps(message, separators=(",", ":")))
 
     async def write(self, batches: list[Batch]) -> int:
         if len(batches) == 1:

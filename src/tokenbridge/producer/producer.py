@@ -102,8 +102,11 @@ class _Writer:
             commands = [self._xadd(event) for event in batch]
             commands.append(pack(b"HSET", self.gens_key, self.gen, state))
             commands.append(pack(b"HGET", self.gens_key, self.cancel_field))
-            if terminal:
-                ttl = str(p.retention_s).encode()
+            if terminal or self.writes == 0:
+                # The first write creates the keys: bound their life at once (a crashed
+                # worker must not leave them forever); the last one starts the retention.
+                seconds = p.retention_s if terminal else p.max_generation_s
+                ttl = str(seconds).encode()
                 for key in (self.events_key, self.gens_key, self.meta_key):
                     commands.append(pack(b"EXPIRE", key, ttl))
             async with checkout(p.redis) as conn:
@@ -170,7 +173,8 @@ class Producer:
         await self.prepare(job.session_id)
         cancel = cancel or asyncio.Event()
         writer = _Writer(self, job, cancel)
-        feed = _Feed(job, model, writer)
+        # The keys' safety TTL is max_generation_s: the generation must end before it.
+        feed = _Feed(job, model, writer, max(1.0, self.max_generation_s - 5))
         async with asyncio.TaskGroup() as group:
             write_task = group.create_task(writer.run())
             feed_task = group.create_task(feed.run())
@@ -204,7 +208,8 @@ async def _cancel_on(cancel: asyncio.Event, task: asyncio.Task[None]) -> None:
 class _Feed:
     """Reads the model and queues its events; exactly one terminal event, whatever happens."""
 
-    def __init__(self, job: GenerationJob, model: ChatModel, writer: _Writer) -> None:
+    def __init__(self, job: GenerationJob, model: ChatModel, writer: _Writer, max_s: float) -> None:
+        self.max_s = max_s
         self.job = job
         self.model = model
         self.writer = writer
@@ -219,11 +224,16 @@ class _Feed:
         gid = job.generation_id
         try:
             await put(Event("start", gid, 0, model=job.model))
-            terminal = await self._tokens()
+            async with asyncio.timeout(self.max_s):
+                terminal = await self._tokens()
         except ModelError as exc:
             self.outcome = f"error:{exc.code}"
             log.info("generation failed generation=%s code=%s", gid, exc.code)
             terminal = Event("error", gid, self.seq + 1, code=exc.code, message=str(exc)[:1000])
+        except TimeoutError:
+            self.outcome = "error:max_duration"
+            message = f"stopped after {self.max_s}s (TOKENBRIDGE_STREAM_MAX_GENERATION_S)"
+            terminal = Event("error", gid, self.seq + 1, code="max_duration", message=message)
         except asyncio.CancelledError:
             self.outcome = "cancelled"
             terminal = Event("end", gid, self.seq + 1, reason="cancelled", tokens=self.tokens)
@@ -235,22 +245,22 @@ class _Feed:
         stream = self.model.stream(self.job.chat_request())
         async with contextlib.aclosing(stream) as items:
             async for item in items:
-                self.seq += 1
                 if isinstance(item, Delta):
                     if self.first_token_s is None:
                         self.first_token_s = time.monotonic() - self.started
-                    event = Event("token", gid, self.seq, now_ms(), item.text)
+                    event = Event("token", gid, self.seq + 1, now_ms(), item.text)
                     try:
                         queue.put_nowait(event)
                     except asyncio.QueueFull:
                         await queue.put(event)
+                    # Counted once queued: a cancel while waiting leaves no hole in seq.
+                    self.seq += 1
                     self.tokens += 1
                 elif isinstance(item, Finish):
                     self.outcome = item.reason
                     return Event(
-                        "end", gid, self.seq, reason=item.reason, tokens=self.tokens,
+                        "end", gid, self.seq + 1, reason=item.reason, tokens=self.tokens,
                         usage=item.usage,
                     )  # fmt: skip
-        self.seq += 1
         self.outcome = "stop"
-        return Event("end", gid, self.seq, reason="stop", tokens=self.tokens)
+        return Event("end", gid, self.seq + 1, reason="stop", tokens=self.tokens)

@@ -154,6 +154,13 @@ class GenerationWorker:
         if delivery.redelivered and await self._recovered(job):
             return
         gid = job.generation_id
+        # Jobs written straight to the job stream have no lookup record yet: cancel needs it.
+        await self.redis.set(
+            self.keys.generation(gid),
+            job.session_id,
+            nx=True,
+            ex=self.producer.max_generation_s + self.producer.retention_s,
+        )
         if await cancel_requested(self.redis, self.keys, job.session_id, gid):
             await self.producer.write_terminal(
                 job,
