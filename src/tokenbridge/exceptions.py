@@ -81,4 +81,12 @@ class AuthError(TokenBridgeError):
 
 
 class LimitExceeded(TokenBridgeError):
-    """A configured bound (size, rate, count) was hit."""
+    """A configured bound (size, rate, count) was hit; HTTP 429 with ``code``.
+
+    ``retry_after_s``, when known, becomes the ``Retry-After`` header.
+    """
+
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s

@@ -142,7 +142,8 @@ async def session_events(request: Request) -> Response:
     )
     manager: ConnectionManager = request.state.connections
     assert runtime.fanout is not None
-    conn = manager.create_connection(session_id, "sse")
+    address = request.client.host if request.client else None
+    conn = manager.create_connection(session_id, "sse", address)
 
     def _closed(c: ClientConnection) -> None:
         manager.remove_connection(c)

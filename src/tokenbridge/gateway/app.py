@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from tokenbridge.exceptions import InvalidRequest
+from tokenbridge.exceptions import InvalidRequest, LimitExceeded
 from tokenbridge.gateway import api
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.runtime import Runtime
@@ -54,6 +55,14 @@ async def _index(request: Request) -> Response:
 async def _invalid_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, InvalidRequest)
     return api.error_response(exc.code, str(exc), exc.status_code)
+
+
+async def _limit_exceeded(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LimitExceeded)
+    response = api.error_response(exc.code, str(exc), 429)
+    if exc.retry_after_s is not None:
+        response.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -102,6 +111,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         lifespan=lifespan,
         exception_handlers={
             InvalidRequest: _invalid_request,
+            LimitExceeded: _limit_exceeded,
             HTTPException: _http_error,
             **dict.fromkeys(_REDIS_DOWN, _redis_down),
             Exception: _server_error,

@@ -28,7 +28,10 @@ class ConnectionManager:
     def __len__(self) -> int:
         return len(self._connections)
 
-    def create_connection(self, session_id: str, transport: Transport) -> ClientConnection:
+    def create_connection(
+        self, session_id: str, transport: Transport, client_address: str | None = None
+    ) -> ClientConnection:
+        """Register a new connection; raises LimitExceeded when a connection limit is hit."""
         conn = ClientConnection(session_id, transport, self.max_buffered_events)
         self._connections[conn.id] = conn
         self._by_session.setdefault(session_id, set()).add(conn.id)

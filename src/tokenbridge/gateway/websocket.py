@@ -24,7 +24,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from tokenbridge.exceptions import InvalidRequest
+from tokenbridge.exceptions import InvalidRequest, LimitExceeded
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.fanout import SessionFanout
@@ -100,7 +100,12 @@ async def serve_websocket(
         return
     close_code, reason = 1000, "done"
     while True:
-        conn = manager.create_connection(session_id, "websocket")
+        try:
+            address = websocket.client.host if websocket.client else None
+            conn = manager.create_connection(session_id, "websocket", address)
+        except LimitExceeded as exc:
+            await websocket.close(1013, reason=f"{exc.code}: {exc}"[:120])
+            return
         resume = asyncio.Event()
         state: dict[str, Any] = {}
         try:
