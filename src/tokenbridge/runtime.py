@@ -130,7 +130,8 @@ class Runtime:
         except REDIS_DOWN_ERRORS as exc:
             await self._close_clients()
             raise RedisUnavailable(
-                f"cannot reach Redis at TOKENBRIDGE_REDIS_URL ({_safe_url(self.url)}): {exc}. "
+                f"cannot reach Redis at TOKENBRIDGE_REDIS_URL ({_safe_url(self.url)}): "
+                f"{str(exc).rstrip('.')}. "
                 "Is Redis running there? Unset the variable to use the embedded server."
             ) from None
         self._group = asyncio.TaskGroup()

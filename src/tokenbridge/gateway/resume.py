@@ -28,6 +28,8 @@ from tokenbridge.gateway.fanout import FanoutStats, decode_entries
 from tokenbridge.gateway.frames import Batch, parse_entry_id, parse_event_id
 from tokenbridge.store.scripts import SessionState
 
+_LAST_POSSIBLE_ID = (2**64 - 1, 2**64 - 1)
+
 __all__ = ["ResumePlan", "iter_history", "parse_last_event_id", "plan_resume"]
 
 
@@ -100,6 +102,8 @@ async def iter_history(
 ) -> AsyncIterator[Batch]:
     """Yield the stream's entries after ``after_id`` in batches, until the end at read time."""
     cursor = after_id
+    if parse_entry_id(cursor) == _LAST_POSSIBLE_ID:
+        return  # nothing can follow it (and Redis rejects "(" before it)
     while True:
         entries: Any = await redis.xrange(events_key, min=f"({cursor}", max="+", count=batch_size)
         if not entries:
