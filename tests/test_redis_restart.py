@@ -45,7 +45,9 @@ async def test_gateway_and_worker_reconnect_and_serve_new_generations(
                 assert response.json()["error"]["code"] == "redis_unavailable"
             after = response.json()
             events = await collect_until_end(http, after["events_url"], after["generation_id"])
-            assert [e.data["seq"] for e in events] == list(range(9))
+            assert [e.data["seq"] for e in events] == list(range(9)), [
+                (e.id, e.event, e.data) for e in events
+            ]
             # A client of the old session resuming learns that its history is gone.
             gap = await collect_until_end(
                 http, before["events_url"], "-", last_event_id=old_last_id, limit=1

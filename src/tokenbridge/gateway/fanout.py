@@ -197,14 +197,16 @@ class _Reader:
             feed = by_key.get(raw_key)
             if feed is None or self.feeds.get(feed.session_id) is not feed:
                 continue  # unsubscribed while the read was in flight
-            previous = feed.cursor
-            feed.cursor = entries[-1][0].decode()
             stats = self.fanout.stats
-            stats.read += len(entries)
             pairs = [(raw_id, _fields(raw)) for raw_id, raw in entries]
             frames = decode_entries(pairs, feed.epoch, feed.session_id, stats)
             if any(frame.event.kind == "start" for frame in frames):
-                await self._check_epoch(feed, previous, frames)
+                # May fail (Redis down): the cursor has not moved, so the entries are read again.
+                await self._check_epoch(feed, feed.cursor, frames)
+                if self.feeds.get(feed.session_id) is not feed:
+                    continue
+            feed.cursor = entries[-1][0].decode()
+            stats.read += len(entries)
             self._dispatch(feed, frames)
 
     async def _check_epoch(self, feed: _Feed, previous: str, frames: list[Frame]) -> None:
