@@ -56,7 +56,7 @@ def consumer(
         "concurrency": 64,
         "count": 200,
         "block_ms": 200,
-        "claim_idle_ms": 100,
+        "claim_idle_ms": 5000,  # no takeovers unless a test asks (a loaded CI box is slow)
         "heartbeat_s": 0.05,
     }
     defaults.update(options)
@@ -149,7 +149,16 @@ async def test_always_failing_entry_is_dead_lettered_then_replayed(
             replayed_done.set()
 
     dlq = DeadLetters(redis, f"{stream}:dlq")
-    c = consumer(redis, redis_server.url, stream, "c", handle, max_deliveries=3, dead_letters=dlq)
+    c = consumer(
+        redis,
+        redis_server.url,
+        stream,
+        "c",
+        handle,
+        max_deliveries=3,
+        dead_letters=dlq,
+        claim_idle_ms=100,
+    )
     async with asyncio.TaskGroup() as group:
         group.create_task(c.run())
         async with asyncio.timeout(30):
