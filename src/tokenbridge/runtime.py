@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from functools import partial
 from types import TracebackType
 
@@ -118,8 +119,16 @@ class Runtime:
                 heartbeat_s=settings.worker_heartbeat_s,
                 max_deliveries=settings.consumer_max_deliveries,
             )
+        # Checks a new generation must pass before it is queued (rate limits, ...): each raises
+        # LimitExceeded (HTTP 429) to refuse. Called with (identity, model name).
+        self.admission_checks: list[Callable[[str, str], Awaitable[None]]] = []
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    async def admit(self, identity: str, model: str) -> None:
+        """Run every admission check; raises LimitExceeded if one refuses."""
+        for check in self.admission_checks:
+            await check(identity, model)
 
     def __repr__(self) -> str:
         return f"<Runtime fanout={self.fanout!r} worker={self.worker!r}>"

@@ -114,6 +114,8 @@ async def create_generation(request: Request) -> Response:
         raise InvalidRequest(
             "max_tokens_too_large", f"params.max_tokens over {settings.max_tokens_limit}", 422
         )
+    identity = request.client.host if request.client else "unknown"  # API key id once auth lands
+    await runtime.admit(identity, body.model)
     job = GenerationJob(
         generation_id=new_generation_id(),
         session_id=body.session_id or new_session_id(),

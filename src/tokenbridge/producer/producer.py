@@ -153,8 +153,9 @@ class Producer:
         )
         await self.redis.expire(self.keys.generations(session_id), self.max_generation_s)
 
-    async def write_terminal(self, job: GenerationJob, *events: Event) -> None:
-        """Write a few events ending in a terminal one (a job that cannot run, a lost worker)."""
+    async def write_events(self, job: GenerationJob, *events: Event) -> None:
+        """Write ready-made events ending in a terminal one (a job that cannot run, a lost
+        worker, an answer replayed from the cache), batched like a live generation."""
         await self.prepare(job.session_id)
         writer = _Writer(self, job, asyncio.Event())
         for event in events:

@@ -162,7 +162,7 @@ class GenerationWorker:
             ex=self.producer.max_generation_s + self.producer.retention_s,
         )
         if await cancel_requested(self.redis, self.keys, job.session_id, gid):
-            await self.producer.write_terminal(
+            await self.producer.write_events(
                 job,
                 Event("start", gid, 0, model=job.model),
                 Event("end", gid, 1, reason="cancelled"),
@@ -170,7 +170,7 @@ class GenerationWorker:
             return
         model = self.models.get(job.model)
         if model is None:
-            await self.producer.write_terminal(
+            await self.producer.write_events(
                 job,
                 Event("error", job.generation_id, 0, code="unknown_model", message=job.model),
             )
@@ -212,7 +212,7 @@ class GenerationWorker:
                 job.generation_id,
                 last_seq,
             )
-            await self.producer.write_terminal(
+            await self.producer.write_events(
                 job,
                 Event(
                     "error",
