@@ -31,6 +31,8 @@ def settings_factory(redis_server: RedisServer) -> Any:
             "worker_claim_idle_ms": 2000,
             "fanout_block_ms": 2000,
             "worker_block_ms": 2000,
+            # Most tests are about delivery; tests/test_auth.py runs with auth on.
+            "auth_disabled": True,
         }
         values.update(overrides)
         return Settings(**values)

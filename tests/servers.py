@@ -95,7 +95,8 @@ class GatewayProcess:
 
     def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
         self.port = free_port()
-        self.env = {**os.environ, **env}
+        # Auth off unless the test sets it (tests/test_auth.py covers it).
+        self.env = {**os.environ, "TOKENBRIDGE_AUTH_DISABLED": "true", **env}
         self.args = args or ["serve", "--port", str(self.port)]
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -19,6 +19,9 @@ MAX_BODY = 4 * 1024 * 1024
 OK_PARAMS = {"max_tokens": 3, "rate": 0}
 
 
+API_KEY = "tbk_" + secrets.token_urlsafe(16)
+
+
 @pytest.fixture(scope="module")
 async def api(redis_server: RedisServer) -> AsyncIterator[httpx.AsyncClient]:
     """One gateway for the module: a rejected request changes nothing, so tests can share it."""
@@ -28,10 +31,13 @@ async def api(redis_server: RedisServer) -> AsyncIterator[httpx.AsyncClient]:
         worker_heartbeat_s=0.5,
         fanout_block_ms=2000,
         worker_block_ms=2000,
+        api_keys=[API_KEY],  # type: ignore[list-item]
     )
     async with (
         Gateway(settings) as gw,
-        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+        httpx.AsyncClient(
+            base_url=gw.url, timeout=30, headers={"authorization": f"Bearer {API_KEY}"}
+        ) as client,
     ):
         yield client
 

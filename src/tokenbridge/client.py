@@ -47,7 +47,11 @@ class StreamEvent:
 
 
 class TokenBridgeClient:
-    """A client of one tokenbridge gateway; ``max_reconnects`` bounds resumes per stream."""
+    """A client of one tokenbridge gateway; ``max_reconnects`` bounds resumes per stream.
+
+    ``api_key`` is sent as a Bearer header to start generations; streams use the subscribe
+    token that came with each generation (in its ``events_url``).
+    """
 
     def __init__(
         self,
@@ -55,12 +59,14 @@ class TokenBridgeClient:
         *,
         timeout_s: float = 30.0,
         max_reconnects: int = 20,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_reconnects = max_reconnects
         self.reconnects = 0
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout_s, read=None)
+            base_url=self.base_url, timeout=httpx.Timeout(timeout_s, read=None), headers=headers
         )
 
     async def __aenter__(self) -> TokenBridgeClient:

@@ -77,7 +77,12 @@ class ProviderTimeout(ModelError):
 
 
 class AuthError(TokenBridgeError):
-    """Credentials are missing or wrong."""
+    """Credentials are missing or wrong (401), or do not cover the resource (403)."""
+
+    def __init__(self, code: str, message: str, status_code: int = 401) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status_code = status_code
 
 
 class LimitExceeded(TokenBridgeError):

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
+from tokenbridge.gateway.auth import Auth
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.producer.models import build_model
 from tokenbridge.producer.models.base import ChatModel
@@ -97,6 +98,7 @@ class Runtime:
                 orphan_ttl_ms=settings.stream_retention_s * 1000,
                 node_id=self.node_id,
             )
+        self.auth = Auth(self.redis, self.keys, settings)
         self.dead_letters = DeadLetters(self.redis, self.keys.dead_letters, settings.dlq_max_len)
         self.consumers = StreamConsumerService(
             self.redis,
@@ -143,6 +145,11 @@ class Runtime:
                 f"{str(exc).rstrip('.')}. "
                 "Is Redis running there? Unset the variable to use the embedded server."
             ) from None
+        try:
+            await self.auth.start()
+        except REDIS_DOWN_ERRORS as exc:
+            await self._close_clients()
+            raise RedisUnavailable(f"Redis failed during startup: {exc}") from None
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
         await self.consumers.__aenter__()

@@ -8,7 +8,7 @@ variable that its model entry *names*, via :meth:`ModelConfig.api_key`).
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tokenbridge.exceptions import ConfigurationError
 
@@ -31,10 +31,13 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    adapter: Literal["demo", "openai"] = Field(description="Which adapter serves this model.")
+    adapter: Literal["demo", "openai", "anthropic"] = Field(
+        description="Which adapter serves this model."
+    )
     base_url: str | None = Field(
         default=None,
-        description="Base URL of an OpenAI-compatible API, e.g. http://localhost:11434/v1.",
+        description="Base URL of the API: OpenAI-compatible, e.g. http://localhost:11434/v1, or "
+        "Anthropic's (default https://api.anthropic.com/v1).",
     )
     model: str | None = Field(
         default=None, description="Upstream model name; defaults to the public name."
@@ -166,6 +169,38 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(
         default=100_000, ge=1, description="Largest params.max_tokens a request may ask for."
     )
+
+    # -- Security ------------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API keys accepted besides those stored in Redis (comma-separated).",
+    )
+    auth_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC secret of subscribe tokens; unset: generated once, kept in Redis.",
+    )
+    auth_previous_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Old secrets still accepted when verifying tokens (rotation window).",
+    )
+    auth_token_ttl_s: int = Field(
+        default=3600, ge=10, le=30 * 86_400, description="Lifetime of a subscribe token."
+    )
+    auth_disabled: bool = Field(
+        default=False,
+        description="Accept every request without credentials. Development only.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS (comma-separated); empty: CORS off.",
+    )
+
+    @field_validator("api_keys", "auth_previous_secrets", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     # -- Models --------------------------------------------------------------------------
     models: dict[str, ModelConfig] = Field(

@@ -140,3 +140,56 @@ def consumers(
         for c in g["consumers"]:
             table.add_row("", "", c["name"], str(c["pending"]), f"{c['idle_ms'] / 1000:.1f}s", "")
     out.print(table)
+
+
+keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in Redis).")
+app.add_typer(keys_app, name="keys")
+
+
+def _auth(redis: Any, keys: Keys) -> Any:
+    from tokenbridge.gateway.auth import Auth
+
+    return Auth(redis, keys, load_settings())
+
+
+@keys_app.command("create")
+def keys_create(name: str = typer.Option("cli", help="A label to tell keys apart.")) -> None:
+    """Make a new API key; it is printed once and only its digest is kept."""
+
+    async def go(redis: Any, keys: Keys) -> tuple[str, str]:
+        created: tuple[str, str] = await _auth(redis, keys).create_key(name)
+        return created
+
+    key_id, key = _run(go)
+    out.print(f"created key {key_id} ({name}); shown once, keep it:")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Key ids and labels (never the keys)."""
+
+    async def go(redis: Any, keys: Keys) -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = await _auth(redis, keys).list_keys()
+        return listed
+
+    table = Table(title="API keys")
+    for column in ("id", "name", "created"):
+        table.add_column(column)
+    for row in _run(go):
+        created = _time(row["created_ms"]) if "created_ms" in row else ""
+        table.add_row(row["id"], row["name"], created)
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The id shown by `keys list`.")) -> None:
+    """Revoke a stored key at once, on every gateway."""
+
+    async def go(redis: Any, keys: Keys) -> bool:
+        revoked: bool = await _auth(redis, keys).revoke_key(key_id)
+        return revoked
+
+    if not _run(go):
+        raise ConfigurationError(f"no stored key with id {key_id} (see `tokenbridge keys list`)")
+    out.print(f"revoked key {key_id}")

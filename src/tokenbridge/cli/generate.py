@@ -19,6 +19,9 @@ def generate(
     session: str | None = typer.Option(None, help="Continue this session id."),
     max_tokens: int | None = typer.Option(None, help="params.max_tokens"),
     rate: float | None = typer.Option(None, help="params.rate (demo model: tokens/s)."),
+    api_key: str | None = typer.Option(
+        None, envvar="TOKENBRIDGE_API_KEY", help="API key (serve prints one when it makes it)."
+    ),
 ) -> None:
     """Print the answer as it streams, resuming by itself if the connection drops."""
     params: dict[str, Any] = {}
@@ -26,16 +29,21 @@ def generate(
         params["max_tokens"] = max_tokens
     if rate is not None:
         params["rate"] = rate
-    code = asyncio.run(_generate(url, prompt, model, session, params))
+    code = asyncio.run(_generate(url, prompt, model, session, params, api_key))
     sys.exit(code)
 
 
 async def _generate(
-    url: str, prompt: str, model: str, session: str | None, params: dict[str, Any]
+    url: str,
+    prompt: str,
+    model: str,
+    session: str | None,
+    params: dict[str, Any],
+    api_key: str | None,
 ) -> int:
     from tokenbridge.client import TokenBridgeClient
 
-    async with TokenBridgeClient(url) as client:
+    async with TokenBridgeClient(url, api_key=api_key) as client:
         started = await client.start_generation(
             prompt, model=model, session_id=session, params=params
         )

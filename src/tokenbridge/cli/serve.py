@@ -13,27 +13,48 @@ from typing import Any
 import typer
 import uvicorn
 from pydantic import SecretStr
+from starlette.applications import Starlette
 
 from tokenbridge.cli import app
+from tokenbridge.exceptions import ConfigurationError
 from tokenbridge.logs import configure_logging
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings, load_settings
 from tokenbridge.store.embedded import EmbeddedRedis
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 class _Server(uvicorn.Server):
     """uvicorn, plus: drain our connections first on SIGTERM/SIGINT, and say when serving."""
 
-    def __init__(self, config: uvicorn.Config, url: str) -> None:
+    def __init__(self, config: uvicorn.Config, url: str, app: Starlette) -> None:
         super().__init__(config)
+        self.app = app
         self.public_url = url
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
-        if not self.should_exit:
-            print(f"tokenbridge serving at {self.public_url}", flush=True)
+        if self.should_exit:
+            return
+        login = await self._credentials()
+        print(f"tokenbridge serving at {self.public_url}", flush=True)
+        if login:
+            print(f"open {self.public_url}?login={login} (one-time login link)", flush=True)
+
+    async def _credentials(self) -> str | None:
+        """Closed by default: with no API key anywhere, make one and show it once."""
+        runtime = getattr(self.app.state, "runtime", None)
+        if runtime is None or runtime.auth.disabled:
+            return None
+        auth = runtime.auth
+        if not await auth.has_keys():
+            key_id, key = await auth.create_key("default")
+            print(f"API key {key_id} (shown once, keep it): {key}", flush=True)
+        code: str = await auth.login_code()
+        return code
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -53,13 +74,21 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         # Open SSE streams would hold uvicorn's shutdown hostage: close them first; clients
         # get a reconnect hint and resume on another node from their Last-Event-ID.
-        app_state = getattr(self.config.loaded_app, "state", None) or getattr(
-            getattr(self.config, "app", None), "state", None
-        )
-        connections = getattr(app_state, "connections", None)
+        connections = getattr(self.app.state, "connections", None)
         if connections is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(connections.close_all, "shutdown")
         super().handle_exit(sig, frame)
+
+
+def _loopback_unless_keys(settings: Settings) -> None:
+    """The zero-config default generates its own key: then it listens on loopback only."""
+    generated = not settings.api_keys and settings.redis_url is None
+    if generated and not settings.auth_disabled and settings.host not in _LOOPBACK:
+        raise ConfigurationError(
+            f"TOKENBRIDGE_HOST={settings.host}: with the embedded Redis and no "
+            "TOKENBRIDGE_API_KEYS, serve generates its own key and listens on loopback only; "
+            "set TOKENBRIDGE_API_KEYS to serve on other addresses"
+        )
 
 
 def _with_redis(settings: Settings, stack: contextlib.ExitStack) -> Settings:
@@ -90,6 +119,7 @@ def serve(
     if worker is not None:
         overrides["run_worker"] = worker
     settings = load_settings(**overrides)
+    _loopback_unless_keys(settings)
     from tokenbridge.gateway.app import create_app
 
     with contextlib.ExitStack() as stack:
@@ -104,7 +134,7 @@ def serve(
             timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_s)),
         )
         shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-        server = _Server(config, f"http://{shown_host}:{settings.port}/")
+        server = _Server(config, f"http://{shown_host}:{settings.port}/", application)
         server.run()
         if not server.started:
             sys.exit(1)
@@ -119,8 +149,6 @@ def worker(
     configure_logging(log_level, log_json)
     settings = load_settings()
     if settings.redis_url is None:
-        from tokenbridge.exceptions import ConfigurationError
-
         raise ConfigurationError(
             "TOKENBRIDGE_REDIS_URL is not set: a worker joins the Redis that a gateway uses; "
             "set it to that server's URL"

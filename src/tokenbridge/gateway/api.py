@@ -11,10 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.websockets import WebSocket
 
 from tokenbridge.exceptions import InvalidRequest
+from tokenbridge.gateway.auth import COOKIE_NAME, Principal, key_principal, reader_principal
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.resume import parse_last_event_id
@@ -94,6 +95,7 @@ def _validation_message(exc: ValidationError) -> str:
 async def create_generation(request: Request) -> Response:
     """Queue a generation on the job stream and answer at once (202)."""
     runtime = _runtime(request)
+    principal = await key_principal(runtime.auth, request, unsafe=True)
     settings = runtime.settings
     payload = await _json_body(request)
     try:
@@ -114,8 +116,7 @@ async def create_generation(request: Request) -> Response:
         raise InvalidRequest(
             "max_tokens_too_large", f"params.max_tokens over {settings.max_tokens_limit}", 422
         )
-    identity = request.client.host if request.client else "unknown"  # API key id once auth lands
-    await runtime.admit(identity, body.model)
+    await runtime.admit(principal.identity, body.model)
     job = GenerationJob(
         generation_id=new_generation_id(),
         session_id=body.session_id or new_session_id(),
@@ -125,11 +126,15 @@ async def create_generation(request: Request) -> Response:
     )
     lookup_ttl_s = settings.stream_max_generation_s + settings.stream_retention_s
     await submit_job(runtime.redis, runtime.keys, job, settings.jobs_max_len, lookup_ttl_s)
+    token = runtime.auth.subscribe_token(job.session_id)
     return JSONResponse(
         {
             "session_id": job.session_id,
             "generation_id": job.generation_id,
-            "events_url": f"/v1/sessions/{job.session_id}/events",
+            "token": token,
+            "token_expires_in_s": runtime.auth.token_ttl_s,
+            "events_url": f"/v1/sessions/{job.session_id}/events?token={token}",
+            "ws_url": f"/v1/sessions/{job.session_id}/ws?token={token}",
         },
         status_code=202,
     )
@@ -139,6 +144,7 @@ async def session_events(request: Request) -> Response:
     """SSE stream of a session, resuming after ``Last-Event-ID`` / ``?last_event_id=``."""
     runtime = _runtime(request)
     session_id = validate_id(request.path_params["session_id"], "session_id")
+    await reader_principal(runtime.auth, request, session_id)
     last = parse_last_event_id(
         request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     )
@@ -164,6 +170,7 @@ async def session_events(request: Request) -> Response:
 async def cancel_generation(request: Request) -> Response:
     """Cancel a generation, wherever it runs: 202 while it stops, 409 if it already ended."""
     runtime = _runtime(request)
+    await key_principal(runtime.auth, request, unsafe=True)
     generation_id = validate_id(request.path_params["generation_id"], "generation_id")
     outcome = await request_cancel(runtime.redis, runtime.keys, generation_id)
     if outcome == "not_found":
@@ -183,11 +190,15 @@ async def session_websocket(websocket: WebSocket) -> None:
         outcome = await request_cancel(runtime.redis, runtime.keys, generation_id, session_id)
         return outcome != "not_found"
 
+    async def authorize(session_id: str) -> None:
+        await reader_principal(runtime.auth, websocket, session_id)
+
     await serve_websocket(
         websocket,
         runtime.fanout,
         manager,
         cancel,
+        authorize,
         heartbeat_s=runtime.settings.sse_heartbeat_s,
         history_batch=runtime.settings.history_batch,
     )
@@ -195,6 +206,7 @@ async def session_websocket(websocket: WebSocket) -> None:
 
 async def list_models(request: Request) -> Response:
     runtime = _runtime(request)
+    await key_principal(runtime.auth, request)
     data = [
         {"id": name, "adapter": config.adapter}
         for name, config in sorted(runtime.settings.models.items())
@@ -224,6 +236,7 @@ async def readyz(request: Request) -> Response:
 async def status(request: Request) -> Response:
     """This process's fan-out, connections and worker, for people and dashboards."""
     runtime = _runtime(request)
+    await key_principal(runtime.auth, request)
     manager: ConnectionManager = request.state.connections
     fanout = runtime.fanout
     worker = runtime.worker
@@ -245,3 +258,34 @@ async def status(request: Request) -> Response:
         "dead_letters": await runtime.dead_letters.count(),
     }
     return JSONResponse(body)
+
+
+def _console_response(request: Request, principal: Principal, response: Response) -> Response:
+    runtime = _runtime(request)
+    response.set_cookie(
+        COOKIE_NAME,
+        runtime.auth.console_cookie(principal),
+        max_age=12 * 3600,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+async def login(request: Request) -> Response:
+    """Exchange an API key for the console cookie (the page at / uses it)."""
+    runtime = _runtime(request)
+    payload = await _json_body(request)
+    key = payload.get("api_key") if isinstance(payload, dict) else None
+    if not isinstance(key, str) or len(key) > 200:
+        raise InvalidRequest("invalid_request", 'send {"api_key": "tbk_..."}', 422)
+    principal = await runtime.auth.check_key(key)
+    return _console_response(request, principal, JSONResponse({"status": "ok"}))
+
+
+async def login_link(request: Request, code: str) -> Response:
+    """``/?login=<code>``: a one-time link from `tokenbridge serve`; sets the cookie."""
+    runtime = _runtime(request)
+    principal = await runtime.auth.use_login_code(code[:200])
+    return _console_response(request, principal, RedirectResponse("/", status_code=303))

@@ -17,11 +17,13 @@ from typing import Any
 from redis import exceptions as redis_exc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from tokenbridge.exceptions import InvalidRequest, LimitExceeded
+from tokenbridge.exceptions import AuthError, InvalidRequest, LimitExceeded
 from tokenbridge.gateway import api
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.runtime import Runtime
@@ -40,6 +42,9 @@ def _index_html() -> str:
 
 
 async def _index(request: Request) -> Response:
+    code = request.query_params.get("login")
+    if code:
+        return await api.login_link(request, code)
     return HTMLResponse(
         request.app.state.index_html,
         headers={
@@ -55,6 +60,14 @@ async def _index(request: Request) -> Response:
 async def _invalid_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, InvalidRequest)
     return api.error_response(exc.code, str(exc), exc.status_code)
+
+
+async def _auth_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AuthError)
+    response = api.error_response(exc.code, str(exc), exc.status_code)
+    if exc.status_code == 401:
+        response.headers["www-authenticate"] = 'Bearer realm="tokenbridge"'
+    return response
 
 
 async def _limit_exceeded(request: Request, exc: Exception) -> Response:
@@ -100,18 +113,32 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/v1/models", api.list_models, methods=["GET"]),
+        Route("/v1/auth/login", api.login, methods=["POST"]),
         Route("/v1/status", api.status, methods=["GET"]),
         Route("/v1/generations", api.create_generation, methods=["POST"]),
         Route("/v1/generations/{generation_id}", api.cancel_generation, methods=["DELETE"]),
         Route("/v1/sessions/{session_id}/events", api.session_events, methods=["GET"]),
         WebSocketRoute("/v1/sessions/{session_id}/ws", api.session_websocket),
     ]
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["authorization", "content-type", "last-event-id"],
+                max_age=600,
+            )
+        )
     app = Starlette(
+        middleware=middleware,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
             InvalidRequest: _invalid_request,
             LimitExceeded: _limit_exceeded,
+            AuthError: _auth_error,
             HTTPException: _http_error,
             **dict.fromkeys(_REDIS_DOWN, _redis_down),
             Exception: _server_error,

@@ -24,7 +24,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from tokenbridge.exceptions import InvalidRequest, LimitExceeded
+from tokenbridge.exceptions import AuthError, InvalidRequest, LimitExceeded
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.fanout import SessionFanout
@@ -48,6 +48,7 @@ _CLOSE_CODES = {
 }
 
 Canceller = Callable[[str, str], Awaitable[bool]]
+Authorizer = Callable[[str], Awaitable[None]]
 
 
 class _WSSink:
@@ -86,6 +87,7 @@ async def serve_websocket(
     fanout: SessionFanout,
     manager: ConnectionManager,
     cancel: Canceller,
+    authorize: Authorizer,
     *,
     heartbeat_s: float,
     history_batch: int,
@@ -95,8 +97,9 @@ async def serve_websocket(
     try:
         session_id = validate_id(websocket.path_params["session_id"], "session_id")
         last = parse_last_event_id(websocket.query_params.get("last_event_id"))
-    except InvalidRequest as exc:
-        await websocket.close(1008, reason=f"{exc.code}: {exc}"[:120])
+        await authorize(session_id)
+    except (InvalidRequest, AuthError) as exc:
+        await websocket.close(1008, reason=f"{exc.code}: {exc}"[:120])  # before any event
         return
     close_code, reason = 1000, "done"
     while True:

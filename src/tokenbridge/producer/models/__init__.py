@@ -1,12 +1,15 @@
 """Model adapters of the producer, and :func:`build_model` that picks one from a model entry.
 
 ``adapter: "demo"`` is :class:`DemoModel` (no network), ``adapter: "openai"`` is
-:class:`OpenAIChatModel` (any OpenAI-compatible API). Every adapter satisfies :class:`ChatModel`.
+:class:`OpenAIChatModel` (any OpenAI-compatible API), ``adapter: "anthropic"`` is
+:class:`AnthropicChatModel` (the Anthropic Messages API). Every adapter satisfies
+:class:`ChatModel`.
 """
 
 from __future__ import annotations
 
 from tokenbridge.exceptions import ConfigurationError
+from tokenbridge.producer.models.anthropic import AnthropicChatModel
 from tokenbridge.producer.models.base import (
     ChatModel,
     ChatRequest,
@@ -19,6 +22,7 @@ from tokenbridge.producer.models.openai import OpenAIChatModel
 from tokenbridge.settings import ModelConfig
 
 __all__ = [
+    "AnthropicChatModel",
     "ChatModel",
     "ChatRequest",
     "Delta",
@@ -39,6 +43,8 @@ def build_model(name: str, config: ModelConfig) -> ChatModel:
         return DemoModel(name, config)
     if config.adapter == "openai":
         return OpenAIChatModel(name, config)
+    if config.adapter == "anthropic":
+        return AnthropicChatModel(name, config)
     raise ConfigurationError(  # unreachable while ModelConfig.adapter is a Literal
-        f"model {name!r}: unknown adapter {config.adapter!r}; use 'demo' or 'openai'"
+        f"model {name!r}: unknown adapter {config.adapter!r}; use 'demo', 'openai' or 'anthropic'"
     )
