@@ -7,10 +7,40 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any
 
-__all__ = ["configure_logging"]
+__all__ = ["RedactingFilter", "configure_logging", "redact"]
+
+_SECRETS = re.compile(
+    r"(?P<param>(?:token|login|api_key)=)[^&\s\"']+"
+    r"|(?P<bearer>Bearer\s+)\S+"
+    r"|tbk_[A-Za-z0-9_-]+"
+    r"|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"
+)
+
+
+def _mask(match: re.Match[str]) -> str:
+    prefix = match.group("param") or match.group("bearer") or ""
+    return prefix + "***"
+
+
+def redact(text: str) -> str:
+    """Mask API keys, tokens, login codes and Bearer credentials in a log line."""
+    return _SECRETS.sub(_mask, text)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites every record's message with :func:`redact` (defense in depth: tokenbridge
+    never logs credentials itself, but access logs and third-party libraries might)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
 
 
 class _JsonFormatter(logging.Formatter):
@@ -41,6 +71,7 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
         from rich.logging import RichHandler
 
         handler = RichHandler(show_path=False, rich_tracebacks=True)
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -23,7 +23,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tokenbridge.exceptions import ConfigurationError
 
-__all__ = ["ModelConfig", "Settings", "load_settings"]
+__all__ = ["RATE_PATTERN", "ModelConfig", "Settings", "load_settings"]
+
+RATE_PATTERN = r"^[1-9][0-9]{0,8}/(second|minute|hour|day|[1-9][0-9]{0,5}[smhd])$"
+"""A rate setting: a count per period (``10/minute``, ``100/30s``)."""
 
 
 class ModelConfig(BaseModel):
@@ -201,6 +204,52 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    # -- Response cache (processors/cache.py) -------------------------------------------
+    cache_enabled: bool = Field(
+        default=True,
+        description="Replay the answer of a repeated request from the cache, without a model call.",
+    )
+    cache_scope: Literal["deterministic", "all"] = Field(
+        default="deterministic",
+        description="Requests cached: 'deterministic' (temperature 0, or a demo model) or 'all'.",
+    )
+    cache_ttl_s: int = Field(default=3600, ge=1, description="How long a cached answer is kept.")
+    cache_max_entries: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most answers kept in the cache; the least recently used go first.",
+    )
+    cache_max_entry_bytes: int = Field(
+        default=1_000_000,
+        ge=100,
+        description="An answer larger than this (stored JSON) is not cached.",
+    )
+
+    # -- Rate limits (processors/rate_limit.py) ------------------------------------------
+    rate_limit_generations: str | None = Field(
+        default=None,
+        pattern=RATE_PATTERN,
+        description="Generations one API key (client address without auth) may start per model, "
+        "as N/second|minute|hour|day or N/<k>s|m|h|d, e.g. 10/minute; unset: no limit.",
+    )
+    rate_limit_tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens (prompt and answer) one API key may use per model per minute; "
+        "unset: no limit.",
+    )
+    rate_limit_model_generations: str | None = Field(
+        default=None,
+        pattern=RATE_PATTERN,
+        description="Generations all keys together may start on one model, e.g. 600/minute; "
+        "unset: no limit.",
+    )
+    rate_limit_model_tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens all keys together may use per model per minute; unset: no limit.",
+    )
 
     # -- Models --------------------------------------------------------------------------
     models: dict[str, ModelConfig] = Field(

@@ -123,6 +123,7 @@ async def create_generation(request: Request) -> Response:
         model=body.model,
         messages=messages,
         params=body.params,
+        identity=principal.identity,
     )
     lookup_ttl_s = settings.stream_max_generation_s + settings.stream_retention_s
     await submit_job(runtime.redis, runtime.keys, job, settings.jobs_max_len, lookup_ttl_s)

@@ -40,6 +40,8 @@ class GenerationJob(BaseModel):
     messages: list[Message]
     params: GenerationParams = Field(default_factory=GenerationParams)
     submitted_ms: int = Field(default_factory=now_ms)
+    # Who asked (API key id, or client address without auth): token budgets charge it.
+    identity: str | None = Field(default=None, max_length=256)
 
     def to_fields(self) -> dict[str, str]:
         return {"job": self.model_dump_json(exclude_none=True)}

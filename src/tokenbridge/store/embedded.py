@@ -87,12 +87,15 @@ def _ping(port: int, timeout_s: float) -> bytes | None:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
             sock.sendall(b"PING\r\nINFO server\r\n")
             data = b""
-            while b"+PONG" not in data or data.count(b"\r\n") < 3:
+            while True:
                 chunk = sock.recv(65536)
                 if not chunk:
                     return None
                 data += chunk
-            return data
+                if data.startswith(b"-"):  # -NOAUTH (requirepass): it answers all the same
+                    return data
+                if b"+PONG" in data and data.count(b"\r\n") >= 3:
+                    return data
     except OSError:
         return None
 

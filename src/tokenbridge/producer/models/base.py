@@ -41,6 +41,10 @@ class GenerationParams(BaseModel):
         le=1_000_000,
         description="Demo model only: tokens per second; 0 means as fast as possible.",
     )
+    cache: bool | None = Field(
+        default=None,
+        description="false: never answer from the response cache nor fill it (never sent on).",
+    )
 
 
 @dataclass(slots=True)
