@@ -9,6 +9,7 @@ from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
 from tokenbridge.exceptions import (
     AuthError,
     ConfigurationError,
+    Draining,
     InvalidEntry,
     InvalidRequest,
     LimitExceeded,
@@ -40,6 +41,7 @@ __all__ = [
     "ConnectionManager",
     "Delivery",
     "Delta",
+    "Draining",
     "EmbeddedRedis",
     "Event",
     "Finish",

@@ -9,7 +9,8 @@ TokenBridgeError            everything tokenbridge raises on purpose
 │   ├── ProviderError       the provider answered with an error
 │   └── ProviderTimeout     the provider did not answer in time
 ├── AuthError               missing or wrong credentials
-└── LimitExceeded           a configured bound was hit
+├── LimitExceeded           a configured bound was hit
+└── Draining                this gateway process is shutting down: go to another node
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 __all__ = [
     "AuthError",
     "ConfigurationError",
+    "Draining",
     "InvalidEntry",
     "InvalidRequest",
     "LimitExceeded",
@@ -95,3 +97,13 @@ class LimitExceeded(TokenBridgeError):
         super().__init__(message)
         self.code = code
         self.retry_after_s = retry_after_s
+
+
+class Draining(TokenBridgeError):
+    """This gateway process is shutting down and takes no new request or connection.
+
+    HTTP 503 with code ``draining`` (WebSocket: close 1012); retry at once on another node,
+    where a stream resumes from its last event id.
+    """
+
+    code = "draining"

@@ -24,6 +24,8 @@ from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
 from tokenbridge.gateway.auth import Auth
 from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.processors.cache import ResponseCache
+from tokenbridge.processors.rate_limit import RateLimiter
 from tokenbridge.producer.models import build_model
 from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
@@ -124,6 +126,17 @@ class Runtime:
         # Checks a new generation must pass before it is queued (rate limits, ...): each raises
         # LimitExceeded (HTTP 429) to refuse. Called with (identity, model name).
         self.admission_checks: list[Callable[[str, str], Awaitable[None]]] = []
+        # Rate limits and the response cache (processors/): admission, worker and pipeline.
+        self.rate_limiter = RateLimiter(self.redis, self.keys, settings)
+        if self.rate_limiter.enabled:
+            self.admission_checks.append(self.rate_limiter.admit)
+        self.cache = ResponseCache(self.redis, self.keys, settings)
+        if self.worker is not None:
+            self.worker.before_model.append(self.rate_limiter.track)
+            if settings.cache_enabled:
+                self.worker.cache = self.cache
+                # Until the pipeline runs CachingProcessor, the worker fills the cache itself.
+                self.worker.after_model.append(self.cache.fill_after_run)
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -129,6 +129,39 @@ class Settings(BaseSettings):
     history_batch: int = Field(
         default=1000, ge=1, le=100_000, description="XRANGE COUNT when replaying history."
     )
+    connection_idle_timeout_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Close a connection (reason `idle`) after this long with no event sent; "
+        "0: never. Heartbeats do not count as events.",
+    )
+
+    # -- Limits --------------------------------------------------------------------------
+    limits_max_connections: int = Field(
+        default=10_000,
+        ge=1,
+        description="SSE + WebSocket connections one gateway process holds; past it, "
+        "429 `too_many_connections` (WebSocket: close 1013).",
+    )
+    limits_max_connections_per_session: int = Field(
+        default=100,
+        ge=1,
+        description="Connections to one session on one gateway process; past it, "
+        "429 `too_many_session_connections`.",
+    )
+    limits_max_connections_per_address: int = Field(
+        default=1000,
+        ge=1,
+        description="Connections from one client IP address to one gateway process (behind a "
+        "proxy, the proxy's address); past it, 429 `too_many_address_connections`.",
+    )
+    limits_max_websocket_message_bytes: int = Field(
+        default=4096,
+        ge=256,
+        le=16 * 1024 * 1024,
+        description="Largest message a WebSocket client may send; a larger one closes it "
+        "with 1009.",
+    )
 
     # -- Generations ---------------------------------------------------------------------
     run_worker: bool = Field(
@@ -155,7 +188,10 @@ class Settings(BaseSettings):
         default=100_000, ge=100, description="Approximate max entries of the dead-letter stream."
     )
     shutdown_drain_s: float = Field(
-        default=10.0, ge=0, description="On stop, how long running handlers get to finish."
+        default=10.0,
+        ge=0,
+        description="On stop, how long running generations (and uvicorn's open requests) get "
+        "to finish; generations still running then end with reason `cancelled`.",
     )
     producer_max_pending: int = Field(
         default=4096, ge=1, description="Events a producer buffers before the model waits."
@@ -201,6 +237,75 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "auth_previous_secrets", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    # -- Processor pipeline (processors/) -----------------------------------------------
+    pipeline_enabled: bool = Field(
+        default=True,
+        description="Producers append each flushed batch of events to a pipeline stream "
+        "(one entry per batch, not per token) for the processors.",
+    )
+    pipeline_shards: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="Pipeline streams <prefix>:pipeline:<n>; a session's batches go to "
+        "crc32(session_id) % shards. Change it only with the pipeline drained.",
+    )
+    pipeline_max_len: int = Field(
+        default=100_000,
+        ge=100,
+        description="Approximate max entries kept per pipeline stream (XADD MAXLEN ~); an "
+        "entry trimmed before the processors read it is lost to them.",
+    )
+    run_processors: bool = Field(
+        default=True,
+        description="Run the processor pipeline (StreamProcessor) inside `tokenbridge serve` "
+        "and `tokenbridge worker` (its --no-processors turns it off there).",
+    )
+    processors: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["analytics", "logging", "cache", "rate_limit"],
+        description="Processors to run, by name (comma-separated): built-in analytics, "
+        "logging, cache, rate_limit, or a name in the entry-point group tokenbridge.processors.",
+    )
+    processors_extra: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Your own processors as dotted paths `package.module:factory` "
+        "(comma-separated); each factory is called with a ProcessorContext.",
+    )
+    processors_concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description="Pipeline entries one process handles at once, per pipeline shard.",
+    )
+    processors_dead_letter: bool = Field(
+        default=True,
+        description="Dead-letter a pipeline entry once per processor that failed on it "
+        "(replaying it re-runs every processor); off: the failure is only counted and logged.",
+    )
+    analytics_retention_s: int = Field(
+        default=7 * 86_400,
+        ge=60,
+        description="Per-session and per-generation analytics expire this long after their "
+        "last update; totals and per-model figures are kept.",
+    )
+    generation_log_path: str | None = Field(
+        default=None,
+        description="Write the generation log as JSON lines to this file (appended) instead "
+        "of the Redis stream <prefix>:log.",
+    )
+    generation_log_max_len: int = Field(
+        default=100_000,
+        ge=100,
+        description="Approximate max records of the Redis generation log stream (MAXLEN ~).",
+    )
+
+    @field_validator("processors", "processors_extra", mode="before")
+    @classmethod
+    def _processor_names(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value

@@ -72,11 +72,13 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        # Open SSE streams would hold uvicorn's shutdown hostage: close them first; clients
-        # get a reconnect hint and resume on another node from their Last-Event-ID.
-        connections = getattr(self.app.state, "connections", None)
-        if connections is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(connections.close_all, "shutdown")
+        # Open SSE streams would hold uvicorn's shutdown hostage: drain first (the app's
+        # `drain`: refuse new requests with 503 `draining`, close open streams with
+        # `shutdown`, stop the worker taking jobs); clients resume on another node from their
+        # Last-Event-ID. uvicorn then stops listening and runs the lifespan shutdown.
+        drain = getattr(self.app.state, "drain", None)
+        if drain is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(drain)
         super().handle_exit(sig, frame)
 
 
@@ -132,6 +134,7 @@ def serve(
             lifespan="on",
             log_config=None,
             timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_s)),
+            ws_max_size=settings.limits_max_websocket_message_bytes,
         )
         shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         server = _Server(config, f"http://{shown_host}:{settings.port}/", application)

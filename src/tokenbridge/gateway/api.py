@@ -41,7 +41,15 @@ def error_response(code: str, message: str, status_code: int) -> JSONResponse:
 class GenerationRequest(BaseModel):
     """Body of ``POST /v1/generations``: a ``prompt`` or chat ``messages``, not both."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        },
+    )
 
     model: str = Field(min_length=1, max_length=128)
     prompt: str | None = None
@@ -59,6 +67,11 @@ class GenerationRequest(BaseModel):
         if self.messages is not None:
             return self.messages
         return [Message(role="user", content=self.prompt or "")]
+
+
+def _connections(request: Request) -> ConnectionManager:
+    manager: ConnectionManager = request.state.connections
+    return manager
 
 
 def _runtime(request: Request) -> Runtime:
@@ -95,6 +108,7 @@ def _validation_message(exc: ValidationError) -> str:
 async def create_generation(request: Request) -> Response:
     """Queue a generation on the job stream and answer at once (202)."""
     runtime = _runtime(request)
+    _connections(request).ensure_accepting()  # 503 `draining` once this process shuts down
     principal = await key_principal(runtime.auth, request, unsafe=True)
     settings = runtime.settings
     payload = await _json_body(request)
@@ -165,6 +179,7 @@ async def session_events(request: Request) -> Response:
         retry_ms=runtime.settings.sse_retry_ms,
         history_batch=runtime.settings.history_batch,
         on_close=_closed,
+        idle_timeout_s=runtime.settings.connection_idle_timeout_s,
     )
 
 
@@ -202,6 +217,8 @@ async def session_websocket(websocket: WebSocket) -> None:
         authorize,
         heartbeat_s=runtime.settings.sse_heartbeat_s,
         history_batch=runtime.settings.history_batch,
+        idle_timeout_s=runtime.settings.connection_idle_timeout_s,
+        max_message_bytes=runtime.settings.limits_max_websocket_message_bytes,
     )
 
 
@@ -221,8 +238,11 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Readiness: Redis answers and at least one generation worker sent a heartbeat lately."""
+    """Readiness: Redis answers and at least one generation worker sent a heartbeat lately;
+    503 ``draining`` once this process shuts down (load balancers stop sending it clients)."""
     runtime = _runtime(request)
+    if _connections(request).draining:
+        return error_response("draining", "this gateway is shutting down", 503)
     try:
         await runtime.redis.ping()
         window_ms = int(max(15.0, runtime.settings.worker_heartbeat_s * 3) * 1000)

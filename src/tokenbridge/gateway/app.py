@@ -8,6 +8,7 @@ first request and closes it after the last; an error there is a failed startup. 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.resources
 import logging
 import math
@@ -20,12 +21,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from tokenbridge.exceptions import AuthError, InvalidRequest, LimitExceeded
+from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
 from tokenbridge.gateway import api
 from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.gateway.openapi import openapi_schema
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings
 
@@ -35,6 +37,13 @@ log = logging.getLogger(__name__)
 
 _REDIS_DOWN = (redis_exc.ConnectionError, redis_exc.TimeoutError, redis_exc.BusyLoadingError)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("tokenbridge")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
 
 
 def _index_html() -> str:
@@ -55,6 +64,10 @@ async def _index(request: Request) -> Response:
             "script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
         },
     )
+
+
+async def _openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
 
 
 async def _invalid_request(request: Request, exc: Exception) -> Response:
@@ -78,10 +91,20 @@ async def _limit_exceeded(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _draining(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Draining)
+    response = api.error_response(exc.code, str(exc), 503)
+    response.headers["retry-after"] = "1"
+    response.headers["connection"] = "close"
+    return response
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return api.error_response(code, str(exc.detail), exc.status_code)
+    response = api.error_response(code, str(exc.detail), exc.status_code)
+    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    return response
 
 
 async def _redis_down(request: Request, exc: Exception) -> Response:
@@ -99,18 +122,38 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        connections = ConnectionManager(settings.connection_max_buffered_events)
+        connections = ConnectionManager(
+            settings.connection_max_buffered_events,
+            max_connections=settings.limits_max_connections,
+            max_per_session=settings.limits_max_connections_per_session,
+            max_per_address=settings.limits_max_connections_per_address,
+            idle_timeout_s=settings.connection_idle_timeout_s,
+        )
         async with Runtime(settings, worker=worker) as runtime:
+
+            def drain() -> None:
+                """Shutdown's first step (SIGTERM): refuse new requests and connections (503,
+                WebSocket 1012), close open ones with ``shutdown``, and stop this process's
+                worker taking jobs (running ones get ``shutdown_drain_s`` in the lifespan exit).
+                """
+                if not connections.draining:
+                    log.info("draining connections=%d", len(connections))
+                connections.drain("shutdown")
+                if runtime.worker is not None:
+                    runtime.worker.stop()
+
             app.state.runtime = runtime
             app.state.connections = connections
+            app.state.drain = drain
             try:
                 yield {"runtime": runtime, "connections": connections}
             finally:
-                connections.close_all("shutdown")
+                drain()
 
     routes = [
         Route("/", _index, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/openapi.json", _openapi, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/v1/models", api.list_models, methods=["GET"]),
         Route("/v1/auth/login", api.login, methods=["POST"]),
@@ -138,6 +181,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         exception_handlers={
             InvalidRequest: _invalid_request,
             LimitExceeded: _limit_exceeded,
+            Draining: _draining,
             AuthError: _auth_error,
             HTTPException: _http_error,
             **dict.fromkeys(_REDIS_DOWN, _redis_down),
@@ -145,5 +189,6 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         },
     )
     app.state.index_html = _index_html()
+    app.state.openapi = openapi_schema(_package_version())
     app.state.settings = settings
     return app

@@ -4,6 +4,10 @@ The fan-out reader hands each connection whole :class:`Batch` es without ever aw
 (:meth:`ClientConnection.deliver` is synchronous). When a connection's buffer would pass its
 bound, the connection is closed with reason ``slow_client``: the client resumes from its
 ``Last-Event-ID`` and nothing is lost, while every other connection goes on unaffected.
+
+A close also aborts a write in progress (:meth:`ClientConnection.write`): a client that stopped
+reading leaves its transport's send waiting for the socket to drain, and without the abort
+neither the cut nor a shutdown would ever reach that connection's task.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from typing import Literal
+from collections.abc import Awaitable
+from typing import Literal, TypeVar
 
 from tokenbridge.gateway.frames import Batch
 
@@ -20,21 +25,50 @@ __all__ = ["ClientConnection", "Transport"]
 
 Transport = Literal["sse", "websocket"]
 
+_T = TypeVar("_T")
+
 
 class ClientConnection:
     """A connection of one client to one session.
 
     ``last_key`` is the id of the last event written to the client: batches are cut after it,
     which is what makes the seam between history and live events exact (no gap, no duplicate).
+    ``last_activity`` is the monotonic time of the last event sent (or of the connect): the
+    idle timeout counts from it.
     """
 
-    def __init__(self, session_id: str, transport: Transport, max_buffered_events: int) -> None:
+    __slots__ = (
+        "_pending",
+        "_pending_events",
+        "_wakeup",
+        "_write_scope",
+        "bytes_sent",
+        "client_address",
+        "closed_reason",
+        "created_at",
+        "events_sent",
+        "id",
+        "last_activity",
+        "last_key",
+        "max_buffered_events",
+        "session_id",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        session_id: str,
+        transport: Transport,
+        max_buffered_events: int,
+        client_address: str | None = None,
+    ) -> None:
         self.id = uuid.uuid4().hex
         self.session_id = session_id
         self.transport: Transport = transport
+        self.client_address = client_address
         self.max_buffered_events = max_buffered_events
         self.created_at = time.time()
-        self.last_activity = self.created_at
+        self.last_activity = time.monotonic()
         self.closed_reason: str | None = None
         self.events_sent = 0
         self.bytes_sent = 0
@@ -42,6 +76,7 @@ class ClientConnection:
         self._pending: deque[Batch] = deque()
         self._pending_events = 0
         self._wakeup = asyncio.Event()
+        self._write_scope: asyncio.Timeout | None = None
 
     def __repr__(self) -> str:
         state = self.closed_reason or "open"
@@ -70,13 +105,38 @@ class ClientConnection:
         self._wakeup.set()
 
     def close(self, reason: str) -> None:
-        """Close with ``reason`` (kept for stats and the client); drops what is still buffered."""
+        """Close with ``reason`` (kept for stats and the client); drops what is still buffered
+        and aborts a write in progress. Never waits; safe to call again (the first reason wins).
+        """
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
         self._pending.clear()
         self._pending_events = 0
         self._wakeup.set()
+        if self._write_scope is not None:
+            # The task waiting in the write gets CancelledError there, which the scope turns
+            # into TimeoutError (the asyncio.timeout mechanism: no stray cancellation).
+            self._write_scope.reschedule(-1.0)
+
+    async def write(self, write: Awaitable[_T]) -> _T | None:
+        """Await one write to the client; None if :meth:`close` aborted it (nothing written:
+        transports wait for the socket to drain *before* they write)."""
+        if self.closed_reason is not None:
+            if asyncio.iscoroutine(write):
+                write.close()
+            return None
+        scope = asyncio.timeout(None)
+        self._write_scope = scope
+        try:
+            async with scope:
+                return await write
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            return None
+        finally:
+            self._write_scope = None
 
     async def next_batches(self, timeout_s: float) -> list[Batch] | None:
         """Everything buffered, waiting up to ``timeout_s``; ``[]`` on timeout, None once closed."""
@@ -104,4 +164,4 @@ class ClientConnection:
             self.last_key = batch.last_key
             self.events_sent += len(batch)
         self.bytes_sent += nbytes
-        self.last_activity = time.time()
+        self.last_activity = time.monotonic()

@@ -2,8 +2,10 @@
 
 :class:`EventStreamResponse` is a raw ASGI response. It races the connection's :func:`pump`
 against the client's disconnect in one task group (as sse-starlette does): whichever ends
-first ends the other. A connection cut by the server gets a final ``: closed <reason>`` comment;
-``retry:`` carries jitter so that a mass reconnect (a deploy) spreads over time.
+first ends the other. A connection cut by the server gets a final ``: closed <reason>`` comment
+(``slow_client``, ``idle``, ``shutdown``, ...), sent with the end of the response; a client that
+does not read it within ``CLOSING_TIMEOUT_S`` has its socket dropped instead. ``retry:``
+carries jitter so that a mass reconnect (a deploy) spreads over time.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class _SSESink:
     def __init__(self, send: Send, retry_ms: int) -> None:
         self.send = send
         self.retry_ms = retry_ms
+        self.finished = False  # the response's last chunk was sent
 
     async def _body(self, body: bytes) -> None:
         await self.send({"type": "http.response.body", "body": body, "more_body": True})
@@ -58,8 +61,10 @@ class _SSESink:
         await self._body(b": ping\n\n")
 
     async def closing(self, reason: str) -> None:
+        body = f": closed {reason}\n\n".encode()
         with contextlib.suppress(OSError):
-            await self._body(f": closed {reason}\n\n".encode())
+            await self.send({"type": "http.response.body", "body": body, "more_body": False})
+        self.finished = True
 
 
 class EventStreamResponse:
@@ -74,6 +79,7 @@ class EventStreamResponse:
         retry_ms: int,
         history_batch: int,
         on_close: Callable[[ClientConnection], None] | None = None,
+        idle_timeout_s: float = 0.0,
     ) -> None:
         self.conn = conn
         self.fanout = fanout
@@ -82,6 +88,7 @@ class EventStreamResponse:
         self.retry_ms = retry_ms
         self.history_batch = history_batch
         self.on_close = on_close
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
@@ -97,6 +104,7 @@ class EventStreamResponse:
                         sink,
                         heartbeat_s=self.heartbeat_s,
                         history_batch=self.history_batch,
+                        idle_timeout_s=self.idle_timeout_s,
                     )
                 finally:
                     watcher.cancel()
@@ -110,6 +118,8 @@ class EventStreamResponse:
             log.debug(
                 "sse closed session=%s reason=%s", self.conn.session_id, self.conn.closed_reason
             )
+        if sink.finished or self.conn.closed_reason not in ("done", "client_gone"):
+            return  # finished, or a client that did not read its close: uvicorn drops it
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 

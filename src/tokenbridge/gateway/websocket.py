@@ -2,15 +2,17 @@
 
 ``GET /v1/sessions/{session_id}/ws[?last_event_id=...]``. Server messages are one event
 ``{"id", "event", "data"}`` or, when several were queued, a JSON array of them (one write).
-Client messages (JSON, at most ``_MAX_CLIENT_MESSAGE`` bytes):
+Client messages (JSON, at most ``limits_max_websocket_message_bytes``, 4096 by default):
 
 * ``{"type": "resume", "last_event_id": "..."}``: restart the stream right after that id;
 * ``{"type": "cancel", "generation_id": "..."}``: cancel a generation of this session;
 * ``{"type": "ping"}``: answered with ``{"type": "pong"}``.
 
-Close codes: 1000 normal, 1008 policy violation (bad id, bad message), 1009 message too big,
-1012 service restart (the gateway drains: reconnect elsewhere), 1013 try again later (the
-client was too slow: resume from its last id).
+Close codes: 1000 normal (also ``idle``: no event for ``connection_idle_timeout_s``), 1008
+policy violation (bad id, bad message), 1009 message too big, 1012 service restart (the gateway
+drains: reconnect elsewhere), 1013 try again later (the client was too slow, or a connection
+limit was hit: ``too_many_...`` in the reason). The close reason is the code word
+(``slow_client``, ``shutdown``, ``idle``, ``too_many_session_connections: ...``).
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from tokenbridge.exceptions import AuthError, InvalidRequest, LimitExceeded
+from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.frames import Batch
-from tokenbridge.gateway.pump import pump
+from tokenbridge.gateway.pump import CLOSING_TIMEOUT_S, pump
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.wire.keys import validate_id
 
@@ -37,9 +39,9 @@ __all__ = ["serve_websocket"]
 
 log = logging.getLogger(__name__)
 
-_MAX_CLIENT_MESSAGE = 4096
 # 1012/1013 tell a client to come back (elsewhere / later) and resume from its last id.
 _CLOSE_CODES = {
+    "idle": 1000,
     "shutdown": 1012,
     "slow_client": 1013,
     "lagged": 1013,
@@ -91,6 +93,8 @@ async def serve_websocket(
     *,
     heartbeat_s: float,
     history_batch: int,
+    idle_timeout_s: float = 0.0,
+    max_message_bytes: int = 4096,
 ) -> None:
     """Serve one WebSocket until either side closes it."""
     await websocket.accept()
@@ -109,11 +113,16 @@ async def serve_websocket(
         except LimitExceeded as exc:
             await websocket.close(1013, reason=f"{exc.code}: {exc}"[:120])
             return
+        except Draining as exc:
+            await websocket.close(1012, reason=f"{exc.code}: {exc}"[:120])
+            return
         resume = asyncio.Event()
         state: dict[str, Any] = {}
         try:
             async with asyncio.TaskGroup() as group:
-                reader = group.create_task(_read_commands(websocket, conn, cancel, resume, state))
+                reader = group.create_task(
+                    _read_commands(websocket, conn, cancel, resume, state, max_message_bytes)
+                )
                 try:
                     await pump(
                         conn,
@@ -122,6 +131,7 @@ async def serve_websocket(
                         _WSSink(websocket),
                         heartbeat_s=heartbeat_s,
                         history_batch=history_batch,
+                        idle_timeout_s=idle_timeout_s,
                     )
                 finally:
                     reader.cancel()
@@ -138,8 +148,11 @@ async def serve_websocket(
         close_code = state.get("close_code") or _CLOSE_CODES.get(reason, 1000)
         break
     if reason != "client_gone":
+        # Bounded: a client that stopped reading never lets the close frame out; after
+        # CLOSING_TIMEOUT_S, returning makes uvicorn drop the socket.
         with contextlib.suppress(Exception):
-            await websocket.close(close_code, reason=state.get("close_reason", reason)[:120])
+            async with asyncio.timeout(CLOSING_TIMEOUT_S):
+                await websocket.close(close_code, reason=state.get("close_reason", reason)[:120])
 
 
 async def _read_commands(
@@ -148,6 +161,7 @@ async def _read_commands(
     cancel: Canceller,
     resume: asyncio.Event,
     state: dict[str, Any],
+    max_message_bytes: int,
 ) -> None:
     """Handle client messages until the connection closes (closing it on a bad message)."""
     while True:
@@ -156,7 +170,7 @@ async def _read_commands(
         except (WebSocketDisconnect, RuntimeError):
             conn.close("client_gone")
             return
-        if len(text) > _MAX_CLIENT_MESSAGE:
+        if len(text) > max_message_bytes or len(text.encode()) > max_message_bytes:
             state.update(close_code=1009, close_reason="message_too_big")
             conn.close("message_too_big")
             return

@@ -1,8 +1,9 @@
 """Producer: runs one generation and appends its events to the session stream.
 
 The model's tokens go into a bounded queue; one writer task drains whatever is queued and
-writes it in one round trip (``XADD ... MAXLEN ~`` per event, the generation's progress record,
-and a read of its cancel flag), hand-packed (``store/resp.py``). While a round trip is in flight
+writes it in one round trip (``XADD ... MAXLEN ~`` per event, one pipeline entry carrying the
+whole batch for the processors (``wire/pipeline.py``), the generation's progress record, and a
+read of its cancel flag), hand-packed (``store/resp.py``). While a round trip is in flight
 the next tokens queue up, so the batch size follows the speed of the model relative to Redis:
 one event per write for a slow model, thousands for a fast one. A full queue makes the model
 wait (backpressure) instead of growing memory.
@@ -31,6 +32,7 @@ from tokenbridge.store.resp import arg, checkout, pack, read_replies
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.events import Event, now_ms
 from tokenbridge.wire.keys import Keys
+from tokenbridge.wire.pipeline import PipelineFeed, prompt_digest
 
 __all__ = ["GenerationResult", "Producer"]
 
@@ -76,6 +78,14 @@ class _Writer:
             + b"".join(arg(a) for a in (b"v", b"1", b"kind", b"token", b"gen", self.gen))
         )
         self.cancel_field = b"cancel:" + self.gen
+        # One pipeline entry per batch, for the processors (wire/pipeline.py).
+        self.feed: PipelineFeed | None = None
+        if p.pipeline_shards:
+            digest = prompt_digest([m.model_dump() for m in job.messages])
+            self.feed = PipelineFeed(
+                p.keys, job.session_id, job.generation_id, job.model, digest,
+                p.pipeline_shards, p.pipeline_max_len,
+            )  # fmt: skip
 
     def _xadd(self, event: Event) -> bytes:
         if event.kind == "token":
@@ -100,6 +110,9 @@ class _Writer:
             terminal = last.kind in ("end", "error")
             state = b"%b %d" % (b"done" if terminal else b"running", last.seq)
             commands = [self._xadd(event) for event in batch]
+            if self.feed is not None:  # before the HSET: "running <seq>" implies it was written
+                commands.append(self.feed.xadd(batch))
+            cancel_reply = len(commands) + 1
             commands.append(pack(b"HSET", self.gens_key, self.gen, state))
             commands.append(pack(b"HGET", self.gens_key, self.cancel_field))
             if terminal or self.writes == 0:
@@ -115,7 +128,7 @@ class _Writer:
             self.writes += 1
             if terminal:
                 return
-            if replies[len(batch) + 1] is not None and not self.cancel.is_set():
+            if replies[cancel_reply] is not None and not self.cancel.is_set():
                 log.info("generation cancel seen generation=%s", self.job.generation_id)
                 self.cancel.set()
 
@@ -132,8 +145,12 @@ class Producer:
         retention_s: int,
         max_generation_s: int,
         max_pending: int,
+        pipeline_shards: int = 0,
+        pipeline_max_len: int = 100_000,
     ) -> None:
         self.redis = redis
+        self.pipeline_shards = pipeline_shards  # 0: no pipeline entries
+        self.pipeline_max_len = pipeline_max_len
         self.scripts = scripts
         self.keys = keys
         self.stream_max_len = stream_max_len

@@ -21,7 +21,8 @@ import logging
 import os
 import secrets
 import socket
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
@@ -30,7 +31,7 @@ from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.producer.cancel import cancel_requested
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel
-from tokenbridge.producer.producer import Producer
+from tokenbridge.producer.producer import GenerationResult, Producer
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
 from tokenbridge.wire.events import Event, now_ms
 from tokenbridge.wire.keys import Keys
@@ -86,11 +87,20 @@ class GenerationWorker:
             "max_deliveries": max_deliveries,
         }
         self.consumer: StreamConsumer | None = None
+        # Set by Runtime: the response cache (processors/cache.py), and hooks run before a
+        # model call (the rate limiter notes who pays for the tokens).
+        self.cache: _Cache | None = None
+        self.before_model: list[Callable[[GenerationJob], Awaitable[None]]] = []
+        self.after_model: list[Callable[[GenerationJob, GenerationResult], Awaitable[None]]] = []
+        self.cached = 0
         self._stopping = asyncio.Event()
         self._running: dict[str, asyncio.Event] = {}  # generation id -> its cancel event
 
     def __repr__(self) -> str:
-        return f"<GenerationWorker {self.name} done={self.generations_done} {self.consumer!r}>"
+        return (
+            f"<GenerationWorker {self.name} done={self.generations_done} cached={self.cached} "
+            f"{self.consumer!r}>"
+        )
 
     def stop(self) -> None:
         """Stop taking jobs; running generations go on until they end (or are cancelled)."""
@@ -175,6 +185,17 @@ class GenerationWorker:
                 Event("error", job.generation_id, 0, code="unknown_model", message=job.model),
             )
             return
+        if self.cache is not None and await self.cache.replay(job, self.producer):
+            self.cached += 1
+            log.info(
+                "generation answered from the cache session=%s generation=%s model=%s",
+                job.session_id,
+                gid,
+                job.model,
+            )
+            return
+        for hook in self.before_model:
+            await hook(job)
         log.info(
             "generation started session=%s generation=%s model=%s worker=%s",
             job.session_id,
@@ -188,6 +209,8 @@ class GenerationWorker:
         finally:
             self._running.pop(gid, None)
         self.generations_done += 1
+        for after in self.after_model:
+            await after(job, result)
         log.info(
             "generation finished generation=%s outcome=%s tokens=%d writes=%d duration_s=%.3f",
             result.generation_id,
@@ -223,6 +246,12 @@ class GenerationWorker:
                 ),
             )
         return True
+
+
+class _Cache(Protocol):
+    async def replay(self, job: GenerationJob, producer: Producer) -> bool:
+        """Write the cached answer of ``job``; False if there is none."""
+        ...
 
 
 def _text(value: Any) -> str:

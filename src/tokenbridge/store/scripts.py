@@ -61,7 +61,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
 if mode == 'charge' then
   if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
-    return {0, 0}
+    return {-1, 0}
   end
 end
 local new = {}
@@ -171,7 +171,8 @@ class Scripts:
         else change nothing and return ``(n, retry_after_s)`` for the first check ``n``
         (1-based) that does not fit. ``charge``: add every cost, fitting or not (a debt
         delays later admits), once per ``once_key`` (kept ``once_ttl_ms``; same slot as
-        ``key``). ``refund``: take back an admit's costs.
+        ``key``): ``(-1, 0.0)`` if it was charged before. ``refund``: take back an admit's
+        costs.
         """
         args: list[str | int] = [mode, once_ttl_ms]
         for check in checks:

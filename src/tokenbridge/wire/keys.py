@@ -90,6 +90,10 @@ class Keys:
         """Sorted set: worker name -> last heartbeat (ms); readiness looks here."""
         return f"{self.prefix}:workers"
 
+    def pipeline(self, shard: int) -> str:
+        """Pipeline stream ``shard``: one entry per flushed batch, read by the processors."""
+        return f"{self.prefix}:pipeline:{shard}"
+
     @property
     def dead_letters(self) -> str:
         """The dead-letter stream of every consumer group (docs/operations.md)."""

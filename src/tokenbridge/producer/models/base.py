@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["ChatModel", "ChatRequest", "Delta", "Finish", "GenerationParams"]
 
@@ -27,6 +27,14 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate.")
+
+    @field_validator("max_tokens", "seed", mode="before")
+    @classmethod
+    def _integral_float(cls, value: object) -> object:
+        """JSON Schema counts 5.0 as an integer; so do we (strict mode would refuse it)."""
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            return int(value)
+        return value
     temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temp.")
     top_p: float | None = Field(default=None, ge=0, le=1, description="Nucleus sampling mass.")
     stop: list[_StopString] | None = Field(

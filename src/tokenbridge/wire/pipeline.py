@@ -1,0 +1,243 @@
+"""Pipeline entries: one per batch of events a producer flushes, for the processors to read.
+
+The producer writes each flushed batch of a generation's events to the session stream (one
+entry per event, for clients) and, in the same round trip, ONE entry to a pipeline stream (for
+the processors): ``<prefix>:pipeline:<n>`` with ``n = crc32(session_id) % pipeline_shards``::
+
+    XADD tb:pipeline:2 MAXLEN ~ 100000 * v 1 sid s_1 gen g_1 model demo
+         prompt_sha256 <hex, with the start event only>
+         events '[{"kind":"start","seq":0,"ts":1700000000000,"model":"demo"},
+                  {"kind":"token","seq":1,"ts":1700000000004,"text":"Hello"}]'
+
+``events`` holds the batch's events as JSON objects with the wire field names of
+docs/wire-format.md (``usage`` as an object, ``cached`` as a boolean). A batch's events belong
+to one generation and have consecutive ``seq`` numbers, so ``(generation_id, first seq)``
+names a batch uniquely: processors key their idempotence on it (:attr:`PipelineBatch.once_key`),
+which also deduplicates an entry replayed from the dead letters under a new entry id.
+
+:meth:`PipelineBatch.from_fields` is the one reader; it raises
+:class:`~tokenbridge.exceptions.InvalidEntry` (and nothing else) for an entry that breaks the
+format, so the consumer dead-letters it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tokenbridge.exceptions import InvalidEntry
+from tokenbridge.store.resp import arg
+from tokenbridge.wire.events import KINDS, Event
+from tokenbridge.wire.keys import ID_PATTERN, Keys
+
+__all__ = ["PipelineBatch", "PipelineFeed", "prompt_digest", "shard_of"]
+
+_MAX_EVENTS = 100_000
+_MAX_MODEL = 256
+_END_REASONS = frozenset({"stop", "length", "cancelled"})
+
+
+def shard_of(session_id: str, shards: int) -> int:
+    """The pipeline shard of a session: ``crc32(session_id) % shards``."""
+    return zlib.crc32(session_id.encode()) % shards
+
+
+def prompt_digest(messages: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 (hex) of a job's messages as canonical JSON (sorted keys, no spaces, UTF-8)."""
+    canonical = json.dumps(
+        [dict(m) for m in messages], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _event_json(event: Event) -> str:
+    if event.kind == "token":
+        return '{"kind":"token","seq":%d,"ts":%d,"text":%s}' % (
+            event.seq,
+            event.ts,
+            json.dumps(event.text),
+        )
+    data: dict[str, Any] = {"kind": event.kind, "seq": event.seq, "ts": event.ts}
+    if event.kind == "start":
+        data["model"] = event.model
+        if event.cached:
+            data["cached"] = True
+    elif event.kind == "end":
+        data["reason"] = event.reason
+        data["tokens"] = event.tokens
+        if event.usage is not None:
+            data["usage"] = event.usage
+    else:
+        data["code"] = event.code
+        data["message"] = event.message
+    return json.dumps(data, separators=(",", ":"))
+
+
+class PipelineFeed:
+    """Packs the pipeline ``XADD`` of one generation's batches (constant parts packed once)."""
+
+    __slots__ = ("_head", "_prompt", "key")
+
+    def __init__(
+        self,
+        keys: Keys,
+        session_id: str,
+        generation_id: str,
+        model: str,
+        prompt_sha256: str,
+        shards: int,
+        max_len: int,
+    ) -> None:
+        self.key = keys.pipeline(shard_of(session_id, shards))
+        head = [b"XADD", self.key.encode(), b"MAXLEN", b"~", b"%d" % max_len, b"*"]
+        head += [b"v", b"1", b"sid", session_id.encode(), b"gen", generation_id.encode()]
+        head += [b"model", model.encode()]
+        self._head = (len(head), b"".join(arg(a) for a in head))
+        self._prompt = arg(b"prompt_sha256") + arg(prompt_sha256.encode())
+
+    def xadd(self, events: Sequence[Event]) -> bytes:
+        """The RESP bytes of the one pipeline entry carrying ``events``."""
+        body = ("[" + ",".join(_event_json(e) for e in events) + "]").encode()
+        n, head = self._head
+        with_start = any(e.kind == "start" for e in events)
+        extra = self._prompt if with_start else b""
+        count = n + 2 + (2 if with_start else 0)
+        return b"*%d\r\n%b%b%b%b" % (count, head, extra, arg(b"events"), arg(body))
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineBatch:
+    """One pipeline entry: consecutive events of one generation, as the producer flushed them.
+
+    ``prompt_sha256`` is set on the batch that holds the ``start`` event (sha256 of the job's
+    messages, :func:`prompt_digest`), empty otherwise. ``shard`` is the pipeline stream it
+    was read from.
+    """
+
+    session_id: str
+    generation_id: str
+    model: str
+    events: tuple[Event, ...]
+    prompt_sha256: str = ""
+    shard: int = 0
+
+    @property
+    def first_seq(self) -> int:
+        return self.events[0].seq
+
+    @property
+    def last_seq(self) -> int:
+        return self.events[-1].seq
+
+    @property
+    def once_key(self) -> str:
+        """``<generation_id>:<first seq>``: unique per batch, the same on every delivery."""
+        return f"{self.generation_id}:{self.events[0].seq}"
+
+    @property
+    def token_count(self) -> int:
+        """Number of ``token`` events in the batch."""
+        return sum(1 for e in self.events if e.kind == "token")
+
+    @property
+    def text(self) -> str:
+        """The batch's token texts, concatenated in order."""
+        return "".join(e.text for e in self.events if e.kind == "token")
+
+    @property
+    def start(self) -> Event | None:
+        return next((e for e in self.events if e.kind == "start"), None)
+
+    @property
+    def terminal(self) -> Event | None:
+        """The generation's ``end`` or ``error`` event, if this batch holds it."""
+        last = self.events[-1]
+        return last if last.kind in ("end", "error") else None
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes, bytes], shard: int = 0) -> PipelineBatch:
+        """Decode a pipeline entry; raise :class:`InvalidEntry` if it breaks the format."""
+        if fields.get(b"v") != b"1":
+            raise InvalidEntry(f"unsupported pipeline entry version {fields.get(b'v')!r}")
+        session_id = _id(fields, b"sid")
+        generation_id = _id(fields, b"gen")
+        model = _str(fields, b"model", required=False)[:_MAX_MODEL]
+        prompt = _str(fields, b"prompt_sha256", required=False)
+        try:
+            raw = json.loads(fields.get(b"events", b""))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise InvalidEntry("field 'events' is not JSON") from None
+        if not isinstance(raw, list) or not raw or len(raw) > _MAX_EVENTS:
+            raise InvalidEntry(f"field 'events' must be a list of 1-{_MAX_EVENTS} events")
+        events = tuple(_event(item, generation_id) for item in raw)
+        for before, after in zip(events, events[1:], strict=False):
+            if after.seq != before.seq + 1:
+                raise InvalidEntry("events of a pipeline entry must have consecutive seq")
+        return cls(session_id, generation_id, model, events, prompt, shard)
+
+
+def _str(fields: Mapping[bytes, bytes], name: bytes, required: bool = True) -> str:
+    raw = fields.get(name)
+    if raw is None:
+        if required:
+            raise InvalidEntry(f"missing field {name.decode()!r}")
+        return ""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidEntry(f"field {name.decode()!r} is not UTF-8") from None
+
+
+def _id(fields: Mapping[bytes, bytes], name: bytes) -> str:
+    value = _str(fields, name)
+    if not ID_PATTERN.fullmatch(value):
+        raise InvalidEntry(f"invalid {name.decode()} {value[:80]!r}")
+    return value
+
+
+def _int(item: Mapping[str, Any], name: str) -> int:
+    value = item.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidEntry(f"event field {name!r} must be a non-negative integer")
+    return value
+
+
+def _text(item: Mapping[str, Any], name: str, required: bool = False) -> str:
+    value = item.get(name, None if required else "")
+    if not isinstance(value, str):
+        raise InvalidEntry(f"event field {name!r} must be a string")
+    return value
+
+
+def _event(item: Any, generation_id: str) -> Event:
+    if not isinstance(item, dict):
+        raise InvalidEntry("an event must be a JSON object")
+    kind = item.get("kind")
+    if kind not in KINDS:
+        raise InvalidEntry(f"unknown kind {str(kind)[:40]!r}")
+    event = Event(kind, generation_id, _int(item, "seq"), _int(item, "ts"))
+    if kind == "token":
+        event.text = _text(item, "text", required=True)
+    elif kind == "start":
+        event.model = _text(item, "model")
+        event.cached = item.get("cached") is True
+    elif kind == "end":
+        event.reason = _text(item, "reason", required=True)
+        if event.reason not in _END_REASONS:
+            raise InvalidEntry(f"unknown end reason {event.reason[:40]!r}")
+        event.tokens = _int(item, "tokens")
+        usage = item.get("usage")
+        if usage is not None:
+            if not isinstance(usage, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in usage.values()
+            ):
+                raise InvalidEntry("event field 'usage' must be an object of integers")
+            event.usage = usage
+    else:
+        event.code = _text(item, "code", required=True)
+        event.message = _text(item, "message")
+    return event
