@@ -25,7 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
-from tokenbridge.gateway import api
+from tokenbridge.gateway import api, stats_api
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.openapi import openapi_schema
 from tokenbridge.runtime import Runtime
@@ -64,6 +64,10 @@ async def _index(request: Request) -> Response:
             "script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
         },
     )
+
+
+async def _no_icon(request: Request) -> Response:
+    return Response(status_code=204)
 
 
 async def _openapi(request: Request) -> Response:
@@ -152,6 +156,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
 
     routes = [
         Route("/", _index, methods=["GET"]),
+        Route("/favicon.ico", _no_icon, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/openapi.json", _openapi, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
@@ -162,6 +167,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         Route("/v1/generations/{generation_id}", api.cancel_generation, methods=["DELETE"]),
         Route("/v1/sessions/{session_id}/events", api.session_events, methods=["GET"]),
         WebSocketRoute("/v1/sessions/{session_id}/ws", api.session_websocket),
+        *stats_api.routes,
     ]
     middleware = []
     if settings.cors_origins:
