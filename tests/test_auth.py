@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import jwt
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.servers import Gateway, RedisServer
+from tests.servers import Gateway, RedisServer, free_port
 from tests.sse_client import read_events
 from tokenbridge.exceptions import RedisUnavailable
 from tokenbridge.runtime import Runtime
@@ -241,3 +242,64 @@ async def _until_end(http: httpx.AsyncClient, url: str) -> AsyncIterator[Any]:
         yield event
         if event.event in ("end", "error"):
             return
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Any) -> Iterator[tuple[RedisServer, int, str]]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls_port = free_port()
+    args = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]  # fmt: skip
+    try:
+        server = RedisServer(extra_args=args)
+        server.start()
+    except RedisUnavailable as exc:
+        pytest.skip(f"this redis-server has no TLS: {exc}")
+    try:
+        yield server, tls_port, str(cert)
+    finally:
+        server.stop()
+
+
+async def test_redis_over_tls(
+    tls_redis: tuple[RedisServer, int, str], settings_factory: Any
+) -> None:
+    _, tls_port, cert = tls_redis
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+    async with (
+        Gateway(settings_factory(redis_url=url)) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as http,
+    ):
+        started = await start(http)
+        async with asyncio.timeout(20):
+            events = [e async for e in _until_end(http, started["events_url"])]
+    assert events[-1].event == "end"
+
+
+async def test_cors_is_off_by_default_and_allows_listed_origins(
+    secured: Gateway, settings_factory: Any
+) -> None:
+    preflight = {
+        "origin": "https://app.example",
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization,content-type",
+    }
+    async with httpx.AsyncClient(base_url=secured.url) as http:
+        response = await http.options("/v1/generations", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+    settings = settings_factory(cors_origins=["https://app.example"])
+    async with Gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url) as http:
+        response = await http.options("/v1/generations", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        other = await http.options(
+            "/v1/generations", headers={**preflight, "origin": "https://evil.example"}
+        )
+        assert other.headers.get("access-control-allow-origin") != "https://evil.example"
