@@ -21,6 +21,8 @@ from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.gateway.sse import EventStreamResponse
 from tokenbridge.gateway.websocket import serve_websocket
+from tokenbridge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tokenbridge.metrics import render as render_metrics
 from tokenbridge.producer.cancel import request_cancel
 from tokenbridge.producer.jobs import GenerationJob, Message, submit_job
 from tokenbridge.producer.models.base import GenerationParams
@@ -310,3 +312,11 @@ async def login_link(request: Request, code: str) -> Response:
     runtime = _runtime(request)
     principal = await runtime.auth.use_login_code(code[:200])
     return _console_response(request, principal, RedirectResponse("/", status_code=303))
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition of this process's counters (API key, like /v1/status)."""
+    runtime = _runtime(request)
+    await key_principal(runtime.auth, request)
+    body = render_metrics(runtime, request.state.connections)
+    return Response(body, media_type=METRICS_CONTENT_TYPE)

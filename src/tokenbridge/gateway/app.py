@@ -163,6 +163,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         Route("/v1/models", api.list_models, methods=["GET"]),
         Route("/v1/auth/login", api.login, methods=["POST"]),
         Route("/v1/status", api.status, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
         Route("/v1/generations", api.create_generation, methods=["POST"]),
         Route("/v1/generations/{generation_id}", api.cancel_generation, methods=["DELETE"]),
         Route("/v1/sessions/{session_id}/events", api.session_events, methods=["GET"]),

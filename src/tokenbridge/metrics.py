@@ -1,0 +1,98 @@
+"""Prometheus metrics: this process's figures, read at scrape time from the live objects.
+
+One custom collector (``TokenBridgeCollector``) on a private registry turns the counters that
+``/v1/status`` shows into Prometheus families, so nothing is counted twice and no hot path pays
+for metrics: the fan-out, connection and consumer counters are plain integers already.
+Served at ``GET /metrics`` (text exposition format; an API key is needed, like ``/v1/status``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from tokenbridge.gateway.connection_manager import ConnectionManager
+    from tokenbridge.runtime import Runtime
+
+__all__ = ["CONTENT_TYPE", "TokenBridgeCollector", "render"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class TokenBridgeCollector(Collector):
+    """Reads the runtime's and the connection manager's counters on every scrape."""
+
+    def __init__(self, runtime: Runtime, connections: ConnectionManager) -> None:
+        self.runtime = runtime
+        self.connections = connections
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._connections()
+        yield from self._fanout()
+        yield from self._consumers()
+
+    def _connections(self) -> Iterator[Any]:
+        stats = self.connections.stats()
+        open_ = GaugeMetricFamily(
+            "tokenbridge_connections", "Open client connections", labels=["transport"]
+        )
+        for transport, count in stats["by_transport"].items():
+            open_.add_metric([transport], count)
+        yield open_
+        yield GaugeMetricFamily("tokenbridge_sessions", "Sessions with a connection here",
+                                value=stats["sessions"])  # fmt: skip
+        yield CounterMetricFamily("tokenbridge_events_sent", "Events written to clients",
+                                  value=stats["events_sent"])  # fmt: skip
+        yield CounterMetricFamily("tokenbridge_bytes_sent", "Bytes written to clients",
+                                  value=stats["bytes_sent"])  # fmt: skip
+        closed = CounterMetricFamily(
+            "tokenbridge_connections_closed", "Connections closed, by reason", labels=["reason"]
+        )
+        for reason, count in stats["closed"].items():
+            closed.add_metric([reason], count)
+        yield closed
+        yield CounterMetricFamily(
+            "tokenbridge_slow_client_closed", "Clients cut because their buffer was full",
+            value=stats["closed"].get("slow_client", 0),
+        )  # fmt: skip
+
+    def _fanout(self) -> Iterator[Any]:
+        fanout = self.runtime.fanout
+        if fanout is None:
+            return
+        for name, value in vars(fanout.stats).items():
+            yield CounterMetricFamily(
+                f"tokenbridge_fanout_{name}", f"Fan-out readers: entries/batches {name}",
+                value=value,
+            )  # fmt: skip
+
+    def _consumers(self) -> Iterator[Any]:
+        rows = self.runtime.consumers.status()
+        for field in ("read", "acked", "failed", "reclaimed", "dead_lettered", "trimmed"):
+            family = CounterMetricFamily(
+                f"tokenbridge_consumer_{field}", f"Stream consumer entries {field}",
+                labels=["stream", "group", "consumer"],
+            )  # fmt: skip
+            for row in rows:
+                family.add_metric([row["stream"], row["group"], row["consumer"]], row[field])
+            yield family
+        inflight = GaugeMetricFamily(
+            "tokenbridge_consumer_inflight", "Entries being handled",
+            labels=["stream", "group", "consumer"],
+        )  # fmt: skip
+        for row in rows:
+            inflight.add_metric([row["stream"], row["group"], row["consumer"]], row["inflight"])
+        yield inflight
+
+
+def render(runtime: Runtime, connections: ConnectionManager) -> bytes:
+    """The exposition text for one scrape."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TokenBridgeCollector(runtime, connections))
+    output: bytes = generate_latest(registry)
+    return output
