@@ -51,43 +51,66 @@ def sse_message(event: str, data: dict[str, Any], event_id: str | None = None) -
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-class Frame:
-    """One event of one session, with its ids; encodings are computed once, on first use."""
+def _plain(text: str) -> bool:
+    """Text that JSON would copy unchanged between quotes (no escaping needed)."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
-    __slots__ = ("__dict__", "entry_id", "epoch", "event")
+
+class Frame:
+    """One event of one session, with its ids; encodings are computed once, on first use.
+
+    (Plain slots and ``None`` checks rather than ``functools.cached_property``, which takes a
+    lock per access on Python 3.11: this object is on the per-token path.)
+    """
+
+    __slots__ = ("_json", "_key", "_sse", "entry_id", "epoch", "event")
 
     def __init__(self, entry_id: str, epoch: str, event: Event) -> None:
         self.entry_id = entry_id
         self.epoch = epoch
         self.event = event
+        self._key: tuple[int, int] | None = None
+        self._sse: bytes | None = None
+        self._json: str | None = None
 
-    @cached_property
+    @property
     def key(self) -> tuple[int, int]:
         """The entry id as a comparable pair; only needed at a connection's resume seam."""
-        return parse_entry_id(self.entry_id)
+        if self._key is None:
+            self._key = parse_entry_id(self.entry_id)
+        return self._key
 
-    @cached_property
+    @property
     def event_id(self) -> str:
         return format_event_id(self.epoch, self.entry_id)
 
-    @cached_property
+    @property
     def sse(self) -> bytes:
+        if self._sse is None:
+            self._sse = self._encode_sse()
+        return self._sse
+
+    def _encode_sse(self) -> bytes:
         event = self.event
         if event.kind == "token":  # the hot path: only the text needs JSON escaping
+            text = event.text
+            quoted = f'"{text}"' if _plain(text) else json.dumps(text)
             return (
                 f"id: {self.epoch}:{self.entry_id}\nevent: token\n"
                 f'data: {{"generation_id":"{event.generation_id}","seq":{event.seq},'
-                f'"ts":{event.ts},"text":{json.dumps(event.text)}}}\n\n'
+                f'"ts":{event.ts},"text":{quoted}}}\n\n'
             ).encode()
         return sse_message(event.kind, event.to_data(), self.event_id)
 
-    @cached_property
+    @property
     def json(self) -> str:
         """The WebSocket frame: the same event and id as SSE."""
-        return json.dumps(
-            {"id": self.event_id, "event": self.event.kind, "data": self.event.to_data()},
-            separators=(",", ":"),
-        )
+        if self._json is None:
+            self._json = json.dumps(
+                {"id": self.event_id, "event": self.event.kind, "data": self.event.to_data()},
+                separators=(",", ":"),
+            )
+        return self._json
 
 
 class Batch:

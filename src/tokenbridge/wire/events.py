@@ -150,6 +150,28 @@ def _usage(fields: dict[bytes, bytes]) -> dict[str, int] | None:
     return usage
 
 
+_GEN_IDS: dict[bytes, str] = {}  # raw generation ids already checked, decoded
+
+
+def _token(fields: dict[bytes, bytes]) -> Event | None:
+    """The hot path: a well-formed token entry, or None to take the general path."""
+    gen = _GEN_IDS.get(fields.get(b"gen", b""))
+    seq, ts, text = fields.get(b"seq"), fields.get(b"ts"), fields.get(b"text")
+    if (
+        gen is None
+        or seq is None
+        or ts is None
+        or text is None
+        or not (seq.isdigit() and len(seq) <= 19 and ts.isdigit() and len(ts) <= 19)
+        or len(text) > _MAX_TEXT
+    ):
+        return None
+    try:
+        return Event("token", gen, int(seq), int(ts), text.decode())
+    except UnicodeDecodeError:
+        return None
+
+
 def decode_entry(fields: dict[bytes, bytes]) -> Event:
     """Decode the fields of one stream entry; raise :class:`InvalidEntry` if they break the format.
 
@@ -157,6 +179,10 @@ def decode_entry(fields: dict[bytes, bytes]) -> Event:
     """
     if not isinstance(fields, dict):
         raise InvalidEntry("entry is not a field map")
+    if fields.get(b"kind") == b"token" and fields.get(b"v") == b"1":
+        event = _token(fields)
+        if event is not None:
+            return event
     version = fields.get(b"v")
     if version != b"1":
         raise InvalidEntry(f"unsupported wire version {version!r}, expected b'1'")
@@ -169,7 +195,9 @@ def decode_entry(fields: dict[bytes, bytes]) -> Event:
             raise InvalidEntry(f"invalid generation id {generation_id[:80]!r}")
         if len(_VALID_IDS) >= 4096:  # bounded: generation ids repeat for a while, then stop
             _VALID_IDS.clear()
+            _GEN_IDS.clear()
         _VALID_IDS.add(generation_id)
+        _GEN_IDS[fields[b"gen"]] = generation_id
     event = Event(
         kind=kind,  # type: ignore[arg-type]  # checked against KINDS above
         generation_id=generation_id,
