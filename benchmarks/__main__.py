@@ -18,13 +18,13 @@ from rich.console import Console
 
 from benchmarks.processes import GatewayProcess, machine_info, new_runner
 from benchmarks.report import print_report
-from benchmarks.scenarios import Bench, ScenarioResult, fanout, latency, single_session
+from benchmarks.scenarios import Bench, ScenarioResult, fanout, latency, pipeline, single_session
 from tokenbridge.exceptions import TokenBridgeError
 from tokenbridge.store.embedded import EmbeddedRedis
 
 __all__ = ["main"]
 
-SCENARIOS = ("single", "single-raw", "latency", "fanout")
+SCENARIOS = ("single", "single-raw", "latency", "fanout", "pipeline")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class Options:
     rate: float
     duration_s: float
     timeout_s: float
+    pipeline_generations: int = 400
+    pipeline_tokens: int = 100
+    pipeline_rate: float = 50.0
 
 
 def _parse(argv: Sequence[str] | None) -> Options:
@@ -59,6 +62,13 @@ def _parse(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--rate", type=float, default=20.0, help="latency: tokens/s per session")
     parser.add_argument("--duration", type=float, help="latency: seconds (20; quick 5)")
     parser.add_argument("--timeout", type=float, default=120.0, help="bound of each wait, s")
+    parser.add_argument(
+        "--pipeline-generations", type=int, help="pipeline: generations (400; quick 100)"
+    )
+    parser.add_argument("--pipeline-tokens", type=int, default=100, help="pipeline: tokens each")
+    parser.add_argument(
+        "--pipeline-rate", type=float, default=50.0, help="pipeline: tokens/s each (0: unpaced)"
+    )
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -74,6 +84,9 @@ def _parse(argv: Sequence[str] | None) -> Options:
         rate=args.rate,
         duration_s=args.duration or (5.0 if quick else 20.0),
         timeout_s=args.timeout,
+        pipeline_generations=args.pipeline_generations or (100 if quick else 400),
+        pipeline_tokens=args.pipeline_tokens,
+        pipeline_rate=args.pipeline_rate,
     )
 
 
@@ -94,6 +107,14 @@ async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult
     if name == "latency":
         return await latency(
             bench, options.sessions, options.rate, options.duration_s, options.timeout_s
+        )
+    if name == "pipeline":
+        return await pipeline(
+            bench,
+            options.pipeline_generations,
+            options.pipeline_tokens,
+            options.pipeline_rate,
+            options.timeout_s,
         )
     return await fanout(bench, options.fanout_connections, options.fanout_tokens, options.timeout_s)
 

@@ -185,7 +185,7 @@ class Child:
 
 
 class GatewayProcess(Child):
-    """``python -m tokenbridge serve --no-worker`` on a free port, against one Redis URL."""
+    """``python -m tokenbridge serve --no-worker --no-processors`` on a free port."""
 
     def __init__(self, redis_url: str) -> None:
         self.port = free_port()
@@ -198,7 +198,8 @@ class GatewayProcess(Child):
             "TOKENBRIDGE_AUTH_DISABLED": "true",
         }
         args = [sys.executable, "-m", "tokenbridge", "serve", "--port", str(self.port)]
-        args += ["--no-worker", "--log-level", "warning"]
+        # Delivery only: the processors get a scenario and a process of their own (pipeline).
+        args += ["--no-worker", "--no-processors", "--log-level", "warning"]
         super().__init__("gateway", args, env, ready_marker="tokenbridge serving at")
 
     @property

@@ -66,6 +66,9 @@ async def run_fast(session_id: str, tokens: int) -> dict[str, Any]:
             retention_s=settings.stream_retention_s,
             max_generation_s=settings.stream_max_generation_s,
             max_pending=settings.producer_max_pending,
+            # As in production: one pipeline entry per batch (TOKENBRIDGE_PIPELINE_ENABLED).
+            pipeline_shards=settings.pipeline_shards if settings.pipeline_enabled else 0,
+            pipeline_max_len=settings.pipeline_max_len,
         )
         job = GenerationJob(
             generation_id=new_generation_id(),

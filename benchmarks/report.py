@@ -12,7 +12,7 @@ from benchmarks.scenarios import Figure, ScenarioResult
 
 __all__ = ["print_report"]
 
-_PROCESSES = ("gateway", "redis", "producer", "clients (bench)", "other processes")
+_PROCESSES = ("gateway", "redis", "producer", "processors", "clients (bench)", "other processes")
 _MAIN_COMMANDS = ("xadd", "xread", "xrange", "xrevrange", "evalsha", "eval", "hset", "expire")
 
 

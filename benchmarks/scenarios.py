@@ -20,6 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from benchmarks import pipeline as pipeline_process
 from benchmarks.processes import Child, GatewayProcess, process_cpu_s, system_busy_s
 from benchmarks.producer import READY, paced_session_ids
 from benchmarks.sse_client import StreamTally, follow
@@ -27,7 +28,7 @@ from tokenbridge.settings import load_settings
 from tokenbridge.store.embedded import EmbeddedRedis
 from tokenbridge.wire.keys import Keys
 
-__all__ = ["Bench", "Figure", "ScenarioResult", "fanout", "latency", "single_session"]
+__all__ = ["Bench", "Figure", "ScenarioResult", "fanout", "latency", "pipeline", "single_session"]
 
 
 @dataclass(slots=True)
@@ -297,4 +298,64 @@ async def latency(
     ]
     result.figures.append(_gateway_cost(result))
     _stream_notes(result, tallies, produced["tokens"] // sessions)
+    return result
+
+
+async def pipeline(
+    bench: Bench, generations: int, tokens: int, rate: float, timeout_s: float
+) -> ScenarioResult:
+    """4. The processor pipeline: a backlog of ``generations`` x ``tokens`` (written by a real
+    worker at ``rate`` tokens/s per generation, so entries are as small as a live model's),
+    drained by one process running every configured processor. Key prefix of its own."""
+    paced = f"{rate:g} tokens/s each" if rate else "unpaced"
+    result = ScenarioResult(f"4. processor pipeline, {generations} x {tokens} tokens, {paced}")
+    env = {
+        **bench.env,
+        "TOKENBRIDGE_KEY_PREFIX": f"bp{bench.tag}{int(rate)}",
+        "TOKENBRIDGE_RATE_LIMIT_TOKENS_PER_MINUTE": "1000000000",  # charged, never refused
+        "TOKENBRIDGE_WORKER_BLOCK_MS": "200",  # the drain's last read returns soon after
+    }
+    base = [sys.executable, "-m", "benchmarks.pipeline"]
+    feed_args = ["feed", "--generations", str(generations), "--tokens", str(tokens)]
+    feed = Child("pipeline feed", [*base, *feed_args, "--rate", str(rate)], env)
+    drain = Child(
+        "processors", [*base, "drain"], env, ready_marker=pipeline_process.READY, stdin_pipe=True
+    )
+    try:
+        feed.start()
+        if await feed.wait_exit(timeout_s) != 0:
+            raise RuntimeError(f"pipeline feed failed:\n{feed.output()}")
+        fed = json.loads(next(ln for ln in reversed(feed.lines) if ln.startswith("{")))
+        drain.start()
+        await drain.wait_ready(30)
+        window = await bench.open_window()
+        drain.send_line("go")
+        if await drain.wait_exit(timeout_s) != 0:
+            raise RuntimeError(f"processors failed:\n{drain.output()}")
+    finally:
+        feed.stop()
+        drain.stop()
+    drained = json.loads(next(ln for ln in reversed(drain.lines) if ln.startswith("{")))
+    await bench.close_window(window, result, drained["cpu_s"])
+    result.cpu["processors"] = result.cpu.pop("producer")
+    seconds = drained["duration_s"]
+    entries, written = drained["entries"], fed["tokens"]
+    result.tokens_delivered = written
+    result.figures = [
+        Figure("entries through all processors", entries / seconds, "entries/s"),
+        Figure("tokens through all processors", written / seconds, "tokens/s"),
+        Figure("tokens per pipeline entry", written / max(entries, 1), ""),
+        Figure("processors CPU per entry", 1e6 * drained["cpu_s"] / max(entries, 1), "us"),
+        Figure("entries per group (one round trip)", entries / max(drained["groups"], 1), ""),
+    ]
+    for name, figures in sorted(drained["processors"].items()):
+        ms = 1000 * figures["time_spent_s"] / max(figures["processed"], 1)
+        result.figures.append(Figure(f"{name}: time per entry (wall, concurrent)", ms, "ms"))
+    if entries != fed["entries"]:
+        result.notes.append(f"{fed['entries'] - entries:,} pipeline entries were not acked")
+    if (drained["analytics_generations"], drained["analytics_tokens"]) != (generations, written):
+        result.notes.append(
+            f"analytics counted {drained['analytics_generations']} generations and "
+            f"{drained['analytics_tokens']:,} tokens, expected {generations} and {written:,}"
+        )
     return result

@@ -186,24 +186,32 @@ Adapters:
 - `openai`: any OpenAI-compatible chat-completions API: OpenAI, vLLM, Ollama, llama.cpp
   server, LiteLLM. It POSTs `{{base_url}}/chat/completions` with `stream: true` and
   `stream_options.include_usage`; `base_url` defaults to `https://api.openai.com/v1`.
+- `anthropic`: the Anthropic Messages API. It POSTs `{{base_url}}/messages` with
+  `stream: true` and `anthropic-version: 2023-06-01`; `base_url` defaults to
+  `https://api.anthropic.com/v1`. System messages become the top-level `system`;
+  `max_tokens` defaults to 4096 (the API requires one); `seed` is not sent (the API has none).
 
 The API key is never in the table: `api_key_env` names the environment variable that holds it,
-read once when the adapter is built, and sent as `Authorization: Bearer <key>`. Without
+read once when the adapter is built, and sent as `Authorization: Bearer <key>` (`x-api-key:
+<key>` for `anthropic`). Without
 `api_key_env` (or with the variable unset or empty) no `Authorization` header is sent, which is
 what local servers such as Ollama expect.
 
-Example: the demo model, a local Ollama, a vLLM server and OpenAI:
+Example: the demo model, a local Ollama, a vLLM server, OpenAI and Anthropic:
 
 ```sh
 export VLLM_API_KEY=token-abc123          # whatever vLLM was started with (--api-key)
 export OPENAI_API_KEY=sk-...
+export ANTHROPIC_API_KEY=sk-ant-...
 export {PREFIX}MODELS='{{
   "demo":     {{"adapter": "demo"}},
   "llama3.2": {{"adapter": "openai", "base_url": "http://localhost:11434/v1"}},
   "qwen":     {{"adapter": "openai", "base_url": "http://gpu-1:8000/v1",
                "model": "Qwen/Qwen2.5-7B-Instruct", "api_key_env": "VLLM_API_KEY",
                "timeout_s": 120}},
-  "gpt":      {{"adapter": "openai", "model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"}}
+  "gpt":      {{"adapter": "openai", "model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"}},
+  "claude":   {{"adapter": "anthropic", "model": "claude-sonnet-4-5",
+               "api_key_env": "ANTHROPIC_API_KEY"}}
 }}'
 tokenbridge serve
 tokenbridge generate --model llama3.2 "Why is the sky blue?"

@@ -47,10 +47,18 @@ class _Server(uvicorn.Server):
 
 
 class Gateway:
-    """The app on uvicorn in this event loop: ``async with Gateway(settings) as gw: gw.url``."""
+    """The app on uvicorn in this event loop: ``async with Gateway(settings) as gw: gw.url``.
 
-    def __init__(self, settings: Settings, worker: bool | None = None) -> None:
+    ``send_buffer_bytes`` fixes the kernel send buffer of every accepted socket (set on the
+    listening socket, which they inherit; it also turns off autotuning, which on loopback lets
+    a send buffer grow to megabytes): a client that stops reading then backs up quickly.
+    """
+
+    def __init__(
+        self, settings: Settings, worker: bool | None = None, send_buffer_bytes: int | None = None
+    ) -> None:
         self.settings = settings
+        self.send_buffer_bytes = send_buffer_bytes
         self.port = free_port()
         self.app = create_app(settings, worker=worker)
         config = uvicorn.Config(
@@ -67,8 +75,16 @@ class Gateway:
     def runtime(self) -> Any:
         return self.app.state.runtime
 
+    def _listening_socket(self) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes or 0)
+        sock.bind(("127.0.0.1", self.port))
+        return sock
+
     async def __aenter__(self) -> Gateway:
-        self._task = asyncio.create_task(self.server.serve())
+        sockets = None if self.send_buffer_bytes is None else [self._listening_socket()]
+        self._task = asyncio.create_task(self.server.serve(sockets=sockets))
         ready = asyncio.create_task(self.server.ready.wait())
         done, _ = await asyncio.wait({self._task, ready}, timeout=20, return_when="FIRST_COMPLETED")
         if ready not in done:
@@ -81,9 +97,9 @@ class Gateway:
     async def __aexit__(self, *exc: object) -> None:
         # As `tokenbridge serve` does on SIGTERM: close our streams, then let uvicorn run the
         # lifespan shutdown (force_exit would skip it and leak the Runtime's tasks).
-        connections = getattr(self.app.state, "connections", None)
-        if connections is not None:
-            connections.close_all("shutdown")
+        drain = getattr(self.app.state, "drain", None)
+        if drain is not None:
+            drain()
         self.server.should_exit = True
         if self._task is not None:
             async with asyncio.timeout(30):

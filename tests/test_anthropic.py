@@ -13,8 +13,8 @@ import pytest
 from tests.anthropic_server import AnthropicServer
 from tests.model_server import Answer, FailMidStream, HttpError, Stall
 from tests.servers import Gateway
-from tests.test_token_path import collect_until_end, start
 from tests.test_models import chat, collect
+from tests.test_token_path import collect_until_end, start
 from tokenbridge.exceptions import ProviderError, ProviderTimeout
 from tokenbridge.producer.models import (
     AnthropicChatModel,

@@ -189,6 +189,7 @@ async def test_many_clients_use_a_bounded_number_of_redis_connections(
     assert counts == [20] * (n_sessions * per_session)
     name = gateway.runtime.client_name
     bound = settings.redis_max_connections + settings.fanout_readers + 1  # + worker's read loop
+    bound += settings.pipeline_shards  # + one read loop per pipeline shard (the processors)
     for listing in (clients_before, clients_after):
         ours = [c for c in listing if c.get("name") == name]
         assert settings.fanout_readers < len(ours) <= bound

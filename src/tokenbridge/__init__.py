@@ -22,6 +22,12 @@ from tokenbridge.exceptions import (
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.processors.analytics import AnalyticsProcessor
+from tokenbridge.processors.cache import CachingProcessor
+from tokenbridge.processors.generation_log import LoggingProcessor
+from tokenbridge.processors.rate_limit import RateLimitProcessor
+from tokenbridge.processors.registry import ProcessorContext
+from tokenbridge.processors.stream_processor import Processor, StreamProcessor
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel, ChatRequest, Delta, Finish
 from tokenbridge.producer.producer import Producer
@@ -29,11 +35,14 @@ from tokenbridge.producer.worker import GenerationWorker
 from tokenbridge.settings import ModelConfig, Settings
 from tokenbridge.store.embedded import EmbeddedRedis
 from tokenbridge.wire.events import Event, decode_entry
+from tokenbridge.wire.pipeline import PipelineBatch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalyticsProcessor",
     "AuthError",
+    "CachingProcessor",
     "ChatModel",
     "ChatRequest",
     "ClientConnection",
@@ -51,16 +60,22 @@ __all__ = [
     "InvalidEntry",
     "InvalidRequest",
     "LimitExceeded",
+    "LoggingProcessor",
     "ModelConfig",
     "ModelError",
+    "PipelineBatch",
+    "Processor",
+    "ProcessorContext",
     "Producer",
     "ProviderError",
     "ProviderTimeout",
+    "RateLimitProcessor",
     "RedisUnavailable",
     "SessionFanout",
     "Settings",
     "StreamConsumer",
     "StreamEvent",
+    "StreamProcessor",
     "TokenBridgeClient",
     "TokenBridgeError",
     "__version__",

@@ -1,9 +1,10 @@
 """Runtime: opens Redis, owns the process's long-lived loops, drains and closes.
 
 ``async with Runtime(settings) as rt:`` connects (a clear :class:`RedisUnavailable` if it
-cannot), starts the fan-out readers and, if asked, a generation worker, all in one
-``TaskGroup``. Leaving stops the loops, gives running generations ``drain_s`` to finish,
-cancels what is left (cancelled generations get their ``end`` event), then closes clients.
+cannot), starts the fan-out readers and, if asked, a generation worker and the processor
+pipeline (``StreamProcessor``), all in one ``TaskGroup``. Leaving stops the loops, gives
+running generations ``drain_s`` to finish, cancels what is left (cancelled generations get
+their ``end`` event), then closes clients.
 Start: Redis, loops; stop: the reverse.
 """
 
@@ -26,6 +27,7 @@ from tokenbridge.gateway.auth import Auth
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.processors.cache import ResponseCache
 from tokenbridge.processors.rate_limit import RateLimiter
+from tokenbridge.processors.stream_processor import StreamProcessor
 from tokenbridge.producer.models import build_model
 from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
@@ -54,6 +56,7 @@ class Runtime:
         *,
         gateway: bool = True,
         worker: bool | None = None,
+        processors: bool | None = None,
         drain_s: float | None = None,
     ) -> None:
         url = settings.redis_url_value()
@@ -83,6 +86,8 @@ class Runtime:
             retention_s=settings.stream_retention_s,
             max_generation_s=settings.stream_max_generation_s,
             max_pending=settings.producer_max_pending,
+            pipeline_shards=settings.pipeline_shards if settings.pipeline_enabled else 0,
+            pipeline_max_len=settings.pipeline_max_len,
         )
         self.models: dict[str, ChatModel] = {
             name: build_model(name, config) for name, config in settings.models.items()
@@ -123,6 +128,13 @@ class Runtime:
                 heartbeat_s=settings.worker_heartbeat_s,
                 max_deliveries=settings.consumer_max_deliveries,
             )
+        # The processor pipeline (processors/): reads the pipeline shards in group "processors".
+        run_processors = settings.run_processors if processors is None else processors
+        self.processor: StreamProcessor | None = None
+        if run_processors:
+            self.processor = StreamProcessor.from_settings(
+                self.redis, self.consumers, self.keys, settings, self.dead_letters
+            )
         # Checks a new generation must pass before it is queued (rate limits, ...): each raises
         # LimitExceeded (HTTP 429) to refuse. Called with (identity, model name).
         self.admission_checks: list[Callable[[str, str], Awaitable[None]]] = []
@@ -133,10 +145,8 @@ class Runtime:
         self.cache = ResponseCache(self.redis, self.keys, settings)
         if self.worker is not None:
             self.worker.before_model.append(self.rate_limiter.track)
-            if settings.cache_enabled:
+            if self.cache.enabled:
                 self.worker.cache = self.cache
-                # Until the pipeline runs CachingProcessor, the worker fills the cache itself.
-                self.worker.after_model.append(self.cache.fill_after_run)
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -146,7 +156,9 @@ class Runtime:
             await check(identity, model)
 
     def __repr__(self) -> str:
-        return f"<Runtime fanout={self.fanout!r} worker={self.worker!r}>"
+        return (
+            f"<Runtime fanout={self.fanout!r} worker={self.worker!r} processor={self.processor!r}>"
+        )
 
     async def __aenter__(self) -> Runtime:
         try:
@@ -170,6 +182,8 @@ class Runtime:
             self._tasks.append(self._group.create_task(self.fanout.run()))
         if self.worker is not None:
             self._tasks.append(self._group.create_task(self.worker.run()))
+        if self.processor is not None:
+            self._tasks.append(self._group.create_task(self.processor.run()))
         return self
 
     async def __aexit__(
@@ -182,6 +196,8 @@ class Runtime:
             self.fanout.stop()
         if self.worker is not None:
             self.worker.stop()
+        if self.processor is not None:
+            self.processor.stop()
         assert self._group is not None
         try:
             # Consumers drain (bounded by shutdown_drain_s), then the loops return.
@@ -191,6 +207,8 @@ class Runtime:
                 for task in pending:
                     task.cancel()
             await self._group.__aexit__(exc_type, exc, tb)
+            if self.processor is not None:
+                await self.processor.aclose()
         finally:
             await self._close_clients()
 

@@ -8,6 +8,7 @@ variable that its model entry *names*, via :meth:`ModelConfig.api_key`).
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -334,9 +335,8 @@ class Settings(BaseSettings):
     # -- Rate limits (processors/rate_limit.py) ------------------------------------------
     rate_limit_generations: str | None = Field(
         default=None,
-        pattern=RATE_PATTERN,
-        description="Generations one API key (client address without auth) may start per model, "
-        "as N/second|minute|hour|day or N/<k>s|m|h|d, e.g. 10/minute; unset: no limit.",
+        description="Generations one API key (all callers, with auth disabled) may start per "
+        "model, as N/second|minute|hour|day or N/<k>s|m|h|d, e.g. 10/minute; unset: no limit.",
     )
     rate_limit_tokens_per_minute: int | None = Field(
         default=None,
@@ -346,7 +346,6 @@ class Settings(BaseSettings):
     )
     rate_limit_model_generations: str | None = Field(
         default=None,
-        pattern=RATE_PATTERN,
         description="Generations all keys together may start on one model, e.g. 600/minute; "
         "unset: no limit.",
     )
@@ -355,6 +354,25 @@ class Settings(BaseSettings):
         ge=1,
         description="Tokens all keys together may use per model per minute; unset: no limit.",
     )
+
+    @field_validator("rate_limit_generations", "rate_limit_model_generations")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(RATE_PATTERN, value):
+            raise ValueError(f"{value!r} is not a rate such as 10/minute, 5/second or 100/30s")
+        return value
+
+    @model_validator(mode="after")
+    def _token_budgets_need_the_pipeline(self) -> Settings:
+        budgets = self.rate_limit_tokens_per_minute or self.rate_limit_model_tokens_per_minute
+        if budgets and not (self.pipeline_enabled and "rate_limit" in self.processors):
+            raise ValueError(
+                "token budgets (TOKENBRIDGE_RATE_LIMIT_TOKENS_PER_MINUTE, "
+                "TOKENBRIDGE_RATE_LIMIT_MODEL_TOKENS_PER_MINUTE) are charged by the pipeline's "
+                "rate_limit processor: set TOKENBRIDGE_PIPELINE_ENABLED=true and keep rate_limit "
+                "in TOKENBRIDGE_PROCESSORS, or unset the budgets"
+            )
+        return self
 
     # -- Models --------------------------------------------------------------------------
     models: dict[str, ModelConfig] = Field(

@@ -35,7 +35,7 @@ def _root(
 
 
 def _register() -> None:
-    from tokenbridge.cli import admin, bench, generate, serve  # noqa: F401  (register on import)
+    from tokenbridge.cli import admin, bench, generate, serve, stats  # noqa: F401  (register)
 
 
 def main() -> None:

@@ -108,6 +108,11 @@ def serve(
     worker: bool | None = typer.Option(
         None, "--worker/--no-worker", help="Run a generation worker in this process."
     ),
+    processors: bool | None = typer.Option(
+        None,
+        "--processors/--no-processors",
+        help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
     log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
 ) -> None:
@@ -120,6 +125,8 @@ def serve(
         overrides["port"] = port
     if worker is not None:
         overrides["run_worker"] = worker
+    if processors is not None:
+        overrides["run_processors"] = processors
     settings = load_settings(**overrides)
     _loopback_unless_keys(settings)
     from tokenbridge.gateway.app import create_app
@@ -145,10 +152,18 @@ def serve(
 
 @app.command()
 def worker(
+    generations: bool = typer.Option(
+        True, "--generations/--no-generations", help="Run generation jobs in this process."
+    ),
+    processors: bool | None = typer.Option(
+        None,
+        "--processors/--no-processors",
+        help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
     log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
 ) -> None:
-    """Run generation workers only, against TOKENBRIDGE_REDIS_URL (any number, anywhere)."""
+    """Run generation workers (and the processor pipeline) against TOKENBRIDGE_REDIS_URL."""
     configure_logging(log_level, log_json)
     settings = load_settings()
     if settings.redis_url is None:
@@ -156,15 +171,24 @@ def worker(
             "TOKENBRIDGE_REDIS_URL is not set: a worker joins the Redis that a gateway uses; "
             "set it to that server's URL"
         )
-    asyncio.run(_run_worker(settings))
+    run_processors = settings.run_processors if processors is None else processors
+    if not generations and not run_processors:
+        raise ConfigurationError(
+            "--no-generations with the processors off leaves this worker nothing to do; "
+            "drop --no-generations, or pass --processors"
+        )
+    asyncio.run(_run_worker(settings, generations, run_processors))
 
 
-async def _run_worker(settings: Settings) -> None:
+async def _run_worker(settings: Settings, generations: bool, processors: bool) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Runtime(settings, gateway=False, worker=True) as runtime:
-        assert runtime.worker is not None
-        print(f"tokenbridge worker {runtime.worker.name} ready", flush=True)
+    async with Runtime(
+        settings, gateway=False, worker=generations, processors=processors
+    ) as runtime:
+        part = runtime.worker or runtime.processor
+        assert part is not None
+        print(f"tokenbridge worker {part.name} ready", flush=True)
         await stop.wait()

@@ -100,6 +100,12 @@ class StreamConsumerService:
         await self._stop([entry])
         return True
 
+    async def wait_consumer(self, stream: str, group: str, consumer: str) -> None:
+        """Wait until that consumer's run returns (in burst mode: nothing left to read)."""
+        entry = self._consumers.get((stream, group, consumer))
+        if entry is not None:
+            await asyncio.wait({entry[1]})
+
     async def stop_all(self) -> None:
         await self._stop(list(self._consumers.values()))
 

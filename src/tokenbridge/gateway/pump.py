@@ -89,9 +89,7 @@ async def pump(
             async with asyncio.timeout(CLOSING_TIMEOUT_S):
                 await sink.closing(reason)
         except TimeoutError:
-            log.info(
-                "client did not read its close session=%s reason=%s", conn.session_id, reason
-            )
+            log.info("client did not read its close session=%s reason=%s", conn.session_id, reason)
 
 
 async def _live(

@@ -12,10 +12,13 @@ only if complete (``start`` and every token ``1..n``, ``n`` equal to the ``end``
 errors, cancels and trimmed answers are never cached. A redelivered entry finds the note gone
 and does nothing.
 
-Cacheable: ``cache_enabled``, ``params.cache`` not false, and deterministic (temperature 0, or
-a ``demo`` model) unless ``cache_scope`` is ``all``. Bounds: entries expire after
-``cache_ttl_s``; at most ``cache_max_entries`` (least recently used evicted first); answers
-over ``cache_max_entry_bytes`` or longer than a producer's queue are not kept.
+Cacheable: ``cache_enabled`` with the pipeline running the ``cache`` processor (nothing else
+fills it), ``params.cache`` not false, and deterministic (temperature 0, or a ``demo`` model)
+unless ``cache_scope`` is ``all``. A replay ignores ``params.rate``: it comes at once.
+
+Bounds: entries expire after ``cache_ttl_s``; at most ``cache_max_entries`` (least recently
+used evicted first); answers over ``cache_max_entry_bytes`` or longer than a producer's queue
+are not kept.
 
 Keys: ``<prefix>:{cache:<digest>}:answer`` (JSON; the entry's keys share its hash tag),
 ``<prefix>:cache:lru`` (sorted set digest -> last use ms), ``<prefix>:cache:gen:<gid>``
@@ -27,17 +30,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from redis.asyncio import Redis
 
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.producer.jobs import GenerationJob
-from tokenbridge.producer.producer import GenerationResult, Producer
+from tokenbridge.producer.producer import Producer
 from tokenbridge.settings import Settings
 from tokenbridge.wire.events import Event, decode_entry, now_ms
 from tokenbridge.wire.keys import Keys
+from tokenbridge.wire.pipeline import PipelineBatch
 
 __all__ = ["CachingProcessor", "ResponseCache", "request_digest"]
 
@@ -78,11 +81,19 @@ class ResponseCache:
     def __repr__(self) -> str:
         return f"<ResponseCache hits={self.hits} misses={self.misses}>"
 
+    @property
+    def enabled(self) -> bool:
+        """On, and filled: the pipeline runs the ``cache`` processor."""
+        settings = self.settings
+        return (
+            settings.cache_enabled and settings.pipeline_enabled and "cache" in settings.processors
+        )
+
     def digest(self, job: GenerationJob) -> str | None:
         """The cache key of ``job``, or None if it must not be cached."""
         entry = self.settings.models.get(job.model)
         params = job.params
-        if entry is None or not self.settings.cache_enabled or params.cache is False:
+        if entry is None or not self.enabled or params.cache is False:
             return None
         deterministic = params.temperature == 0 or entry.adapter == "demo"
         if not deterministic and self.settings.cache_scope != "all":
@@ -106,28 +117,14 @@ class ResponseCache:
         if digest is None:
             return False
         raw: Any = await self.redis.get(self.answer_key(digest))
-        if raw is None:
+        events = _replay_events(job, raw) if raw is not None else None
+        if events is None:
             self.misses += 1
             await self.redis.set(self.note_key(job.generation_id), digest, ex=self.note_ttl_s)
             return False
-        answer = json.loads(raw)
-        gid = job.generation_id
-        tokens: list[str] = answer["tokens"]
-        events = [Event("start", gid, 0, model=job.model, cached=True)]
-        events += [Event("token", gid, seq, text=text) for seq, text in enumerate(tokens, 1)]
-        events.append(
-            Event(
-                "end",
-                gid,
-                len(tokens) + 1,
-                reason=answer["reason"],
-                tokens=len(tokens),
-                usage=answer.get("usage"),
-            )
-        )
+        await self.redis.zadd(self.lru_key, {digest: now_ms()}, xx=True)  # used: evict last
         await producer.write_events(job, *events)
         self.hits += 1
-        await self.redis.zadd(self.lru_key, {digest: now_ms()}, xx=True)
         return True
 
     async def fill(self, session_id: str, generation_id: str) -> bool:
@@ -145,12 +142,6 @@ class ResponseCache:
                 stored = True
         await self.redis.delete(self.note_key(generation_id))
         return stored
-
-    async def fill_after_run(self, job: GenerationJob, result: GenerationResult) -> None:
-        """The worker's fill (a ``GenerationWorker.after_model`` hook), for processes that
-        run no pipeline ``cache`` processor."""
-        if result.outcome in _CACHED_REASONS:
-            await self.fill(job.session_id, job.generation_id)
 
     async def _store(self, digest: str, data: bytes) -> None:
         now = now_ms()
@@ -207,21 +198,28 @@ class ResponseCache:
         return None
 
 
+def _replay_events(job: GenerationJob, raw: bytes) -> list[Event] | None:
+    """The events that replay a stored answer; None (a miss) if it is not one of ours."""
+    gid = job.generation_id
+    try:
+        answer = json.loads(raw)
+        tokens = answer["tokens"]
+        reason = answer["reason"]
+        usage = answer.get("usage")
+        if not all(isinstance(t, str) for t in tokens) or reason not in _CACHED_REASONS:
+            raise ValueError("not a cached answer")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("cached answer unreadable, ignored generation=%s", gid)
+        return None
+    events = [Event("start", gid, 0, model=job.model, cached=True)]
+    events += [Event("token", gid, seq, text=text) for seq, text in enumerate(tokens, 1)]
+    n = len(tokens)
+    events.append(Event("end", gid, n + 1, reason=reason, tokens=n, usage=usage))
+    return events
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-class _Batch(Protocol):
-    """What this processor reads of a pipeline batch (part of ``PipelineBatch``)."""
-
-    @property
-    def session_id(self) -> str: ...
-
-    @property
-    def generation_id(self) -> str: ...
-
-    @property
-    def events(self) -> Sequence[Event]: ...
 
 
 class CachingProcessor:
@@ -236,9 +234,10 @@ class CachingProcessor:
     def __repr__(self) -> str:
         return f"<CachingProcessor filled={self.filled} {self.cache!r}>"
 
-    async def process(self, batch: _Batch, entry_id: str) -> None:
+    async def process(self, batch: PipelineBatch, entry_id: str) -> None:
         """Fill the cache if ``batch`` ends a cacheable generation (idempotent)."""
-        for event in batch.events:
-            if event.kind == "end" and await self.cache.fill(batch.session_id, batch.generation_id):
-                self.filled += 1
-                log.debug("answer cached generation=%s", batch.generation_id)
+        if batch.terminal is None:
+            return
+        if await self.cache.fill(batch.session_id, batch.generation_id):
+            self.filled += 1
+            log.debug("answer cached generation=%s", batch.generation_id)

@@ -4,7 +4,7 @@ Two scopes, each optional, each enforced across every gateway and worker process
 atomic Lua script on the shared Redis (the GCRA of ``store/scripts.py``; docs/architecture.md,
 "Rate limits"):
 
-* per key: one API key (the client address when auth is off) on one model:
+* per key: one API key (with auth disabled, every caller is ``anonymous``) on one model:
   ``rate_limit_generations`` and ``rate_limit_tokens_per_minute``;
 * per model: all keys together on one model: ``rate_limit_model_generations`` and
   ``rate_limit_model_tokens_per_minute``.
@@ -24,11 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -38,15 +39,16 @@ from tokenbridge.settings import RATE_PATTERN, Settings
 from tokenbridge.store.scripts import RateLimitCheck, Scripts
 from tokenbridge.wire.events import Event
 from tokenbridge.wire.keys import Keys
+from tokenbridge.wire.pipeline import PipelineBatch
 
-__all__ = ["Rate", "RateLimitProcessor", "RateLimiter", "parse_rate"]
+__all__ = ["Rate", "RateLimitProcessor", "RateLimiter", "batch_tokens", "parse_rate"]
 
 log = logging.getLogger(__name__)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 _UNITS |= {"second": 1, "minute": 60, "hour": 3600, "day": 86_400}
 _RATE = re.compile(RATE_PATTERN)
-_KNOWN_GENERATIONS = 4096  # generation -> scopes remembered by one processor (bounded LRU)
+_KNOWN_GENERATIONS = 4096  # generation -> identity remembered by one processor (bounded LRU)
 _ONCE_TTL_MS = 86_400_000  # longer than any entry stays pending (reclaim x max deliveries)
 
 
@@ -119,7 +121,7 @@ class _Scope:
         ]
 
     def who(self, identity: str, model: str) -> str:
-        return f"key {identity!r} on model {model!r}" if self.kind == "key" else f"model {model!r}"
+        return f"{identity} on model {model!r}" if self.kind == "key" else f"model {model!r}"
 
 
 class RateLimiter:
@@ -170,7 +172,7 @@ class RateLimiter:
                         "refund", self.scope_key(done, identity, model), _takes(done)
                     )
                 limit = scope.limits[refused - 1]
-                log.info(
+                log.debug(  # per request: at INFO, a client in a retry loop would flood it
                     "generation refused code=%s identity=%s model=%s retry_after_s=%.1f",
                     limit.code,
                     identity,
@@ -180,46 +182,39 @@ class RateLimiter:
                 raise LimitExceeded(
                     limit.code,
                     f"{scope.who(identity, model)} is over its limit of {limit.what} "
-                    f"({limit.setting}); retry in {max(1, round(retry_s))} s",
+                    f"({limit.setting}); retry in {max(1, math.ceil(retry_s))} s",
                     retry_s,
                 )
             taken.append(scope)
 
     async def track(self, job: GenerationJob) -> None:
-        """Remember who runs ``job`` so the pipeline can charge its tokens (worker, before
-        the model call; nothing to do without token budgets or an identity)."""
+        """Note who pays for ``job``'s tokens, for the pipeline (a worker hook, before the
+        model call; nothing to do without token budgets or an identity)."""
         if not self.token_scopes or job.identity is None:
             return
-        record = json.dumps([job.identity, job.model])
-        await self.redis.set(self._record(job.generation_id), record, ex=self.ttl_s)
+        await self.redis.set(self._note(job.generation_id), job.identity, ex=self.ttl_s)
 
-    async def charge(
-        self, generation_id: str, entry_id: str, tokens: int, scopes: tuple[str, str] | None
-    ) -> bool:
-        """Charge ``tokens`` to the token budgets of ``scopes`` (identity, model), once per
-        ``entry_id``; False if there was nothing (more) to charge."""
-        if scopes is None or tokens <= 0:
+    async def identity_of(self, generation_id: str) -> str | None:
+        """Who :meth:`track` noted for ``generation_id``; None if untracked (a replay)."""
+        raw: Any = await self.redis.get(self._note(generation_id))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def charge(self, once_key: str, identity: str, model: str, tokens: int) -> bool:
+        """Charge ``tokens`` to the token budgets of (``identity``, ``model``) and of
+        ``model``, once per ``once_key``; False if there was nothing (more) to charge."""
+        if tokens <= 0:
             return False
-        identity, model = scopes
         applied = False
         for scope in self.token_scopes:
             assert scope.tokens is not None
             key = self.scope_key(scope, identity, model)
             check = RateLimitCheck("tok", scope.tokens.count, 60, tokens)
-            once = f"{key}:once:{entry_id}:{generation_id}"
+            once = f"{key}:once:{once_key}"
             result, _ = await self.scripts.rate_limit("charge", key, [check], once, _ONCE_TTL_MS)
             applied = applied or result == 0
         return applied
 
-    async def scopes_of(self, generation_id: str) -> tuple[str, str] | None:
-        """(identity, model) that :meth:`track` recorded, or None (untracked, cached)."""
-        raw: Any = await self.redis.get(self._record(generation_id))
-        if raw is None:
-            return None
-        identity, model = json.loads(raw)
-        return str(identity), str(model)
-
-    def _record(self, generation_id: str) -> str:
+    def _note(self, generation_id: str) -> str:
         return f"{self.keys.prefix}:rl:gen:{generation_id}"
 
 
@@ -229,16 +224,6 @@ def _rate(text: str | None) -> Rate | None:
 
 def _takes(scope: _Scope) -> list[RateLimitCheck]:
     return [c for c in scope.checks() if c.take]
-
-
-class _Batch(Protocol):
-    """What this processor reads of a pipeline batch (part of ``PipelineBatch``)."""
-
-    @property
-    def generation_id(self) -> str: ...
-
-    @property
-    def events(self) -> Sequence[Event]: ...
 
 
 def batch_tokens(events: Sequence[Event]) -> int:
@@ -262,25 +247,28 @@ class RateLimitProcessor:
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
         self.charged = 0
-        self._scopes: OrderedDict[str, tuple[str, str] | None] = OrderedDict()
+        self._identities: OrderedDict[str, str | None] = OrderedDict()  # generation -> who
 
     def __repr__(self) -> str:
         return f"<RateLimitProcessor charged={self.charged} {self.limiter!r}>"
 
-    async def process(self, batch: _Batch, entry_id: str) -> None:
-        """Charge ``batch`` once (a redelivered entry is not charged again)."""
+    async def process(self, batch: PipelineBatch, entry_id: str) -> None:
+        """Charge ``batch`` once (keyed on ``batch.once_key``: a redelivered or replayed entry
+        is not charged again)."""
         if not self.limiter.token_scopes:
             return
         gid = batch.generation_id
-        if gid in self._scopes:
-            self._scopes.move_to_end(gid)
-            scopes = self._scopes[gid]
+        if gid in self._identities:
+            self._identities.move_to_end(gid)
+            identity = self._identities[gid]
         else:
-            scopes = self._scopes[gid] = await self.limiter.scopes_of(gid)
-            if len(self._scopes) > _KNOWN_GENERATIONS:
-                self._scopes.popitem(last=False)
+            identity = self._identities[gid] = await self.limiter.identity_of(gid)
+            if len(self._identities) > _KNOWN_GENERATIONS:
+                self._identities.popitem(last=False)
         tokens = batch_tokens(batch.events)
-        if await self.limiter.charge(gid, entry_id, tokens, scopes):
+        if identity is not None and await self.limiter.charge(
+            batch.once_key, identity, batch.model, tokens
+        ):
             self.charged += tokens
-        if any(e.kind in ("end", "error") for e in batch.events):
-            self._scopes.pop(gid, None)
+        if batch.terminal is not None:
+            self._identities.pop(gid, None)

@@ -39,6 +39,8 @@ __all__ = ["GenerationResult", "Producer"]
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 4096
+_FEED_EVENTS = 256  # pipeline entry: at most this many events ...
+_FEED_S = 0.5  # ... or this old (the terminal event flushes at once)
 
 
 @dataclass(slots=True)
@@ -80,6 +82,8 @@ class _Writer:
         self.cancel_field = b"cancel:" + self.gen
         # One pipeline entry per batch, for the processors (wire/pipeline.py).
         self.feed: PipelineFeed | None = None
+        self.feed_pending: list[Event] = []
+        self.feed_since = 0.0
         if p.pipeline_shards:
             digest = prompt_digest([m.model_dump() for m in job.messages])
             self.feed = PipelineFeed(
@@ -99,6 +103,30 @@ class _Writer:
         fields = [str(x).encode() for pair in event.to_fields().items() for x in pair]
         return b"*%d\r\n%b%b" % (6 + len(fields), self.xadd_head, b"".join(map(arg, fields)))
 
+    def _feed(self, batch: list[Event], terminal: bool) -> bytes | None:
+        """The pipeline entry to write with this round trip, if one is due.
+
+        Events are gathered across round trips and sent as one entry per ``_FEED_EVENTS``
+        events or ``_FEED_S`` seconds (and with the terminal event): a slow model flushes one
+        token per round trip, and one pipeline entry per token would cost the processors
+        ~50x more than the gateway spends delivering it.
+        """
+        if self.feed is None:
+            return None
+        if not self.feed_pending:
+            self.feed_since = time.monotonic()
+        self.feed_pending.extend(batch)
+        due = (
+            terminal
+            or len(self.feed_pending) >= _FEED_EVENTS
+            or time.monotonic() - self.feed_since >= _FEED_S
+        )
+        if not due:
+            return None
+        command = self.feed.xadd(self.feed_pending)
+        self.feed_pending = []
+        return command
+
     async def run(self) -> None:
         """Write until a terminal event is written."""
         p = self.producer
@@ -110,8 +138,9 @@ class _Writer:
             terminal = last.kind in ("end", "error")
             state = b"%b %d" % (b"done" if terminal else b"running", last.seq)
             commands = [self._xadd(event) for event in batch]
-            if self.feed is not None:  # before the HSET: "running <seq>" implies it was written
-                commands.append(self.feed.xadd(batch))
+            feed_xadd = self._feed(batch, terminal)
+            if feed_xadd is not None:  # before the HSET of the same round trip
+                commands.append(feed_xadd)
             cancel_reply = len(commands) + 1
             commands.append(pack(b"HSET", self.gens_key, self.gen, state))
             commands.append(pack(b"HGET", self.gens_key, self.cancel_field))

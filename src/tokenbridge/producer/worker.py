@@ -9,6 +9,10 @@ job is recovered from the session's progress record (``tb:{session}:gens``):
 * half done: the session stream gets an ``error`` event with code ``worker_lost`` right after
   the last event that was written, so clients never wait for a generation that will not come.
 
+Before the model call, a job whose answer is in the response cache is replayed from it
+instead (``processors/cache.py``), and the ``before_model`` hooks run (the rate limiter notes
+who pays for the tokens).
+
 Workers announce themselves in a sorted set (``tb:workers``, name -> heartbeat ms), which is
 what ``/readyz`` and the status page read.
 """
@@ -31,7 +35,7 @@ from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.producer.cancel import cancel_requested
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel
-from tokenbridge.producer.producer import GenerationResult, Producer
+from tokenbridge.producer.producer import Producer
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
 from tokenbridge.wire.events import Event, now_ms
 from tokenbridge.wire.keys import Keys
@@ -91,7 +95,6 @@ class GenerationWorker:
         # model call (the rate limiter notes who pays for the tokens).
         self.cache: _Cache | None = None
         self.before_model: list[Callable[[GenerationJob], Awaitable[None]]] = []
-        self.after_model: list[Callable[[GenerationJob, GenerationResult], Awaitable[None]]] = []
         self.cached = 0
         self._stopping = asyncio.Event()
         self._running: dict[str, asyncio.Event] = {}  # generation id -> its cancel event
@@ -209,8 +212,6 @@ class GenerationWorker:
         finally:
             self._running.pop(gid, None)
         self.generations_done += 1
-        for after in self.after_model:
-            await after(job, result)
         log.info(
             "generation finished generation=%s outcome=%s tokens=%d writes=%d duration_s=%.3f",
             result.generation_id,

@@ -95,6 +95,11 @@ class Keys:
         return f"{self.prefix}:pipeline:{shard}"
 
     @property
+    def processor_stats(self) -> str:
+        """Hash: StreamProcessor name -> JSON snapshot of its per-processor stats."""
+        return f"{self.prefix}:processors"
+
+    @property
     def dead_letters(self) -> str:
         """The dead-letter stream of every consumer group (docs/operations.md)."""
         return f"{self.prefix}:dlq"

@@ -23,6 +23,7 @@ format, so the consumer dead-letters it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import zlib
 from collections.abc import Mapping, Sequence
@@ -56,11 +57,8 @@ def prompt_digest(messages: Sequence[Mapping[str, Any]]) -> str:
 
 def _event_json(event: Event) -> str:
     if event.kind == "token":
-        return '{"kind":"token","seq":%d,"ts":%d,"text":%s}' % (
-            event.seq,
-            event.ts,
-            json.dumps(event.text),
-        )
+        text = json.dumps(event.text)
+        return f'{{"kind":"token","seq":{event.seq},"ts":{event.ts},"text":{text}}}'
     data: dict[str, Any] = {"kind": event.kind, "seq": event.seq, "ts": event.ts}
     if event.kind == "start":
         data["model"] = event.model
@@ -174,7 +172,7 @@ class PipelineBatch:
         if not isinstance(raw, list) or not raw or len(raw) > _MAX_EVENTS:
             raise InvalidEntry(f"field 'events' must be a list of 1-{_MAX_EVENTS} events")
         events = tuple(_event(item, generation_id) for item in raw)
-        for before, after in zip(events, events[1:], strict=False):
+        for before, after in itertools.pairwise(events):
             if after.seq != before.seq + 1:
                 raise InvalidEntry("events of a pipeline entry must have consecutive seq")
         return cls(session_id, generation_id, model, events, prompt, shard)

@@ -35,6 +35,7 @@ class GenerationParams(BaseModel):
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
             return int(value)
         return value
+
     temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temp.")
     top_p: float | None = Field(default=None, ge=0, le=1, description="Nucleus sampling mass.")
     stop: list[_StopString] | None = Field(

@@ -1,0 +1,1 @@
+"""The processor pipeline: StreamProcessor and its processors (analytics, logging, cache, ...)."""

@@ -1,0 +1,91 @@
+"""Batcher: groups what concurrent callers submit, so one call handles a group.
+
+The StreamProcessor's handlers (one task per pipeline entry) each :meth:`Batcher.submit` their
+entry and wait; one loop takes whatever was submitted while the previous group was being
+handled (at most ``max_items``) and hands it to ``handle`` at once: the producer's batching,
+on the reading side. Under load a group is as large as the entries in flight, so a processor
+with ``process_many`` sends a group's commands in one Redis round trip; idle, a group is one
+entry and nothing waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+__all__ = ["Batcher", "run_script_group"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    """``submit(item)`` returns ``handle``'s result for that item; :meth:`run` handles groups."""
+
+    def __init__(self, handle: Callable[[list[T]], Awaitable[list[R]]], max_items: int) -> None:
+        self.handle = handle
+        self.max_items = max_items
+        self.groups = 0
+        self.items = 0
+        self._queued: list[tuple[T, asyncio.Future[R]]] = []
+        self._wake = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Batcher groups={self.groups} items={self.items} queued={len(self._queued)}>"
+
+    async def submit(self, item: T) -> R:
+        """Queue ``item`` and wait for its result (bounded: callers are the handler tasks)."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queued.append((item, future))
+        self._wake.set()
+        return await future
+
+    async def run(self) -> None:
+        """Handle groups until cancelled; an error of ``handle`` goes to the group's callers."""
+        while True:
+            await self._wake.wait()
+            group, self._queued = self._queued[: self.max_items], self._queued[self.max_items :]
+            if not self._queued:
+                self._wake.clear()
+            group = [(item, future) for item, future in group if not future.done()]
+            if not group:
+                continue
+            self.groups += 1
+            self.items += len(group)
+            try:
+                results = await self.handle([item for item, _ in group])
+            except asyncio.CancelledError:
+                for _, future in group + self._queued:  # their callers are being cancelled too
+                    future.cancel()
+                raise
+            except Exception as exc:
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(group, results, strict=True):
+                if not future.done():  # its caller was cancelled meanwhile
+                    future.set_result(result)
+
+
+ScriptCall = tuple[Sequence[Any], Sequence[Any]]  # (keys, args) of one script call
+
+
+async def run_script_group(redis: Redis, script: AsyncScript, calls: list[ScriptCall]) -> list[Any]:
+    """Run ``script`` once per call, all in one round trip (a pipeline) when there are several.
+
+    Returns each call's reply, or its error (a Lua error of one call fails that call only). A
+    connection error raises: then no reply is known.
+    """
+    if len(calls) == 1:  # a pipeline costs more than it saves for one command
+        keys, args = calls[0]
+        return [await script(keys=keys, args=args)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for keys, args in calls:
+            await script(keys=keys, args=args, client=pipe)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    return replies
