@@ -169,6 +169,28 @@ def openapi_schema(version: str) -> dict[str, Any]:
                 },
             }
         },
+        "/v1/stats": {
+            "get": {
+                "summary": "Analytics totals and per model (the processor pipeline's figures)",
+                "security": _AUTH,
+                "responses": {**_health(), **_errors(401, 403, 503)},
+            }
+        },
+        "/v1/sessions/{session_id}/stats": {
+            "get": {
+                "summary": "Analytics of one session and its generations",
+                "security": [{"token": []}, *_AUTH],
+                "parameters": [
+                    _id_param("session_id"),
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                ],
+                "responses": {**_health(), **_errors(400, 401, 403, 404, 503)},
+            }
+        },
         "/v1/auth/login": {
             "post": {
                 "summary": "Trade an API key for the console cookie",
