@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from benchmarks.processes import GatewayProcess, machine_info, new_runner
+from benchmarks.connections import Transport, idle_connections, many_sessions
+from benchmarks.processes import GatewayProcess, machine_info, new_runner, raise_open_files_limit
 from benchmarks.report import print_report
 from benchmarks.scenarios import Bench, ScenarioResult, fanout, latency, pipeline, single_session
 from tokenbridge.exceptions import TokenBridgeError
@@ -24,7 +25,17 @@ from tokenbridge.store.embedded import EmbeddedRedis
 
 __all__ = ["main"]
 
-SCENARIOS = ("single", "single-raw", "latency", "fanout", "pipeline")
+SCENARIOS = (
+    "idle-sse",
+    "idle-ws",
+    "single",
+    "single-raw",
+    "latency",
+    "fanout",
+    "sessions-sse",
+    "sessions-ws",
+    "pipeline",
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,11 @@ class Options:
     pipeline_generations: int = 400
     pipeline_tokens: int = 100
     pipeline_rate: float = 50.0
+    idle_connections: int = 5000
+    idle_sessions: int = 5000
+    spread_connections: int = 1000
+    spread_sessions: int = 100
+    spread_tokens: int = 2000
 
 
 def _parse(argv: Sequence[str] | None) -> Options:
@@ -69,6 +85,17 @@ def _parse(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--pipeline-rate", type=float, default=50.0, help="pipeline: tokens/s each (0: unpaced)"
     )
+    parser.add_argument(
+        "--idle-connections", type=int, help="idle-sse/ws: connections (5,000; quick 1,000)"
+    )
+    parser.add_argument("--idle-sessions", type=int, help="idle-sse/ws: sessions (as many)")
+    parser.add_argument(
+        "--spread-connections", type=int, default=1000, help="sessions-sse/ws: clients"
+    )
+    parser.add_argument("--spread-sessions", type=int, default=100, help="sessions-sse/ws")
+    parser.add_argument(
+        "--spread-tokens", type=int, help="sessions-sse/ws: tokens per session (2,000; quick 200)"
+    )
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -87,6 +114,11 @@ def _parse(argv: Sequence[str] | None) -> Options:
         pipeline_generations=args.pipeline_generations or (100 if quick else 400),
         pipeline_tokens=args.pipeline_tokens,
         pipeline_rate=args.pipeline_rate,
+        idle_connections=args.idle_connections or (1000 if quick else 5000),
+        idle_sessions=args.idle_sessions or args.idle_connections or (1000 if quick else 5000),
+        spread_connections=args.spread_connections,
+        spread_sessions=args.spread_sessions,
+        spread_tokens=args.spread_tokens or (200 if quick else 2000),
     )
 
 
@@ -108,6 +140,21 @@ async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult
         return await latency(
             bench, options.sessions, options.rate, options.duration_s, options.timeout_s
         )
+    if name in ("idle-sse", "idle-ws"):
+        transport: Transport = "sse" if name == "idle-sse" else "ws"
+        return await idle_connections(
+            bench, transport, options.idle_connections, options.idle_sessions, options.timeout_s
+        )
+    if name in ("sessions-sse", "sessions-ws"):
+        spread: Transport = "sse" if name == "sessions-sse" else "ws"
+        return await many_sessions(
+            bench,
+            spread,
+            options.spread_connections,
+            options.spread_sessions,
+            options.spread_tokens,
+            options.timeout_s,
+        )
     if name == "pipeline":
         return await pipeline(
             bench,
@@ -123,6 +170,7 @@ async def _run(options: Options, console: Console) -> int:
     current = asyncio.current_task()
     assert current is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
+    raise_open_files_limit()  # thousands of client sockets in this process
     results: list[ScenarioResult] = []
     failures: list[tuple[str, str]] = []
     with EmbeddedRedis() as redis_server:

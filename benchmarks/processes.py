@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import resource
 import signal
 import socket
 import subprocess
@@ -30,6 +31,8 @@ __all__ = [
     "machine_info",
     "new_runner",
     "process_cpu_s",
+    "process_rss_bytes",
+    "raise_open_files_limit",
     "system_busy_s",
 ]
 
@@ -47,10 +50,35 @@ def free_port() -> int:
         return port
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (thousands of sockets);
+    returns the new soft limit. Children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec: fds, death signal
+    raise_open_files_limit()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def process_rss_bytes(pid: int | None) -> int | None:
+    """Resident memory of a live process (``VmRSS`` in /proc/<pid>/status); else None."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def process_cpu_s(pid: int | None) -> float | None:
@@ -121,7 +149,7 @@ class Child:
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_child_setup,
             start_new_session=True,
         )
         self._reader = threading.Thread(target=self._drain, name=f"drain-{self.name}", daemon=True)
@@ -197,6 +225,11 @@ class GatewayProcess(Child):
             "PYTHONUNBUFFERED": "1",
             "TOKENBRIDGE_AUTH_DISABLED": "true",
         }
+        # Every client is on 127.0.0.1, and the connection scenarios hold thousands of them:
+        # lift the per-address and per-session limits unless the environment sets them.
+        for name in ("PER_ADDRESS", "PER_SESSION"):
+            env.setdefault(f"TOKENBRIDGE_LIMITS_MAX_CONNECTIONS_{name}", "1000000")
+        env.setdefault("TOKENBRIDGE_LIMITS_MAX_CONNECTIONS", "1000000")
         args = [sys.executable, "-m", "tokenbridge", "serve", "--port", str(self.port)]
         # Delivery only: the processors get a scenario and a process of their own (pipeline).
         args += ["--no-worker", "--no-processors", "--log-level", "warning"]

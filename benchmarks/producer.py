@@ -11,6 +11,10 @@ opens its measurement window after the start-up), runs, and prints one JSON line
 raw RESP connection, hundreds per round trip: a producer far cheaper than the real one, so
 that a gateway's own ceiling shows even where the real Producer is the slower side.
 
+``spread``: as ``raw``, over ``--sessions`` sessions at once: each session's events in order,
+the sessions interleaved (event ``k`` of every session, then ``k + 1``), so that all of them
+stream at the same time, each as fast as the gateway and Redis take it.
+
 ``paced``: plain ``XADD`` s that follow the wire format (docs/wire-format.md), sent over one
 raw RESP connection so that the timestamp is taken right before the bytes leave: ``text`` of
 a token is ``time.time_ns()`` at that moment. Session ``i`` of ``n`` at ``rate`` tokens/s gets
@@ -40,7 +44,14 @@ from tokenbridge.store.client import command_client
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.keys import Keys, new_generation_id
 
-__all__ = ["paced_session_ids", "run_fast", "run_paced", "run_raw"]
+__all__ = [
+    "paced_session_ids",
+    "run_fast",
+    "run_paced",
+    "run_raw",
+    "run_spread",
+    "spread_session_ids",
+]
 
 READY = "producer ready"
 
@@ -48,6 +59,11 @@ READY = "producer ready"
 def paced_session_ids(tag: str, sessions: int) -> list[str]:
     """The session ids of a paced run (the clients subscribe to the same ones)."""
     return [f"bench-{tag}-lat-{i}" for i in range(sessions)]
+
+
+def spread_session_ids(tag: str, sessions: int) -> list[str]:
+    """The session ids of a spread run (the clients subscribe to the same ones)."""
+    return [f"bench-{tag}-spread-{i}" for i in range(sessions)]
 
 
 async def run_fast(session_id: str, tokens: int) -> dict[str, Any]:
@@ -221,6 +237,46 @@ async def run_raw(session_id: str, tokens: int, batch: int = 500) -> dict[str, A
     }
 
 
+async def run_spread(tag: str, sessions: int, tokens: int, batch: int = 500) -> dict[str, Any]:
+    """``tokens`` tokens into each of ``sessions`` sessions, interleaved, ``batch`` XADDs per
+    write, at most 20 writes in flight."""
+    settings = load_settings()
+    url = settings.redis_url_value()
+    if url is None:
+        raise SystemExit("TOKENBRIDGE_REDIS_URL is not set")
+    keys = Keys(settings.key_prefix)
+    streams = [keys.events(s).encode() for s in spread_session_ids(tag, sessions)]
+    gens = [new_generation_id().encode() for _ in range(sessions)]
+    link = await _open_link(url)
+    await _ready_then_go()
+    loop = asyncio.get_running_loop()
+    cpu, started = time.process_time(), loop.time()
+    sent = 0
+    pending: list[bytes] = []
+    maxlen = settings.stream_max_len
+    for seq in range(tokens + 2):
+        now = time.time_ns()
+        for key, gen in zip(streams, gens, strict=True):
+            pending.append(_event(key, gen, seq, tokens, now, b" token", maxlen))
+        if len(pending) >= batch or seq == tokens + 1:
+            link.send(b"".join(pending))
+            sent += len(pending)
+            pending.clear()
+            await link.until(sent - 20 * batch)  # bounded: Redis and the socket set the pace
+    await link.until(sent)
+    duration = loop.time() - started
+    cpu = time.process_time() - cpu
+    assert link.transport is not None
+    link.transport.close()
+    return {
+        "tokens": tokens * sessions,
+        "replies": link.replies,
+        "errors": link.errors,
+        "duration_s": duration,
+        "cpu_s": cpu,
+    }
+
+
 async def run_paced(tag: str, sessions: int, rate: float, duration_s: float) -> dict[str, Any]:
     """``sessions`` generations at ``rate`` tokens/s each for ``duration_s``, one RESP link."""
     settings = load_settings()
@@ -277,6 +333,10 @@ def _main() -> None:
         one = modes.add_parser(mode, help=help_text)
         one.add_argument("--session", required=True)
         one.add_argument("--tokens", type=int, required=True)
+    spread = modes.add_parser("spread", help="pipelined plain XADDs into many sessions")
+    spread.add_argument("--tag", required=True)
+    spread.add_argument("--sessions", type=int, required=True)
+    spread.add_argument("--tokens", type=int, required=True)
     paced = modes.add_parser("paced", help="plain XADDs at a fixed rate per session")
     paced.add_argument("--tag", required=True)
     paced.add_argument("--sessions", type=int, required=True)
@@ -287,6 +347,8 @@ def _main() -> None:
         work = run_fast(args.session, args.tokens)
     elif args.mode == "raw":
         work = run_raw(args.session, args.tokens)
+    elif args.mode == "spread":
+        work = run_spread(args.tag, args.sessions, args.tokens)
     else:
         work = run_paced(args.tag, args.sessions, args.rate, args.duration)
     with new_runner() as runner, contextlib.suppress(KeyboardInterrupt):

@@ -18,7 +18,7 @@ _MAIN_COMMANDS = ("xadd", "xread", "xrange", "xrevrange", "evalsha", "eval", "hs
 
 def _value(figure: Figure) -> str:
     value = figure.value
-    if figure.unit in ("ms", "us"):
+    if figure.unit in ("ms", "us", "KB", "MB"):
         text = f"{value:,.2f}"
     elif abs(value) < 10 and value != int(value):
         text = f"{value:.4f}"
@@ -114,9 +114,11 @@ def print_report(
     for row in machine:
         table.add_row(*row)
     console.print(table)
-    done = [r for r in results if r.tokens_delivered]
+    shown = [r for r in results if r.figures]
+    if shown:
+        console.print(_figures(shown))
+    done = [r for r in results if r.tokens_delivered]  # the idle scenarios deliver none
     if done:
-        console.print(_figures(done))
         console.print(_cpu(done))
         console.print(_commands(done))
     for name, why in failures:

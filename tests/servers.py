@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from tokenbridge.gateway.app import create_app
+from tokenbridge.gateway.websocket import uvicorn_options
 from tokenbridge.settings import Settings
 from tokenbridge.store.embedded import EmbeddedRedis
 
@@ -61,8 +62,13 @@ class Gateway:
         self.send_buffer_bytes = send_buffer_bytes
         self.port = free_port()
         self.app = create_app(settings, worker=worker)
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        config = uvicorn.Config(  # as `tokenbridge serve` configures it
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            **uvicorn_options(settings),
         )
         self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None

@@ -271,7 +271,8 @@ async def test_a_client_that_reads_nothing_is_dropped_after_its_close(
     control): the write is abandoned, and a close the client does not read in
     CLOSING_TIMEOUT_S drops the connection (it would otherwise hold its task forever)."""
     monkeypatch.setattr(pump, "CLOSING_TIMEOUT_S", 0.2)
-    settings = settings_factory()
+    # Small reads: many small writes, so that one of them waits for the socket to drain.
+    settings = settings_factory(fanout_read_count=50)
     session = "stuck-" + secrets.token_hex(4)
     path = f"/v1/sessions/{session}/events"
     async with (
@@ -285,18 +286,20 @@ async def test_a_client_that_reads_nothing_is_dropped_after_its_close(
         manager = gw.app.state.connections
         # Its writes stalled before the end: the rest is still queued for it.
         (conn,) = [c for c in manager.connections_for_session(session) if c.events_sent < 2002]
-        removed = asyncio.Event()
-        remove_connection = manager.remove_connection
+        ended = asyncio.Event()
+        fanout = gw.runtime.fanout
+        unsubscribe = fanout.unsubscribe
 
-        def remove_and_tell(c: Any) -> None:  # the end of the connection's task
-            remove_connection(c)
+        def unsubscribe_and_tell(c: Any) -> None:  # the end of the connection's task
+            unsubscribe(c)
             if c is conn:
-                removed.set()
+                ended.set()
 
-        monkeypatch.setattr(manager, "remove_connection", remove_and_tell)
+        monkeypatch.setattr(fanout, "unsubscribe", unsubscribe_and_tell)
         gw.app.state.drain()
-        await removed.wait()
+        await ended.wait()
         assert conn.closed_reason == "shutdown"
+        assert conn not in manager.connections_for_session(session)
         events, comments = await stalled.read_until_closed()
     assert "closed shutdown" not in comments
     assert [e.data["seq"] for e in events] == list(range(len(events)))

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     history_batch: int = Field(
         default=1000, ge=1, le=100_000, description="XRANGE COUNT when replaying history."
     )
+    websocket_compression: bool = Field(
+        default=False,
+        description="Accept permessage-deflate from WebSocket clients (browsers offer it): "
+        "fewer bytes on the wire, but each connection holds zlib state (about 40 KB).",
+    )
     connection_idle_timeout_s: float = Field(
         default=0.0,
         ge=0,
@@ -154,7 +159,8 @@ class Settings(BaseSettings):
         default=1000,
         ge=1,
         description="Connections from one client IP address to one gateway process (behind a "
-        "proxy, the proxy's address); past it, 429 `too_many_address_connections`.",
+        "proxy not in uvicorn's FORWARDED_ALLOW_IPS, the proxy's address); past it, 429 "
+        "`too_many_address_connections`.",
     )
     limits_max_websocket_message_bytes: int = Field(
         default=4096,

@@ -130,6 +130,7 @@ def serve(
     settings = load_settings(**overrides)
     _loopback_unless_keys(settings)
     from tokenbridge.gateway.app import create_app
+    from tokenbridge.gateway.websocket import uvicorn_options
 
     with contextlib.ExitStack() as stack:
         settings = _with_redis(settings, stack)
@@ -141,7 +142,7 @@ def serve(
             lifespan="on",
             log_config=None,
             timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_s)),
-            ws_max_size=settings.limits_max_websocket_message_bytes,
+            **uvicorn_options(settings),
         )
         shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         server = _Server(config, f"http://{shown_host}:{settings.port}/", application)

@@ -16,7 +16,6 @@ from starlette.websockets import WebSocket
 
 from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway.auth import COOKIE_NAME, Principal, key_principal, reader_principal
-from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.gateway.sse import EventStreamResponse
@@ -169,10 +168,6 @@ async def session_events(request: Request) -> Response:
     assert runtime.fanout is not None
     address = request.client.host if request.client else None
     conn = manager.create_connection(session_id, "sse", address)
-
-    def _closed(c: ClientConnection) -> None:
-        manager.remove_connection(c)
-
     return EventStreamResponse(  # type: ignore[return-value]  # a raw ASGI app
         conn,
         runtime.fanout,
@@ -180,7 +175,7 @@ async def session_events(request: Request) -> Response:
         heartbeat_s=runtime.settings.sse_heartbeat_s,
         retry_ms=runtime.settings.sse_retry_ms,
         history_batch=runtime.settings.history_batch,
-        on_close=_closed,
+        on_close=manager.remove_connection,
         idle_timeout_s=runtime.settings.connection_idle_timeout_s,
     )
 

@@ -12,7 +12,7 @@ import importlib.metadata
 import importlib.resources
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis import exceptions as redis_exc
@@ -23,6 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
 from tokenbridge.gateway import api, stats_api
@@ -44,6 +45,20 @@ def _package_version() -> str:
         return importlib.metadata.version("tokenbridge")
     except importlib.metadata.PackageNotFoundError:
         return "0"
+
+
+class _StreamEndpoint:
+    """An endpoint run as a plain ASGI app (Starlette calls an object that is not a function
+    as one): it skips ``request_response``, whose frames a stream would hold for its whole
+    life (about 1 KB per open connection). Errors still reach the app's exception handlers
+    (``ExceptionMiddleware`` wraps the router)."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.endpoint(Request(scope, receive, send))
+        await response(scope, receive, send)
 
 
 def _index_html() -> str:
@@ -166,7 +181,11 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         Route("/metrics", api.metrics, methods=["GET"]),
         Route("/v1/generations", api.create_generation, methods=["POST"]),
         Route("/v1/generations/{generation_id}", api.cancel_generation, methods=["DELETE"]),
-        Route("/v1/sessions/{session_id}/events", api.session_events, methods=["GET"]),
+        Route(
+            "/v1/sessions/{session_id}/events",
+            _StreamEndpoint(api.session_events),
+            methods=["GET"],
+        ),
         WebSocketRoute("/v1/sessions/{session_id}/ws", api.session_websocket),
         *stats_api.routes,
     ]

@@ -13,9 +13,9 @@ neither the cut nor a shutdown would ever reach that connection's task.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable
 from typing import Literal, TypeVar
 
@@ -26,6 +26,8 @@ __all__ = ["ClientConnection", "Transport"]
 Transport = Literal["sse", "websocket"]
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 class ClientConnection:
@@ -40,7 +42,7 @@ class ClientConnection:
     __slots__ = (
         "_pending",
         "_pending_events",
-        "_wakeup",
+        "_waiter",
         "_write_scope",
         "bytes_sent",
         "client_address",
@@ -73,9 +75,11 @@ class ClientConnection:
         self.events_sent = 0
         self.bytes_sent = 0
         self.last_key: tuple[int, int] = (0, 0)
-        self._pending: deque[Batch] = deque()
+        # A list and a future made only while waiting, not a deque and an asyncio.Event: an
+        # idle connection costs ~1.3 KB less (each of those holds a 64-slot block).
+        self._pending: list[Batch] = []
         self._pending_events = 0
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._write_scope: asyncio.Timeout | None = None
 
     def __repr__(self) -> str:
@@ -98,11 +102,19 @@ class ClientConnection:
         if self.closed_reason is not None:
             return
         if self._pending_events + len(batch) > self.max_buffered_events:
+            log.info(
+                "client cut as slow session=%s connection=%s transport=%s buffered=%d sent=%d",
+                self.session_id,
+                self.id,
+                self.transport,
+                self._pending_events,
+                self.events_sent,
+            )
             self.close("slow_client")
             return
         self._pending.append(batch)
         self._pending_events += len(batch)
-        self._wakeup.set()
+        _wake(self._waiter)
 
     def close(self, reason: str) -> None:
         """Close with ``reason`` (kept for stats and the client); drops what is still buffered
@@ -111,9 +123,9 @@ class ClientConnection:
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
-        self._pending.clear()
+        self._pending = []
         self._pending_events = 0
-        self._wakeup.set()
+        _wake(self._waiter)
         if self._write_scope is not None:
             # The task waiting in the write gets CancelledError there, which the scope turns
             # into TimeoutError (the asyncio.timeout mechanism: no stray cancellation).
@@ -141,17 +153,20 @@ class ClientConnection:
     async def next_batches(self, timeout_s: float) -> list[Batch] | None:
         """Everything buffered, waiting up to ``timeout_s``; ``[]`` on timeout, None once closed."""
         if not self._pending and self.closed_reason is None:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout_s, _wake, waiter)
             try:
-                async with asyncio.timeout(timeout_s):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                return []
-        self._wakeup.clear()
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         if self.closed_reason is not None:
             return None
-        batches = list(self._pending)
-        self._pending.clear()
-        self._pending_events = 0
+        batches = self._pending
+        if batches:
+            self._pending = []
+            self._pending_events = 0
         return batches
 
     def unsent(self, batch: Batch) -> Batch:
@@ -165,3 +180,8 @@ class ClientConnection:
             self.events_sent += len(batch)
         self.bytes_sent += nbytes
         self.last_activity = time.monotonic()
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)

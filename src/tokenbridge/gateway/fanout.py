@@ -75,7 +75,7 @@ def decode_entries(
     return frames
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: one per session held, thousands per process
 class _Feed:
     """One session read by one reader: its cursor, its connections here, the last seq seen
     per running generation (a jump means entries were trimmed before this reader saw them)."""
@@ -86,6 +86,7 @@ class _Feed:
     epoch: str
     connections: set[ClientConnection] = field(default_factory=set)
     seqs: dict[str, int] = field(default_factory=dict)
+    key_arg: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         self.key_arg = arg(self.key.encode())

@@ -37,6 +37,8 @@ _HEADERS = [
 
 
 class _SSESink:
+    __slots__ = ("finished", "retry_ms", "send")
+
     def __init__(self, send: Send, retry_ms: int) -> None:
         self.send = send
         self.retry_ms = retry_ms
@@ -70,6 +72,17 @@ class _SSESink:
 class EventStreamResponse:
     """Stream one session to one client over SSE, from its resume point, until it leaves."""
 
+    __slots__ = (
+        "conn",
+        "fanout",
+        "heartbeat_s",
+        "history_batch",
+        "idle_timeout_s",
+        "last_event_id",
+        "on_close",
+        "retry_ms",
+    )
+
     def __init__(
         self,
         conn: ClientConnection,
@@ -93,39 +106,44 @@ class EventStreamResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
         sink = _SSESink(send, self.retry_ms)
+        # One plain task rather than a TaskGroup (a few hundred bytes less per connection):
+        # the watcher only closes the connection, which makes the pump return.
+        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
         try:
-            async with asyncio.TaskGroup() as group:
-                watcher = group.create_task(self._watch_disconnect(receive))
-                try:
-                    await pump(
-                        self.conn,
-                        self.fanout,
-                        self.last_event_id,
-                        sink,
-                        heartbeat_s=self.heartbeat_s,
-                        history_batch=self.history_batch,
-                        idle_timeout_s=self.idle_timeout_s,
-                    )
-                finally:
-                    watcher.cancel()
+            await pump(
+                self.conn,
+                self.fanout,
+                self.last_event_id,
+                sink,
+                heartbeat_s=self.heartbeat_s,
+                history_batch=self.history_batch,
+                idle_timeout_s=self.idle_timeout_s,
+            )
         except OSError:
             self.conn.close("client_gone")  # the socket broke under a write
         finally:
-            self.conn.close("done")
+            self.conn.close("done")  # if the pump failed; else it is closed already
+            watcher.cancel()
+            await asyncio.wait([watcher])  # never raises; its error, if any, surfaces below
             self.fanout.unsubscribe(self.conn)
             if self.on_close is not None:
                 self.on_close(self.conn)
             log.debug(
                 "sse closed session=%s reason=%s", self.conn.session_id, self.conn.closed_reason
             )
+        error = None if watcher.cancelled() else watcher.exception()
+        if error is not None:
+            raise error
         if sink.finished or self.conn.closed_reason not in ("done", "client_gone"):
             return  # finished, or a client that did not read its close: uvicorn drops it
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _watch_disconnect(self, receive: Receive) -> None:
-        while True:
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                self.conn.close("client_gone")
-                return
+        try:
+            while True:
+                message: Message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+        finally:  # the client left (or receive failed): the pump returns
+            self.conn.close("client_gone")
