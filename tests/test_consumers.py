@@ -267,3 +267,23 @@ async def test_stop_during_a_batch_acks_only_what_was_handled(
     pending_ids = {row["message_id"].decode() for row in pending}
     assert len(handled) == 10 and len(pending_ids) == 10
     assert not handled & pending_ids  # everything handled was acked, nothing else
+
+
+async def test_a_cleanly_stopped_consumer_that_holds_nothing_leaves_the_group(
+    redis: aioredis.Redis, redis_server: RedisServer, stream: str
+) -> None:
+    await produce(redis, stream, 5)
+    done = asyncio.Event()
+
+    async def handle(delivery: Delivery) -> None:
+        if delivery.fields[b"n"] == b"4":
+            done.set()
+
+    c = consumer(redis, redis_server.url, stream, "leaver", handle)
+    async with asyncio.TaskGroup() as group:
+        group.create_task(c.run())
+        async with asyncio.timeout(10):
+            await done.wait()
+        c.stop()
+    names = [row["name"] for row in await redis.xinfo_consumers(stream, "g")]
+    assert b"leaver" not in names and "leaver" not in names
