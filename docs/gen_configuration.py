@@ -164,7 +164,8 @@ starts an embedded Redis (`redis-server` from PATH, else the `valkey-server` bun
 `tokenbridge worker` refuses to start without it, since a worker must join the gateway's Redis.
 
 Some bounds are fixed in code today (request body 4 MiB, 4096 events per producer write,
-the 5 s a client gets to read a server close, ...): see "Bounds" in [architecture.md](architecture.md).
+the 5 s a client gets to read a server close, ...): see "Bounds" in
+[architecture.md](architecture.md).
 
 ## Settings
 """

@@ -116,16 +116,18 @@ class GenerationWorker:
         self.consumer = self.service.start_consumer(
             self.keys.jobs, WORKER_GROUP, self.name, self._handle, **self._options
         )
-        helpers = [
-            asyncio.create_task(self._heartbeat()),
-            asyncio.create_task(self._listen_for_cancels()),
-        ]
         try:
-            await self._stopping.wait()
+            async with asyncio.TaskGroup() as group:
+                helpers = [
+                    group.create_task(self._heartbeat()),
+                    group.create_task(self._listen_for_cancels()),
+                ]
+                try:
+                    await self._stopping.wait()
+                finally:
+                    for task in helpers:
+                        task.cancel()
         finally:
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await self.redis.zrem(self.keys.workers, self.name)
 
