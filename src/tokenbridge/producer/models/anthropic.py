@@ -33,8 +33,9 @@ from typing import Any
 
 import httpx
 
-from tokenbridge.exceptions import ProviderError, ProviderTimeout
+from tokenbridge.exceptions import ProviderError
 from tokenbridge.producer.models.base import ChatRequest, Delta, Finish
+from tokenbridge.producer.models.provider_errors import ProviderErrors
 from tokenbridge.settings import ModelConfig
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE_URL", "DEFAULT_MAX_TOKENS", "AnthropicChatModel"]
@@ -43,12 +44,10 @@ DEFAULT_BASE_URL = "https://api.anthropic.com/v1"
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
 _LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=32)
-_EXCERPT_BYTES = 2048
-_EXCERPT_CHARS = 200
 _INPUT_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
-class AnthropicChatModel:
+class AnthropicChatModel(ProviderErrors):
     """Messages from ``{base_url}/messages`` (``base_url`` defaults to Anthropic's API).
 
     The API key is read once, here, from the variable named by ``config.api_key_env``, and
@@ -97,25 +96,8 @@ class AnthropicChatModel:
                             if isinstance(item, Finish):
                                 return
                 raise self._bad_response("the stream ended before message_stop")
-        except httpx.TimeoutException as exc:
-            raise ProviderTimeout(
-                f"model {self.name!r}: {self._where} did not answer in time "
-                f"({type(exc).__name__}); raise timeout_s in its model entry if it is just slow"
-            ) from exc
-        except httpx.ConnectError as exc:
-            raise ProviderError(
-                f"model {self.name!r}: cannot connect to {self._where}: {self._redact(str(exc))}."
-                " Is the server running there?",
-                code="provider_unreachable",
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ProviderError(
-                f"model {self.name!r}: connection to {self._where} broke: "
-                f"{type(exc).__name__}: {self._redact(str(exc))}",
-                code="provider_disconnected",
-            ) from exc
-        except httpx.DecodingError as exc:
-            raise self._bad_response(f"the body cannot be decoded: {exc}") from exc
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            raise self._transport_error(exc) from exc
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         system = [m["content"] for m in request.messages if m.get("role") == "system"]
@@ -157,41 +139,6 @@ class AnthropicChatModel:
             code="provider_error",
         )
 
-    async def _status_error(self, resp: httpx.Response) -> ProviderError:
-        raw = b""
-        async for part in resp.aiter_bytes():  # the rest is dropped when the response closes
-            raw += part
-            if len(raw) >= _EXCERPT_BYTES:
-                break
-        text = raw[:_EXCERPT_BYTES].decode("utf-8", "replace")
-        try:
-            detail = self._error_message(json.loads(text))
-        except ValueError:
-            detail = self._excerpt(text)
-        detail = detail.rstrip(".")
-        status = resp.status_code
-        if status in (401, 403):
-            code, hint = "provider_unauthorized", self._key_hint()
-        elif status == 429:
-            code, hint = "provider_rate_limited", ""
-        elif 400 <= status < 500:
-            code, hint = "provider_http_4xx", ""
-        elif status >= 500:
-            code, hint = "provider_http_5xx", ""
-        else:
-            code, hint = "provider_bad_response", " Is base_url the API's /v1 URL?"
-        return ProviderError(
-            f"model {self.name!r}: {self._where} answered HTTP {status}: {detail}.{hint}",
-            code=code,
-        )
-
-    def _key_hint(self) -> str:
-        if not self._key_env:
-            return " No API key was sent: name its variable in the model entry's api_key_env."
-        if not self._secret:
-            return f" No API key was sent: {self._key_env} is not set."
-        return f" Check the API key in {self._key_env}."
-
     def _error_message(self, payload: object) -> str:
         """The provider's own ``{"error": {"type": ..., "message": ...}}``, redacted."""
         error = payload.get("error") if isinstance(payload, dict) else None
@@ -202,21 +149,6 @@ class AnthropicChatModel:
         if isinstance(error, str):
             return self._excerpt(error)
         return self._excerpt(json.dumps(payload))
-
-    def _bad_response(self, what: str) -> ProviderError:
-        return ProviderError(
-            f"model {self.name!r}: {self._where} sent a bad stream: {what}",
-            code="provider_bad_response",
-        )
-
-    def _excerpt(self, text: str) -> str:
-        text = " ".join(text.split())
-        if len(text) > _EXCERPT_CHARS:
-            text = text[:_EXCERPT_CHARS] + "..."
-        return self._redact(text) or "(empty body)"
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
 
 
 class _State:
