@@ -56,23 +56,12 @@ def prompt_digest(messages: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _event_json(event: Event) -> str:
-    if event.kind == "token":
+    if event.kind == "token":  # the hot path: only the text needs JSON escaping
         text = json.dumps(event.text)
         return f'{{"kind":"token","seq":{event.seq},"ts":{event.ts},"text":{text}}}'
-    data: dict[str, Any] = {"kind": event.kind, "seq": event.seq, "ts": event.ts}
-    if event.kind == "start":
-        data["model"] = event.model
-        if event.cached:
-            data["cached"] = True
-    elif event.kind == "end":
-        data["reason"] = event.reason
-        data["tokens"] = event.tokens
-        if event.usage is not None:
-            data["usage"] = event.usage
-    else:
-        data["code"] = event.code
-        data["message"] = event.message
-    return json.dumps(data, separators=(",", ":"))
+    data = event.to_data()  # the fields clients see, minus the generation (the entry has it)
+    del data["generation_id"]
+    return json.dumps({"kind": event.kind, **data}, separators=(",", ":"))
 
 
 class PipelineFeed:

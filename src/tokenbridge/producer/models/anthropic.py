@@ -27,7 +27,7 @@ same stable codes as the OpenAI adapter, and a message that never contains the A
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -36,6 +36,7 @@ import httpx
 from tokenbridge.exceptions import ProviderError
 from tokenbridge.producer.models.base import ChatRequest, Delta, Finish
 from tokenbridge.producer.models.provider_errors import ProviderErrors
+from tokenbridge.producer.models.sse import sse_data
 from tokenbridge.settings import ModelConfig
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE_URL", "DEFAULT_MAX_TOKENS", "AnthropicChatModel"]
@@ -86,7 +87,7 @@ class AnthropicChatModel(ProviderErrors):
                 if not resp.is_success:
                     raise await self._status_error(resp)
                 state = _State()
-                async with aclosing(_sse_data(resp.aiter_lines())) as events:
+                async with aclosing(sse_data(resp.aiter_lines())) as events:
                     async for data in events:
                         if not data:
                             continue
@@ -206,20 +207,3 @@ class _State:
             "completion_tokens": self.output_tokens,
             "total_tokens": self.input_tokens + self.output_tokens,
         }
-
-
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[str, None]:
-    """The ``data`` of each server-sent event; the ``type`` inside it names the event."""
-    data: list[str] = []
-    async for line in lines:
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        field, _, value = line.partition(":")
-        if field == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-        # comments, event: (repeated in the data's "type"), id: and retry: carry nothing we use
-    if data:
-        yield "\n".join(data)

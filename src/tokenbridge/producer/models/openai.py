@@ -21,7 +21,7 @@ Failures are raised with a stable ``code`` and a message that never contains the
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -30,6 +30,7 @@ import httpx
 from tokenbridge.exceptions import ProviderError
 from tokenbridge.producer.models.base import ChatRequest, Delta, Finish
 from tokenbridge.producer.models.provider_errors import ProviderErrors
+from tokenbridge.producer.models.sse import sse_data
 from tokenbridge.settings import ModelConfig
 
 __all__ = ["DEFAULT_BASE_URL", "OpenAIChatModel"]
@@ -80,7 +81,7 @@ class OpenAIChatModel(ProviderErrors):
             async with self._client.stream("POST", self._url, json=self._body(request)) as resp:
                 if not resp.is_success:
                     raise await self._status_error(resp)
-                async with aclosing(_sse_data(resp.aiter_lines())) as events:
+                async with aclosing(sse_data(resp.aiter_lines())) as events:
                     async for data in events:
                         if not data:
                             continue  # an empty keep-alive event
@@ -149,23 +150,6 @@ class OpenAIChatModel(ProviderErrors):
         if isinstance(error, str):
             return self._excerpt(error)
         return self._excerpt(json.dumps(payload))
-
-
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[str, None]:
-    """The ``data`` of each server-sent event (multi-line data joined by newlines)."""
-    data: list[str] = []
-    async for line in lines:
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        field, _, value = line.partition(":")
-        if field == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-        # comments (":..."), event:, id: and retry: carry nothing we use
-    if data:
-        yield "\n".join(data)
 
 
 def _usage(value: object) -> dict[str, int] | None:
