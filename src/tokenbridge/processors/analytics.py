@@ -37,9 +37,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from tokenbridge.processors.batcher import ScriptCall, run_script_group
+from tokenbridge.processors.batcher import ScriptCall, follow_up_each, run_script_group
 from tokenbridge.settings import Settings
-from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.store.once import ApplyOnce
 from tokenbridge.wire.keys import Keys
 from tokenbridge.wire.pipeline import PipelineBatch
@@ -233,21 +232,9 @@ class AnalyticsProcessor:
         replies = await run_script_group(
             self.redis, self._script, [self._call(batch) for batch, _ in items]
         )
-        outcomes: list[Exception | None] = []
-        for (batch, _), raw in zip(items, replies, strict=True):
-            if isinstance(raw, Exception):
-                outcomes.append(raw)
-                continue
-            if raw:
-                try:
-                    await self._roll_up(batch.session_id, batch.generation_id, raw)
-                except REDIS_DOWN_ERRORS:
-                    raise
-                except Exception as exc:
-                    outcomes.append(exc)
-                    continue
-            outcomes.append(None)
-        return outcomes
+        return await follow_up_each(
+            items, replies, lambda b, raw: self._roll_up(b.session_id, b.generation_id, raw)
+        )
 
     def _call(self, batch: PipelineBatch) -> ScriptCall:
         sid, gid = batch.session_id, batch.generation_id

@@ -17,6 +17,9 @@ from typing import Any, Generic, TypeVar
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.wire.pipeline import PipelineBatch
+
 __all__ = ["Batcher", "run_script_group"]
 
 T = TypeVar("T")
@@ -89,3 +92,28 @@ async def run_script_group(redis: Redis, script: AsyncScript, calls: list[Script
             await script(keys=keys, args=args, client=pipe)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
     return replies
+
+
+async def follow_up_each(
+    items: Sequence[tuple[PipelineBatch, str]],
+    replies: list[Any],
+    follow_up: Callable[[PipelineBatch, Any], Awaitable[None]],
+) -> list[Exception | None]:
+    """Each item's outcome after its script: its error, or ``follow_up(batch, reply)`` run when
+    the reply is truthy (the step that completes a generation). Redis down raises: nothing is
+    known then, and the whole group stays pending."""
+    outcomes: list[Exception | None] = []
+    for (batch, _), reply in zip(items, replies, strict=True):
+        if isinstance(reply, Exception):
+            outcomes.append(reply)
+            continue
+        if reply:
+            try:
+                await follow_up(batch, reply)
+            except REDIS_DOWN_ERRORS:
+                raise
+            except Exception as exc:
+                outcomes.append(exc)
+                continue
+        outcomes.append(None)
+    return outcomes

@@ -37,9 +37,8 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from tokenbridge.processors.analytics import GenerationFigures
-from tokenbridge.processors.batcher import ScriptCall, run_script_group
+from tokenbridge.processors.batcher import ScriptCall, follow_up_each, run_script_group
 from tokenbridge.settings import Settings
-from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import Keys
 from tokenbridge.wire.pipeline import PipelineBatch
@@ -205,22 +204,11 @@ class LoggingProcessor:
         replies = await run_script_group(
             self.redis, self._buffer, [self._call(batch) for batch, _ in items]
         )
-        outcomes: list[Exception | None] = []
-        for (batch, _), complete in zip(items, replies, strict=True):
-            if isinstance(complete, Exception):
-                outcomes.append(complete)
-                continue
-            if complete:
-                key = self.buffer_key(batch.session_id, batch.generation_id)
-                try:
-                    await self._write(batch.session_id, batch.generation_id, key)
-                except REDIS_DOWN_ERRORS:
-                    raise
-                except Exception as exc:
-                    outcomes.append(exc)
-                    continue
-            outcomes.append(None)
-        return outcomes
+        return await follow_up_each(items, replies, self._write_complete)
+
+    async def _write_complete(self, batch: PipelineBatch, _complete: object) -> None:
+        key = self.buffer_key(batch.session_id, batch.generation_id)
+        await self._write(batch.session_id, batch.generation_id, key)
 
     def _call(self, batch: PipelineBatch) -> ScriptCall:
         start = batch.start
