@@ -25,6 +25,7 @@ from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
 from tokenbridge.gateway.auth import Auth
 from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.presence import presence_of
 from tokenbridge.processors.cache import ResponseCache
 from tokenbridge.processors.rate_limit import RateLimiter
 from tokenbridge.processors.stream_processor import StreamProcessor
@@ -147,6 +148,7 @@ class Runtime:
             self.worker.before_model.append(self.rate_limiter.track)
             if self.cache.enabled:
                 self.worker.cache = self.cache
+        self.presence = presence_of(self)  # the deployment view (presence.py)
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -184,6 +186,7 @@ class Runtime:
             self._tasks.append(self._group.create_task(self.worker.run()))
         if self.processor is not None:
             self._tasks.append(self._group.create_task(self.processor.run()))
+        self._tasks.append(self._group.create_task(self.presence.run()))
         return self
 
     async def __aexit__(
@@ -198,6 +201,7 @@ class Runtime:
             self.worker.stop()
         if self.processor is not None:
             self.processor.stop()
+        self.presence.stop()
         assert self._group is not None
         try:
             # Consumers drain (bounded by shutdown_drain_s), then the loops return.

@@ -26,9 +26,10 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
-from tokenbridge.gateway import api, stats_api
+from tokenbridge.gateway import admin_api, api, dashboard, stats_api
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.openapi import openapi_schema
+from tokenbridge.presence import add_connections
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings
 
@@ -68,7 +69,7 @@ def _index_html() -> str:
 async def _index(request: Request) -> Response:
     code = request.query_params.get("login")
     if code:
-        return await api.login_link(request, code)
+        return await dashboard.login_link(request, code)  # an HTML page if the link failed
     return HTMLResponse(
         request.app.state.index_html,
         headers={
@@ -161,6 +162,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                 if runtime.worker is not None:
                     runtime.worker.stop()
 
+            add_connections(runtime.presence, connections)  # presence.py
             app.state.runtime = runtime
             app.state.connections = connections
             app.state.drain = drain
@@ -188,6 +190,8 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         ),
         WebSocketRoute("/v1/sessions/{session_id}/ws", api.session_websocket),
         *stats_api.routes,
+        *admin_api.routes,  # admin over HTTP and the dashboard (gateway/admin_api.py)
+        *dashboard.routes,
     ]
     middleware = []
     if settings.cors_origins:

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from tokenbridge.gateway.admin_schema import admin_components, admin_paths
 from tokenbridge.gateway.api import GenerationRequest
 from tokenbridge.wire.keys import ID_PATTERN
 
@@ -217,6 +218,8 @@ def openapi_schema(version: str) -> dict[str, Any]:
             }
         },
     }
+    paths.update(admin_paths())  # gateway/admin_schema.py
+    components.update(admin_components())
     return {
         "openapi": "3.1.0",
         "info": {"title": "tokenbridge", "version": version},

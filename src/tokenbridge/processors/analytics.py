@@ -15,8 +15,10 @@ sees the same ones) and exact under redelivery, in any order of arrival:
    :class:`~tokenbridge.store.once.ApplyOnce` keyed on the generation: once to the session
    (``<prefix>:{sid}:stats``), once to the totals and the model
    (``<prefix>:{stats}:total``, ``<prefix>:{stats}:model:<name>``: one hash tag, one Cluster
-   slot per call). Then the generation is marked ``applied``. A crash in between: the entry
-   is delivered again, the script returns the figures again, ApplyOnce skips what was applied.
+   slot per call), with the time bucket of its terminal event (``processors/timeseries.py``:
+   the dashboard's last 15 minutes). Then the generation is marked ``applied``. A crash in
+   between: the entry is delivered again, the script returns the figures again, ApplyOnce
+   skips what was applied.
 
 Token count of a generation: the provider's ``usage.completion_tokens`` from the ``end`` event
 when given, else the number of ``token`` events; never characters. Time to first token: start
@@ -38,8 +40,11 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from tokenbridge.processors.batcher import ScriptCall, follow_up_each, run_script_group
+from tokenbridge.processors.timeseries import TTL_MS as SERIES_TTL_MS
+from tokenbridge.processors.timeseries import bucket_of, series_increments
 from tokenbridge.settings import Settings
 from tokenbridge.store.once import ApplyOnce
+from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import Keys
 from tokenbridge.wire.pipeline import PipelineBatch
 
@@ -211,6 +216,7 @@ class AnalyticsProcessor:
     def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
         self.redis = redis
         self.keys = StatsKeys(keys.prefix)
+        self.wire_keys = keys
         self.ttl_ms = settings.analytics_retention_s * 1000
         self.once = ApplyOnce(redis)
         self._script: AsyncScript = redis.register_script(_BATCH)
@@ -288,6 +294,7 @@ class AnalyticsProcessor:
             self.keys.session(session_id), marker, {self.keys.session(session_id): increments}
         )
         model_name = await self._model_name(figures.model)
+        series = self.wire_keys.stats_series(bucket_of(_n(end) or now_ms()))
         await self.once.hincrby(
             self.keys.scope,
             marker,
@@ -295,8 +302,10 @@ class AnalyticsProcessor:
                 self.keys.total: increments,
                 self.keys.model(model_name): increments,
                 self.keys.models: {model_name: 1},
+                series: series_increments(figures, model_name),
             },
         )
+        await self.redis.pexpire(series, SERIES_TTL_MS)
         gen_key = self.keys.generation(session_id, generation_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(gen_key, mapping=_stored(figures))

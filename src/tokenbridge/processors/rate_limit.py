@@ -143,6 +143,7 @@ class RateLimiter:
             settings.rate_limit_model_tokens_per_minute,
         )
         self.scopes = [s for s in (self._key, self._model) if s.limits]
+        self.refused = 0  # generations refused by this process (the dashboard shows the sum)
         self.token_scopes = [s for s in self.scopes if s.tokens is not None]
 
     def __repr__(self) -> str:
@@ -172,6 +173,7 @@ class RateLimiter:
                         "refund", self.scope_key(done, identity, model), _takes(done)
                     )
                 limit = scope.limits[refused - 1]
+                self.refused += 1
                 log.debug(  # per request: at INFO, a client in a retry loop would flood it
                     "generation refused code=%s identity=%s model=%s retry_after_s=%.1f",
                     limit.code,

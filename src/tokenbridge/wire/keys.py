@@ -107,3 +107,17 @@ class Keys:
     def wake(self, node_id: str, reader: int) -> str:
         """Private stream a gateway writes to wake its own blocked fan-out reader."""
         return f"{self.prefix}:wake:{node_id}:{reader}"
+
+    def process(self, node_id: str) -> str:
+        """String (JSON, with a TTL): one process's presence record (``presence.py``)."""
+        return f"{self.prefix}:proc:{node_id}"
+
+    @property
+    def processes(self) -> str:
+        """Sorted set: node id -> last presence heartbeat (ms); the index of ``process``."""
+        return f"{self.prefix}:procs"
+
+    def stats_series(self, bucket: int) -> str:
+        """Hash: the analytics of one time bucket (``processors/timeseries.py``); shares the
+        ``{stats}`` hash tag with the totals, so one script updates both."""
+        return f"{self.prefix}:{{stats}}:series:{bucket}"

@@ -1,0 +1,235 @@
+"""Admin over HTTP (API key or console cookie): the deployment, consumers, dead letters, keys.
+
+* ``GET /v1/admin/overview``: everything the dashboard shows (``gateway/overview.py``), read
+  from Redis, so any gateway answers for the whole deployment.
+* ``GET /v1/admin/dashboard/events``: the same picture as an SSE stream (event ``overview``),
+  one every ``dashboard_update_s``; the page at ``/dashboard`` draws it. At most
+  ``_MAX_STREAMS`` per process (429 ``too_many_dashboards``); ends when the process drains.
+* ``GET /v1/admin/processes``, ``GET /v1/admin/consumers``.
+* ``GET /v1/admin/dead-letters``; ``POST .../replay`` and ``POST .../purge`` with
+  ``{"ids": [...]}``, ``{"stream": "..."}`` or ``{"all": true}`` (nothing is implied).
+* ``GET /v1/admin/keys``, ``POST /v1/admin/keys`` (the key is in this answer only),
+  ``DELETE /v1/admin/keys/{key_id}``.
+
+State-changing calls with the cookie must come from the same origin (``key_principal``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tokenbridge.consumers.dead_letters import DeadLetters
+from tokenbridge.exceptions import InvalidRequest, LimitExceeded
+from tokenbridge.gateway.auth import key_principal
+from tokenbridge.gateway.overview import consumer_groups, deployment, overview
+from tokenbridge.runtime import Runtime
+from tokenbridge.store.client import REDIS_DOWN_ERRORS
+
+__all__ = ["DeadLetterSelection", "KeyCreate", "routes"]
+
+log = logging.getLogger(__name__)
+
+_MAX_STREAMS = 32
+ENTRY_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
+KEY_ID_PATTERN = r"^[0-9a-f]{12}$"
+_MAX_BODY = 64 * 1024
+
+
+class DeadLetterSelection(BaseModel):
+    """Which dead letters to replay or purge: ``ids``, those of ``stream``, or ``all``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        json_schema_extra={"items": {"type": "string", "pattern": ENTRY_ID_PATTERN}},
+    )
+    stream: str | None = Field(default=None, min_length=1, max_length=256)
+    all: bool = Field(default=False, description="Every dead letter: must be said explicitly.")
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> DeadLetterSelection:
+        chosen = (self.ids is not None) + (self.stream is not None) + self.all
+        if chosen != 1:
+            raise ValueError("give exactly one of 'ids', 'stream' or 'all': true")
+        for entry_id in self.ids or ():
+            if not re.fullmatch(ENTRY_ID_PATTERN, entry_id):
+                raise ValueError(f"{entry_id[:40]!r} is not a dead-letter id such as 1-0")
+        return self
+
+
+class KeyCreate(BaseModel):
+    """Body of ``POST /v1/admin/keys``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="dashboard", min_length=1, max_length=64)
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.state.runtime
+    return runtime
+
+
+async def _admin(request: Request, unsafe: bool = False) -> Runtime:
+    runtime = _runtime(request)
+    await key_principal(runtime.auth, request, unsafe=unsafe)
+    return runtime
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    if len(raw) > _MAX_BODY:
+        raise InvalidRequest("request_too_large", f"body over {_MAX_BODY} bytes", 413)
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidRequest("invalid_request", f"{where}: {first['msg']}", 422) from None
+
+
+async def get_overview(request: Request) -> Response:
+    """Everything the dashboard shows, once."""
+    runtime = await _admin(request)
+    shards = runtime.settings.pipeline_shards
+    return JSONResponse(await overview(runtime.redis, runtime.keys, shards))
+
+
+async def get_processes(request: Request) -> Response:
+    """Every live process (presence records) and the connections per gateway node."""
+    runtime = await _admin(request)
+    return JSONResponse(await deployment(runtime.redis, runtime.keys))
+
+
+async def get_consumers(request: Request) -> Response:
+    runtime = await _admin(request)
+    shards = runtime.settings.pipeline_shards
+    return JSONResponse({"groups": await consumer_groups(runtime.redis, runtime.keys, shards)})
+
+
+def _dead_letters(runtime: Runtime) -> DeadLetters:
+    return DeadLetters(runtime.redis, runtime.keys.dead_letters, runtime.settings.dlq_max_len)
+
+
+async def list_dead_letters(request: Request) -> Response:
+    """The oldest dead letters (``?limit=``, default 100; ``?stream=`` filters)."""
+    runtime = await _admin(request)
+    raw_limit = request.query_params.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+        raise InvalidRequest("invalid_limit", "limit must be an integer from 1 to 1000")
+    stream = request.query_params.get("stream") or None
+    dlq = _dead_letters(runtime)
+    letters = await dlq.letters(int(raw_limit), stream)
+    return JSONResponse(
+        {"count": await dlq.count(), "letters": [letter.as_dict() for letter in letters]}
+    )
+
+
+async def replay_dead_letters(request: Request) -> Response:
+    """Append the chosen dead letters to their source streams, then drop them from the DLQ."""
+    runtime = await _admin(request, unsafe=True)
+    chosen: DeadLetterSelection = await _body(request, DeadLetterSelection)
+    replayed = await _dead_letters(runtime).replay(chosen.ids, chosen.stream)
+    return JSONResponse({"replayed": replayed})
+
+
+async def purge_dead_letters(request: Request) -> Response:
+    """Delete the chosen dead letters for good."""
+    runtime = await _admin(request, unsafe=True)
+    chosen: DeadLetterSelection = await _body(request, DeadLetterSelection)
+    purged = await _dead_letters(runtime).purge(chosen.ids, chosen.stream)
+    log.info("dead letters purged count=%d", purged)
+    return JSONResponse({"purged": purged})
+
+
+async def list_keys(request: Request) -> Response:
+    runtime = await _admin(request)
+    return JSONResponse({"keys": await runtime.auth.list_keys()})
+
+
+async def create_key(request: Request) -> Response:
+    """A new API key; the answer is the only place it is ever shown."""
+    runtime = await _admin(request, unsafe=True)
+    body: KeyCreate = await _body(request, KeyCreate)
+    key_id, key = await runtime.auth.create_key(body.name)
+    return JSONResponse(
+        {"id": key_id, "name": body.name, "key": key},
+        status_code=201,
+        headers={"cache-control": "no-store"},
+    )
+
+
+async def revoke_key(request: Request) -> Response:
+    runtime = await _admin(request, unsafe=True)
+    key_id = request.path_params["key_id"]
+    if not re.fullmatch(KEY_ID_PATTERN, key_id):
+        raise InvalidRequest("invalid_key_id", "a key id is 12 hex digits (see GET /v1/admin/keys)")
+    if not await runtime.auth.revoke_key(key_id):
+        raise InvalidRequest("key_not_found", f"no stored key with id {key_id}", 404)
+    return JSONResponse({"id": key_id, "revoked": True})
+
+
+async def dashboard_events(request: Request) -> Response:
+    """SSE: the overview every ``dashboard_update_s`` until the client leaves or we drain."""
+    runtime = await _admin(request)
+    connections = request.state.connections
+    connections.ensure_accepting()
+    state = request.app.state
+    open_streams = getattr(state, "dashboard_streams", 0)
+    if open_streams >= _MAX_STREAMS:
+        raise LimitExceeded(
+            "too_many_dashboards",
+            f"this gateway already streams {open_streams} dashboards; close one",
+            retry_after_s=5.0,
+        )
+    return StreamingResponse(
+        _frames(request, runtime, connections),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+async def _frames(request: Request, runtime: Runtime, connections: Any) -> AsyncIterator[str]:
+    settings = runtime.settings
+    state = request.app.state
+    state.dashboard_streams = getattr(state, "dashboard_streams", 0) + 1
+    try:
+        yield "retry: 2000\n\n"
+        while not connections.draining:
+            try:
+                body = await overview(runtime.redis, runtime.keys, settings.pipeline_shards)
+                yield f"event: overview\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
+            except REDIS_DOWN_ERRORS as exc:
+                error = {"code": "redis_unavailable", "message": f"Redis does not answer: {exc}"}
+                yield f"event: error\ndata: {json.dumps(error)}\n\n"
+            # The stream's period (a push to the page, not a wait for a condition).
+            await asyncio.sleep(settings.dashboard_update_s)
+    finally:
+        state.dashboard_streams -= 1
+
+
+routes: list[Route] = [
+    Route("/v1/admin/overview", get_overview, methods=["GET"]),
+    Route("/v1/admin/dashboard/events", dashboard_events, methods=["GET"]),
+    Route("/v1/admin/processes", get_processes, methods=["GET"]),
+    Route("/v1/admin/consumers", get_consumers, methods=["GET"]),
+    Route("/v1/admin/dead-letters", list_dead_letters, methods=["GET"]),
+    Route("/v1/admin/dead-letters/replay", replay_dead_letters, methods=["POST"]),
+    Route("/v1/admin/dead-letters/purge", purge_dead_letters, methods=["POST"]),
+    Route("/v1/admin/keys", list_keys, methods=["GET"]),
+    Route("/v1/admin/keys", create_key, methods=["POST"]),
+    Route("/v1/admin/keys/{key_id}", revoke_key, methods=["DELETE"]),
+]
