@@ -10,6 +10,7 @@
   ``{"ids": [...]}``, ``{"stream": "..."}`` or ``{"all": true}`` (nothing is implied).
 * ``GET /v1/admin/keys``, ``POST /v1/admin/keys`` (the key is in this answer only),
   ``DELETE /v1/admin/keys/{key_id}``.
+* ``POST /v1/admin/login-link``: a fresh one-time console link (`tokenbridge login-link`).
 
 State-changing calls with the cookie must come from the same origin (``key_principal``).
 """
@@ -43,6 +44,7 @@ _MAX_STREAMS = 32
 ENTRY_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
 KEY_ID_PATTERN = r"^[0-9a-f]{12}$"
 _MAX_BODY = 64 * 1024
+_LOGIN_TTL_S = 600
 
 
 class DeadLetterSelection(BaseModel):
@@ -182,6 +184,18 @@ async def revoke_key(request: Request) -> Response:
     return JSONResponse({"id": key_id, "revoked": True})
 
 
+async def create_login_link(request: Request) -> Response:
+    """A one-time console login link (``/?login=<code>``, valid 10 minutes)."""
+    runtime = await _admin(request, unsafe=True)
+    code = await runtime.auth.login_code(_LOGIN_TTL_S)
+    base = str(request.base_url)
+    return JSONResponse(
+        {"url": f"{base}?login={code}", "expires_in_s": _LOGIN_TTL_S},
+        status_code=201,
+        headers={"cache-control": "no-store"},
+    )
+
+
 async def dashboard_events(request: Request) -> Response:
     """SSE: the overview every ``dashboard_update_s`` until the client leaves or we drain."""
     runtime = await _admin(request)
@@ -232,4 +246,5 @@ routes: list[Route] = [
     Route("/v1/admin/keys", list_keys, methods=["GET"]),
     Route("/v1/admin/keys", create_key, methods=["POST"]),
     Route("/v1/admin/keys/{key_id}", revoke_key, methods=["DELETE"]),
+    Route("/v1/admin/login-link", create_login_link, methods=["POST"]),
 ]

@@ -125,6 +125,13 @@ def admin_paths() -> dict[str, Any]:
                 ("id", "name", "key"),
             ),
         },
+        "/v1/admin/login-link": {
+            "post": {
+                "summary": "A one-time console login link (valid 10 minutes)",
+                "security": _AUTH,
+                "responses": {**_object(201, ("url", "expires_in_s")), **_errors(401, 403, 503)},
+            }
+        },
         "/v1/admin/keys/{key_id}": {
             "delete": {
                 "summary": "Revoke a stored API key, on every gateway at once",
