@@ -22,9 +22,16 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -41,7 +48,7 @@ __all__ = ["DeadLetterSelection", "KeyCreate", "routes"]
 log = logging.getLogger(__name__)
 
 _MAX_STREAMS = 32
-ENTRY_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
+ENTRY_ID_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"  # both parts below 2**64
 KEY_ID_PATTERN = r"^[0-9a-f]{12}$"
 _MAX_BODY = 64 * 1024
 _LOGIN_TTL_S = 600
@@ -50,32 +57,43 @@ _LOGIN_TTL_S = 600
 class DeadLetterSelection(BaseModel):
     """Which dead letters to replay or purge: ``ids``, those of ``stream``, or ``all``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["ids"]},
+                {"required": ["stream"]},
+                {"required": ["all"], "properties": {"all": {"const": True}}},
+            ]
+        },
+    )
 
-    ids: list[str] | None = Field(
-        default=None,
-        min_length=1,
-        max_length=1000,
-        json_schema_extra={"items": {"type": "string", "pattern": ENTRY_ID_PATTERN}},
+    ids: list[Annotated[str, StringConstraints(pattern=ENTRY_ID_PATTERN)]] | None = Field(
+        default=None, min_length=1, max_length=1000
     )
     stream: str | None = Field(default=None, min_length=1, max_length=256)
     all: bool = Field(default=False, description="Every dead letter: must be said explicitly.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(value is None for value in data.values()):
+            raise ValueError("leave a field out rather than send null")
+        return data
 
     @model_validator(mode="after")
     def _one_selector(self) -> DeadLetterSelection:
         chosen = (self.ids is not None) + (self.stream is not None) + self.all
         if chosen != 1:
             raise ValueError("give exactly one of 'ids', 'stream' or 'all': true")
-        for entry_id in self.ids or ():
-            if not re.fullmatch(ENTRY_ID_PATTERN, entry_id):
-                raise ValueError(f"{entry_id[:40]!r} is not a dead-letter id such as 1-0")
         return self
 
 
 class KeyCreate(BaseModel):
     """Body of ``POST /v1/admin/keys``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(default="dashboard", min_length=1, max_length=64)
 
@@ -95,8 +113,10 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
     raw = await request.body()
     if len(raw) > _MAX_BODY:
         raise InvalidRequest("request_too_large", f"body over {_MAX_BODY} bytes", 413)
+    if not raw.strip():
+        raise InvalidRequest("invalid_request", "send a JSON object as the body", 422)
     try:
-        return model.model_validate_json(raw or b"{}")
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
@@ -133,6 +153,8 @@ async def list_dead_letters(request: Request) -> Response:
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
         raise InvalidRequest("invalid_limit", "limit must be an integer from 1 to 1000")
     stream = request.query_params.get("stream") or None
+    if stream is not None and len(stream) > 256:
+        raise InvalidRequest("invalid_stream", "stream names at most 256 characters")
     dlq = _dead_letters(runtime)
     letters = await dlq.letters(int(raw_limit), stream)
     return JSONResponse(
@@ -155,6 +177,11 @@ async def purge_dead_letters(request: Request) -> Response:
     purged = await _dead_letters(runtime).purge(chosen.ids, chosen.stream)
     log.info("dead letters purged count=%d", purged)
     return JSONResponse({"purged": purged})
+
+
+async def keys(request: Request) -> Response:
+    """``GET`` lists, ``POST`` creates (one route: a 405 then lists both in ``Allow``)."""
+    return await (create_key(request) if request.method == "POST" else list_keys(request))
 
 
 async def list_keys(request: Request) -> Response:
@@ -243,8 +270,7 @@ routes: list[Route] = [
     Route("/v1/admin/dead-letters", list_dead_letters, methods=["GET"]),
     Route("/v1/admin/dead-letters/replay", replay_dead_letters, methods=["POST"]),
     Route("/v1/admin/dead-letters/purge", purge_dead_letters, methods=["POST"]),
-    Route("/v1/admin/keys", list_keys, methods=["GET"]),
-    Route("/v1/admin/keys", create_key, methods=["POST"]),
+    Route("/v1/admin/keys", keys, methods=["GET", "POST"]),
     Route("/v1/admin/keys/{key_id}", revoke_key, methods=["DELETE"]),
     Route("/v1/admin/login-link", create_login_link, methods=["POST"]),
 ]

@@ -62,6 +62,14 @@ def admin_components() -> dict[str, Any]:
     for model in (DeadLetterSelection, KeyCreate):
         schema = model.model_json_schema(ref_template=_REF)
         out.update(schema.pop("$defs", {}))
+        for name, prop in schema.get("properties", {}).items():
+            # `null` means "not given" to the model, but would count as given in `oneOf`:
+            # the schema offers only real values.
+            variants = [v for v in prop.get("anyOf", ()) if v.get("type") != "null"]
+            if len(variants) == 1:
+                prop.pop("anyOf")
+                prop.pop("default", None)
+                schema["properties"][name] = {**prop, **variants[0]}
         out[model.__name__] = schema
     return out
 
