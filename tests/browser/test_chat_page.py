@@ -14,6 +14,7 @@ from playwright.async_api import Page, expect
 
 from tests.servers import Gateway
 from tests.sse_client import read_events
+from tokenbridge.settings import ModelConfig
 
 # The cache would replay a repeated prompt at once: these tests need answers that take time.
 SLOW = {"cache_enabled": False}
@@ -23,6 +24,15 @@ MID_ANSWER = re.compile(r"\S.{20,}", re.DOTALL)  # some text shown, far from all
 @pytest.fixture
 async def chat(settings_factory: Any) -> AsyncIterator[Gateway]:
     async with Gateway(settings_factory(**SLOW)) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+async def short_chat(settings_factory: Any) -> AsyncIterator[Gateway]:
+    """Session streams trimmed to about 10 entries, and a model that cannot be reached."""
+    broken = ModelConfig(adapter="openai", base_url="http://127.0.0.1:1/v1", timeout_s=5)
+    models = {"demo": ModelConfig(adapter="demo"), "broken": broken}
+    async with Gateway(settings_factory(models=models, stream_max_len=10, **SLOW)) as gateway:
         yield gateway
 
 
@@ -105,3 +115,38 @@ async def test_network_cut_mid_answer_recovers(chat: Gateway, page: Page) -> Non
     assert [shown] == list(texts.values())
     assert len(cut_at) < len(shown)  # the cut came mid-answer: the rest came after it
     assert await page.locator(".notice.gap").count() == 0
+
+
+async def wait_for_end(gateway: Gateway, session_id: str) -> None:
+    """Until the session's stream has its terminal event (whatever was trimmed before it)."""
+    url = f"/v1/sessions/{session_id}/events"
+    async with (
+        httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
+        contextlib.aclosing(read_events(http, url)) as events,
+    ):
+        async for event in events:
+            if event.event in ("end", "error"):
+                return
+
+
+async def test_gap_and_error_events_are_shown(short_chat: Gateway, page: Page) -> None:
+    chat = short_chat
+    await page.goto(chat.url)
+    # Offline while the stream runs on and is trimmed (stream_max_len=10) past the page's
+    # last id: back online, the page resumes from that id and says what is missing.
+    await ask(page, "more than the stream keeps", 600, 300)
+    await expect(page.locator(".gen .txt")).to_have_text(MID_ANSWER)
+    await page.context.set_offline(True)
+    await expect(page.locator("#status")).to_contain_text("offline")
+    await wait_for_end(chat, session_of(page))
+    await page.context.set_offline(False)
+    await expect(page.locator(".notice.gap")).to_contain_text("trimmed")
+    await expect(page.locator(".gen .figs")).to_contain_text("600 tokens")
+
+    # A model that fails: the error event, with its code, where the answer would be; and the
+    # rate field is offered for the demo model only.
+    await page.select_option("#model", "broken")
+    await expect(page.locator("#rate-label")).to_be_hidden()
+    await page.fill("#prompt", "this will fail")
+    await page.press("#prompt", "Enter")
+    await expect(page.locator(".gerr")).to_contain_text("provider_unreachable")

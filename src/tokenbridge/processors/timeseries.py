@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUCKET_S",
     "WINDOW_S",
+    "bin_of",
     "bucket_of",
     "outcome_class",
     "percentile",
@@ -55,7 +56,7 @@ def outcome_class(outcome: str) -> str:
     return "cancelled" if outcome == "cancelled" else "finished"
 
 
-def _bin(value: float) -> int:
+def bin_of(value: float) -> int:
     if value <= 1:
         return 0
     return min(_MAX_BIN, int(math.log(value) / _LOG_FACTOR) + 1)
@@ -74,10 +75,10 @@ def series_increments(figures: GenerationFigures, model: str) -> dict[str, int |
         f"m:{model}:gen": 1,
     }
     if figures.ttft_ms is not None:
-        inc[f"m:{model}:ttft:{_bin(figures.ttft_ms)}"] = 1
+        inc[f"m:{model}:ttft:{bin_of(figures.ttft_ms)}"] = 1
     rate = figures.tokens_per_s
     if rate is not None:
-        inc[f"m:{model}:tps:{_bin(rate)}"] = 1
+        inc[f"m:{model}:tps:{bin_of(rate)}"] = 1
     return inc
 
 
