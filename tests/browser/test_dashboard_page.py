@@ -72,6 +72,22 @@ async def generate(http: httpx.AsyncClient, max_tokens: int) -> int:
     return tokens
 
 
+async def readme_screenshot(page: Page, clients: list[httpx.AsyncClient]) -> None:
+    """The README's picture: the same deployment with two answers streaming, one per node."""
+    body = {"model": "demo", "prompt": "slow", "params": {"max_tokens": 400, "rate": 20}}
+    streams = []
+    async with contextlib.AsyncExitStack() as stack:
+        for http in clients:
+            started = (await http.post("/v1/generations", json=body)).json()
+            events = read_events(http, started["events_url"])
+            stack.push_async_callback(events.aclose)
+            await anext(events)  # the stream is open: it counts as a connection
+            streams.append(events)
+        await expect(page.locator('[data-k="connections"]')).to_have_text("2")
+        await expect(page.locator('[data-k="running"]')).to_have_text("2")
+        await page.screenshot(path=str(README_SCREENSHOT), full_page=True)
+
+
 def metric(text: str, name: str) -> int:
     found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert found, name
@@ -116,7 +132,7 @@ async def test_dashboard_matches_status_and_metrics_of_two_gateways(
         processed = page.locator('[data-k="processed-analytics"]')
         await expect(processed).to_have_text(f"{entries:,}")
         if os.environ.get("TOKENBRIDGE_README_SCREENSHOT"):
-            await page.screenshot(path=str(README_SCREENSHOT), full_page=True)
+            await readme_screenshot(page, clients)
 
         # Usable at phone width (nothing wider than the screen) and in dark mode.
         await page.set_viewport_size({"width": 390, "height": 844})
