@@ -9,15 +9,15 @@ import httpx
 from tests.servers import Gateway
 from tokenbridge.presence import Presence, list_processes
 from tokenbridge.processors.analytics import GenerationFigures
-from tokenbridge.processors.timeseries import (
+from tokenbridge.runtime import Runtime
+from tokenbridge.settings import Settings
+from tokenbridge.store.series import (
     bin_of,
     bucket_of,
     percentile,
     read_series,
     series_increments,
 )
-from tokenbridge.runtime import Runtime
-from tokenbridge.settings import Settings
 from tokenbridge.wire.events import now_ms
 
 
@@ -79,7 +79,10 @@ async def test_series_of_the_last_15_minutes(settings: Settings) -> None:
         ]
         key = runtime.keys.stats_series(bucket_of(now_ms()))
         for figure in figures:
-            for field, amount in series_increments(figure, "m").items():
+            increments = series_increments(
+                "m", figure.outcome, figure.tokens, figure.ttft_ms, figure.tokens_per_s
+            )
+            for field, amount in increments.items():
                 await runtime.redis.hincrby(key, field, int(amount))
         series = await read_series(runtime.redis, runtime.keys, now_ms())
         assert series["generations"] == {"finished": 1, "failed": 1, "cancelled": 1}

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
-from tokenbridge.processors.timeseries import TTL_MS as SERIES_TTL_MS
-from tokenbridge.processors.timeseries import bucket_of
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.store.series import TTL_MS as SERIES_TTL_MS
+from tokenbridge.store.series import bucket_of
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import Keys
 

@@ -3,7 +3,7 @@
 Everything comes from Redis, so any gateway answers the same: the processes' presence records
 (``presence.py``: roles, heartbeats, connections, counters), the consumer groups of the job
 and pipeline streams (``XINFO``, ``XPENDING``), the dead letters, the analytics totals and
-their last 15 minutes (``processors/timeseries.py``), and the processors' published stats.
+their last 15 minutes (``store/series.py``), and the processors' published stats.
 Every read is bounded (processes, letters, shards) and no command spans two keys.
 """
 
@@ -18,7 +18,7 @@ from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer_service import group_status
 from tokenbridge.presence import list_processes
 from tokenbridge.processors.status import read_pipeline_status, read_processor_stats, read_stats
-from tokenbridge.processors.timeseries import read_series
+from tokenbridge.store.series import read_series
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import Keys
 

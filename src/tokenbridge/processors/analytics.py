@@ -15,7 +15,7 @@ sees the same ones) and exact under redelivery, in any order of arrival:
    :class:`~tokenbridge.store.once.ApplyOnce` keyed on the generation: once to the session
    (``<prefix>:{sid}:stats``), once to the totals and the model
    (``<prefix>:{stats}:total``, ``<prefix>:{stats}:model:<name>``: one hash tag, one Cluster
-   slot per call), with the time bucket of its terminal event (``processors/timeseries.py``:
+   slot per call), with the time bucket of its terminal event (``store/series.py``:
    the dashboard's last 15 minutes). Then the generation is marked ``applied``. A crash in
    between: the entry is delivered again, the script returns the figures again, ApplyOnce
    skips what was applied.
@@ -40,10 +40,10 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from tokenbridge.processors.batcher import ScriptCall, follow_up_each, run_script_group
-from tokenbridge.processors.timeseries import TTL_MS as SERIES_TTL_MS
-from tokenbridge.processors.timeseries import bucket_of, series_increments
 from tokenbridge.settings import Settings
 from tokenbridge.store.once import ApplyOnce
+from tokenbridge.store.series import TTL_MS as SERIES_TTL_MS
+from tokenbridge.store.series import bucket_of, series_increments
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import Keys
 from tokenbridge.wire.pipeline import PipelineBatch
@@ -302,7 +302,13 @@ class AnalyticsProcessor:
                 self.keys.total: increments,
                 self.keys.model(model_name): increments,
                 self.keys.models: {model_name: 1},
-                series: series_increments(figures, model_name),
+                series: series_increments(
+                    model_name,
+                    figures.outcome,
+                    figures.tokens,
+                    figures.ttft_ms,
+                    figures.tokens_per_s,
+                ),
             },
         )
         await self.redis.pexpire(series, SERIES_TTL_MS)

@@ -118,6 +118,6 @@ class Keys:
         return f"{self.prefix}:procs"
 
     def stats_series(self, bucket: int) -> str:
-        """Hash: the analytics of one time bucket (``processors/timeseries.py``); shares the
+        """Hash: the analytics of one time bucket (``store/series.py``); shares the
         ``{stats}`` hash tag with the totals, so one script updates both."""
         return f"{self.prefix}:{{stats}}:series:{bucket}"

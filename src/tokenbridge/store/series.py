@@ -1,5 +1,7 @@
 """Time series of the analytics: the last 15 minutes in 10-second buckets, bounded.
 
+Written by the analytics processor and the workers, read by the dashboard (``/v1/admin/...``).
+
 The analytics processor adds each finished generation, once (in the same ``ApplyOnce`` script
 as the totals, so redelivery changes nothing), to the hash of the bucket of its terminal event
 (``<prefix>:{stats}:series:<bucket>``, expiring after the window): outcome counts, tokens, and
@@ -15,14 +17,11 @@ within about 12 % of the exact value). Generation workers add their running coun
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.asyncio import Redis
 
 from tokenbridge.wire.keys import Keys
-
-if TYPE_CHECKING:
-    from tokenbridge.processors.analytics import GenerationFigures
 
 __all__ = [
     "BUCKET_S",
@@ -67,18 +66,19 @@ def _bin_value(index: int) -> float:
     return 1.0 if index == 0 else _FACTOR ** (index - 0.5)
 
 
-def series_increments(figures: GenerationFigures, model: str) -> dict[str, int | float]:
+def series_increments(
+    model: str, outcome: str, tokens: int, ttft_ms: int | None, tokens_per_s: float | None
+) -> dict[str, int | float]:
     """What one finished generation adds to its bucket's hash."""
     inc: dict[str, int | float] = {
-        f"out:{outcome_class(figures.outcome)}": 1,
-        "tok": figures.tokens,
+        f"out:{outcome_class(outcome)}": 1,
+        "tok": tokens,
         f"m:{model}:gen": 1,
     }
-    if figures.ttft_ms is not None:
-        inc[f"m:{model}:ttft:{bin_of(figures.ttft_ms)}"] = 1
-    rate = figures.tokens_per_s
-    if rate is not None:
-        inc[f"m:{model}:tps:{bin_of(rate)}"] = 1
+    if ttft_ms is not None:
+        inc[f"m:{model}:ttft:{bin_of(ttft_ms)}"] = 1
+    if tokens_per_s is not None:
+        inc[f"m:{model}:tps:{bin_of(tokens_per_s)}"] = 1
     return inc
 
 
