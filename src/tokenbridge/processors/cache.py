@@ -101,14 +101,14 @@ class ResponseCache:
         return request_digest(job, entry.model_dump(include={"adapter", "base_url", "model"}))
 
     def answer_key(self, digest: str) -> str:
-        return f"{self.keys.prefix}:{{cache:{digest}}}:answer"
+        return self.keys.cache_answer(digest)
 
     @property
     def lru_key(self) -> str:
-        return f"{self.keys.prefix}:cache:lru"
+        return self.keys.cache_lru
 
     def note_key(self, generation_id: str) -> str:
-        return f"{self.keys.prefix}:cache:gen:{generation_id}"
+        return self.keys.cache_note(generation_id)
 
     async def replay(self, job: GenerationJob, producer: Producer) -> bool:
         """Write the cached answer of ``job`` to its session stream; False on a miss (then

@@ -175,8 +175,8 @@ class LoggingProcessor:
 
     def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
         self.redis = redis
-        self.prefix = keys.prefix
-        self.stream = f"{keys.prefix}:log"
+        self.keys = keys
+        self.stream = keys.log
         self.max_len = settings.generation_log_max_len
         self.path = settings.generation_log_path
         self.buffer_ttl_ms = (settings.stream_max_generation_s + settings.stream_retention_s) * 1000
@@ -189,7 +189,7 @@ class LoggingProcessor:
         return f"<LoggingProcessor sink={sink} logged={self.logged}>"
 
     def buffer_key(self, session_id: str, generation_id: str) -> str:
-        return f"{self.prefix}:{{{session_id}}}:glog:{generation_id}"
+        return self.keys.generation_log(session_id, generation_id)
 
     async def process(self, batch: PipelineBatch, entry_id: str) -> None:
         """Buffer ``batch``'s text; write the record once its generation is complete."""
@@ -271,5 +271,5 @@ def _append_line(path: str, line: bytes) -> None:
 
 async def read_log(redis: Redis, keys: Keys, count: int = 100) -> list[dict[str, str]]:
     """The newest ``count`` records of the Redis log stream, newest first."""
-    rows: Any = await redis.xrevrange(f"{keys.prefix}:log", "+", "-", count=count)
+    rows: Any = await redis.xrevrange(keys.log, "+", "-", count=count)
     return [{"entry_id": _s(i), **{_s(k): _s(v) for k, v in f.items()}} for i, f in rows]

@@ -157,7 +157,7 @@ class RateLimiter:
         """The scope's hash; a digest, so that no identity can break out of its hash tag."""
         parts = [identity, model] if scope.kind == "key" else [model]
         digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
-        return f"{self.keys.prefix}:{{rl:{scope.kind}:{digest}}}"
+        return self.keys.rate_limit(scope.kind, digest)
 
     async def admit(self, identity: str, model: str) -> None:
         """Admission check: take one generation from each scope, or raise LimitExceeded."""
@@ -209,13 +209,13 @@ class RateLimiter:
             assert scope.tokens is not None
             key = self.scope_key(scope, identity, model)
             check = RateLimitCheck("tok", scope.tokens.count, 60, tokens)
-            once = f"{key}:once:{once_key}"
+            once = Keys.once(key, once_key)
             result, _ = await self.scripts.rate_limit("charge", key, [check], once, _ONCE_TTL_MS)
             applied = applied or result == 0
         return applied
 
     def _note(self, generation_id: str) -> str:
-        return f"{self.keys.prefix}:rl:gen:{generation_id}"
+        return self.keys.rate_limit_note(generation_id)
 
 
 def _rate(text: str | None) -> Rate | None:

@@ -16,7 +16,6 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from tokenbridge.processors.analytics import StatsKeys
 from tokenbridge.processors.stream_processor import PROCESSOR_GROUP
 from tokenbridge.wire.keys import Keys
 
@@ -65,15 +64,15 @@ def summarize(counters: Mapping[Any, Any]) -> dict[str, Any]:
 
 async def read_stats(redis: Redis, keys: Keys) -> dict[str, Any]:
     """Totals and per-model figures, as every process sees them."""
-    k = StatsKeys(keys.prefix)
-    total: Any = await redis.hgetall(k.total)
-    names: Any = await redis.hkeys(k.models)
+    k = keys
+    total: Any = await redis.hgetall(k.stats_total)
+    names: Any = await redis.hkeys(k.stats_models)
     models = sorted(_s(n) for n in names)
     per_model: dict[str, Any] = {}
     if models:
         async with redis.pipeline(transaction=False) as pipe:
             for name in models:
-                pipe.hgetall(k.model(name))
+                pipe.hgetall(k.stats_model(name))
             rows = await pipe.execute()
         per_model = {name: summarize(row) for name, row in zip(models, rows, strict=True)}
     return {"total": summarize(total), "models": per_model}
@@ -83,16 +82,16 @@ async def read_session_stats(
     redis: Redis, keys: Keys, session_id: str, limit: int = 100
 ) -> dict[str, Any] | None:
     """One session's figures and its newest ``limit`` generations; None if none recorded."""
-    k = StatsKeys(keys.prefix)
-    counters: Any = await redis.hgetall(k.session(session_id))
-    ids: Any = await redis.zrevrange(k.session_generations(session_id), 0, limit - 1)
+    k = keys
+    counters: Any = await redis.hgetall(k.session_stats(session_id))
+    ids: Any = await redis.zrevrange(k.session_stats_generations(session_id), 0, limit - 1)
     if not counters and not ids:
         return None
     generations = []
     if ids:
         async with redis.pipeline(transaction=False) as pipe:
             for gid in ids:
-                pipe.hgetall(k.generation(session_id, _s(gid)))
+                pipe.hgetall(k.generation_stats(session_id, _s(gid)))
             rows = await pipe.execute()
         generations = [_generation(_s(gid), row) for gid, row in zip(ids, rows, strict=True)]
     return {"session_id": session_id, "total": summarize(counters), "generations": generations}

@@ -58,7 +58,7 @@ from tokenbridge.processors.registry import ProcessorContext, load_processors
 from tokenbridge.settings import Settings
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.wire.events import now_ms
-from tokenbridge.wire.keys import Keys
+from tokenbridge.wire.keys import PROCESSOR_GROUP, Keys
 from tokenbridge.wire.pipeline import PipelineBatch
 
 __all__ = [
@@ -70,7 +70,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROCESSOR_GROUP = "processors"
+# the consumer group name lives in wire/keys.py with every other name
 _LOG_EVERY_S = 10.0
 _MAX_GROUP = 256  # entries handed to the processors at once
 _Item = tuple[PipelineBatch, str]  # an entry: its batch and its entry id

@@ -38,13 +38,13 @@ from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
 from tokenbridge.wire.events import Event, now_ms
-from tokenbridge.wire.keys import Keys
+from tokenbridge.wire.keys import WORKER_GROUP, Keys
 
 __all__ = ["WORKER_GROUP", "GenerationWorker", "live_workers"]
 
 log = logging.getLogger(__name__)
 
-WORKER_GROUP = "workers"
+# the consumer group name lives in wire/keys.py with every other name
 
 
 def _worker_name() -> str:
