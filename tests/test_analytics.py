@@ -27,9 +27,9 @@ from tests.test_cli import clean_env, run_cli
 from tests.test_consumers import wait_for_length
 from tokenbridge.processors.analytics import AnalyticsProcessor
 from tokenbridge.processors.generation_log import LoggingProcessor, read_log
-from tokenbridge.processors.status import read_session_stats, read_stats
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.settings import Settings
+from tokenbridge.store.stats import read_session_stats, read_stats
 from tokenbridge.wire.events import Event
 from tokenbridge.wire.keys import Keys
 

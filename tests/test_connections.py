@@ -287,7 +287,7 @@ async def test_a_client_that_reads_nothing_is_dropped_after_its_close(
         # Its writes stalled before the end: the rest is still queued for it.
         (conn,) = [c for c in manager.connections_for_session(session) if c.events_sent < 2002]
         ended = asyncio.Event()
-        fanout = gw.runtime.fanout
+        fanout = gw.state.fanout
         unsubscribe = fanout.unsubscribe
 
         def unsubscribe_and_tell(c: Any) -> None:  # the end of the connection's task

@@ -16,8 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from tokenbridge.processors.stream_processor import PROCESSOR_GROUP
-from tokenbridge.wire.keys import Keys
+from tokenbridge.wire.keys import PROCESSOR_GROUP, Keys
 
 __all__ = [
     "read_pipeline_status",
