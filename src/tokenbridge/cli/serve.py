@@ -15,7 +15,7 @@ import uvicorn
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
-from tokenbridge.cli import app
+from tokenbridge.cli.app import app
 from tokenbridge.exceptions import ConfigurationError
 from tokenbridge.logs import configure_logging
 from tokenbridge.runtime import Runtime

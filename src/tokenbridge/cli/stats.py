@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenbridge.cli import app
+from tokenbridge.cli.app import app
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
 from tokenbridge.settings import Settings, load_settings
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, command_client

@@ -18,14 +18,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
 
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, is_nogroup
 
-if TYPE_CHECKING:
-    from tokenbridge.consumers.stream_consumer import StreamConsumer
+__all__ = ["ReclaimTarget", "Reclaimer"]
 
-__all__ = ["Reclaimer"]
+
+class _Counts(Protocol):
+    reclaimed: int
+    trimmed: int
+
+
+class ReclaimTarget(Protocol):
+    """What the reclaimer needs of its consumer (``StreamConsumer`` is one): declared here so
+    that this module does not import the consumer that owns it."""
+
+    redis: Redis
+    stream: str
+    group: str
+    consumer: str
+    concurrency: int
+
+    @property
+    def stats(self) -> _Counts: ...
+
+    @property
+    def inflight(self) -> int: ...
+
+    @property
+    def inflight_ids(self) -> list[str]: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    async def dispatch(self, entries: list[tuple[Any, Any]], redelivered: bool) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +66,7 @@ _DEAD_CONSUMER_IDLE_MS = 3_600_000
 class Reclaimer:
     """The periodic upkeep of one consumer (a timer, not a poll: the work is periodic)."""
 
-    def __init__(self, consumer: StreamConsumer, claim_idle_ms: int, heartbeat_s: float) -> None:
+    def __init__(self, consumer: ReclaimTarget, claim_idle_ms: int, heartbeat_s: float) -> None:
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
         self.heartbeat_s = heartbeat_s

@@ -34,7 +34,7 @@ from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.frames import Batch, Frame, parse_entry_id
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
-from tokenbridge.store.resp import XreadCommand
+from tokenbridge.store.resp import XreadCommand, send_one
 from tokenbridge.store.scripts import Scripts, SessionState
 from tokenbridge.wire.events import decode_entry
 from tokenbridge.wire.keys import Keys
@@ -185,8 +185,7 @@ class _Reader:
         feeds = list(self.feeds.values())
         keys = [self.wake_arg, *(feed.key_arg for feed in feeds)]
         command = self.xread.pack(keys, [self.wake_cursor, *(f.cursor for f in feeds)])
-        await conn.send_packed_command(command, check_health=False)
-        reply = await conn.read_response()
+        reply = await send_one(conn, command)
         by_key = {feed.key.encode(): feed for feed in feeds}
         for raw_key, entries in _stream_items(reply):
             if raw_key == self.wake_key_bytes:

@@ -46,13 +46,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from redis.asyncio import Redis
 
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
+from tokenbridge.processors.base import Processor
 from tokenbridge.processors.batcher import Batcher
 from tokenbridge.processors.registry import ProcessorContext, load_processors
 from tokenbridge.settings import Settings
@@ -70,30 +71,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# the consumer group name lives in wire/keys.py with every other name
 _LOG_EVERY_S = 10.0
 _MAX_GROUP = 256  # entries handed to the processors at once
 _Item = tuple[PipelineBatch, str]  # an entry: its batch and its entry id
 _FORGET_AFTER_MS = 86_400_000  # published stats of a process silent for a day are dropped
-
-
-@runtime_checkable
-class Processor(Protocol):
-    """What StreamProcessor runs for each pipeline entry.
-
-    ``process`` is called once per delivery of an entry (after the processors listed before
-    it), concurrently with other entries (up to ``processors_concurrency`` per shard), in any
-    order: the entries of one generation may arrive out of order, and again after a crash.
-    Make its effects idempotent (see :attr:`PipelineBatch.once_key`). Raising counts as a
-    failure of this processor for this entry only. An optional ``async def aclose()`` is
-    awaited when the StreamProcessor closes; an optional ``async def process_many(items)``
-    (``items``: a list of ``(batch, entry_id)``) handles a group of entries at once and
-    returns, per item, its exception or None.
-    """
-
-    name: str
-
-    async def process(self, batch: PipelineBatch, entry_id: str) -> None: ...
 
 
 @dataclass

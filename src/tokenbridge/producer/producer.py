@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from tokenbridge.exceptions import ModelError
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel, Delta, Finish
-from tokenbridge.store.resp import XaddTemplate, checkout, pack, pack_xadd, read_replies
+from tokenbridge.store.resp import XaddTemplate, pack, pack_xadd, round_trip
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.events import SCHEMA, WIRE_VERSION, Event, now_ms
 from tokenbridge.wire.keys import Keys
@@ -153,9 +153,7 @@ class _Writer:
                 ttl = str(seconds).encode()
                 for key in (self.events_key, self.gens_key, self.meta_key):
                     commands.append(pack(b"EXPIRE", key, ttl))
-            async with checkout(p.redis) as conn:
-                await conn.send_packed_command(b"".join(commands), check_health=False)
-                replies = await read_replies(conn, len(commands))
+            replies = await round_trip(p.redis, commands)
             self.writes += 1
             if terminal:
                 return

@@ -28,6 +28,8 @@ __all__ = [
     "pack",
     "pack_xadd",
     "read_replies",
+    "round_trip",
+    "send_one",
 ]
 
 
@@ -93,6 +95,19 @@ class XreadCommand:
         """The command over ``keys`` (from :meth:`key`) after these entry ids."""
         ids = b"".join([arg(cursor.encode()) for cursor in cursors])
         return b"*%d\r\n%b%b%b" % (6 + 2 * len(keys), self._head, b"".join(keys), ids)
+
+
+async def round_trip(redis: Redis, commands: Sequence[bytes]) -> list[Any]:
+    """Send packed ``commands`` at once on a pooled connection and read their replies."""
+    async with checkout(redis) as conn:
+        await conn.send_packed_command(b"".join(commands), check_health=False)
+        return await read_replies(conn, len(commands))
+
+
+async def send_one(conn: AbstractConnection, command: bytes) -> Any:
+    """Send one packed command on ``conn`` (a dedicated connection) and read its reply."""
+    await conn.send_packed_command(command, check_health=False)
+    return await conn.read_response()
 
 
 async def read_replies(conn: AbstractConnection, n: int) -> list[Any]:
