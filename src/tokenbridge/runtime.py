@@ -91,7 +91,7 @@ class Runtime:
         self.dead_letters = DeadLetters(self.redis, self.keys.dead_letters, settings.dlq_max_len)
         self.consumers = StreamConsumerService(
             self.redis,
-            partial(blocking_client, url, settings.worker_block_ms, client_name=self.client_name),
+            partial(blocking_client, url, settings.consumer_block_ms, client_name=self.client_name),
             self.dead_letters,
             drain_s=drain_s if drain_s is not None else settings.shutdown_drain_s,
         )
@@ -105,9 +105,9 @@ class Runtime:
                 self.producer,
                 self.models,
                 concurrency=settings.worker_concurrency,
-                block_ms=settings.worker_block_ms,
-                claim_idle_ms=settings.worker_claim_idle_ms,
-                heartbeat_s=settings.worker_heartbeat_s,
+                block_ms=settings.consumer_block_ms,
+                claim_idle_ms=settings.consumer_claim_idle_ms,
+                heartbeat_s=settings.consumer_heartbeat_s,
                 max_deliveries=settings.consumer_max_deliveries,
             )
         # The processor pipeline (processors/): reads the pipeline shards in group "processors".

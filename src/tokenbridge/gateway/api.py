@@ -208,7 +208,7 @@ async def readyz(request: Request) -> Response:
         return error_response("draining", "this gateway is shutting down", 503)
     try:
         await runtime.redis.ping()
-        window_ms = int(max(15.0, runtime.settings.worker_heartbeat_s * 3) * 1000)
+        window_ms = int(max(15.0, runtime.settings.consumer_heartbeat_s * 3) * 1000)
         workers = await live_workers(runtime.redis, runtime.keys, window_ms)
     except REDIS_DOWN_ERRORS as exc:
         return error_response("redis_unavailable", f"redis does not answer: {exc}", 503)

@@ -70,7 +70,7 @@ class Gateway:
         )
         self.admission = Admission.from_settings(redis, keys, settings)
         self.stream_options = StreamOptions(
-            heartbeat_s=settings.sse_heartbeat_s,
+            heartbeat_s=settings.connection_heartbeat_s,
             history_batch=settings.history_batch,
             idle_timeout_s=settings.connection_idle_timeout_s,
             retry_ms=settings.sse_retry_ms,
