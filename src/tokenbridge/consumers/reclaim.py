@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, is_nogroup
+from tokenbridge.text import as_text
 
 __all__ = ["ReclaimTarget", "Reclaimer"]
 
@@ -105,7 +106,7 @@ class Reclaimer:
             reply: Any = await c.redis.xautoclaim(
                 c.stream, c.group, c.consumer, self.claim_idle_ms, cursor, count=min(free, 100)
             )
-            cursor = _s(reply[0])
+            cursor = as_text(reply[0])
             entries = [(raw_id, fields) for raw_id, fields in reply[1] if fields is not None]
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:
@@ -132,7 +133,7 @@ class Reclaimer:
         rows: Any = await c.redis.xinfo_consumers(c.stream, c.group)
         removed = 0
         for row in rows:
-            name = _s(row["name"])
+            name = as_text(row["name"])
             if (
                 name != c.consumer
                 and int(row["pending"]) == 0
@@ -155,7 +156,3 @@ class Reclaimer:
             )
             if not rows:
                 await c.redis.xgroup_delconsumer(c.stream, c.group, c.consumer)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -32,6 +32,7 @@ from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.reclaim import Reclaimer
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff, is_busygroup, is_nogroup
+from tokenbridge.text import as_text
 
 __all__ = ["ConsumerStats", "Delivery", "Handler", "StreamConsumer"]
 
@@ -264,7 +265,7 @@ class StreamConsumer:
         rows: Any = await self.redis.xpending_range(
             self.stream, self.group, ids[0], ids[-1], len(ids) + 100, consumername=self.consumer
         )
-        return {_s(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        return {as_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
@@ -362,7 +363,3 @@ class StreamConsumer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._stopping.wait()
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -23,16 +23,13 @@ from redis.asyncio import Redis
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer import Handler, StreamConsumer
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.text import as_text
 
 __all__ = ["StreamConsumerService", "group_status"]
 
 log = logging.getLogger(__name__)
 
 ConsumerKey = tuple[str, str, str]
-
-
-def _s(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class StreamConsumerService:
@@ -154,7 +151,7 @@ async def group_status(redis: Redis, stream: str) -> list[dict[str, Any]]:
         return []
     out = []
     for g in groups:
-        name = _s(g["name"])
+        name = as_text(g["name"])
         consumers: Any = await redis.xinfo_consumers(stream, name)
         out.append(
             {
@@ -162,9 +159,13 @@ async def group_status(redis: Redis, stream: str) -> list[dict[str, Any]]:
                 "group": name,
                 "pending": int(g["pending"]),
                 "lag": g.get("lag"),
-                "last_delivered_id": _s(g["last-delivered-id"]),
+                "last_delivered_id": as_text(g["last-delivered-id"]),
                 "consumers": [
-                    {"name": _s(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+                    {
+                        "name": as_text(c["name"]),
+                        "pending": int(c["pending"]),
+                        "idle_ms": int(c["idle"]),
+                    }
                     for c in consumers
                 ],
             }

@@ -40,6 +40,7 @@ from redis.commands.core import AsyncScript
 from tokenbridge.processors.batcher import ScriptCall, follow_up_each, run_script_group
 from tokenbridge.settings import Settings
 from tokenbridge.store.once import ApplyOnce
+from tokenbridge.text import as_text
 from tokenbridge.wire.keys import Keys
 from tokenbridge.wire.pipeline import PipelineBatch
 
@@ -169,12 +170,8 @@ def _outcome(batch: PipelineBatch) -> str:
     return terminal.reason if terminal.kind == "end" else f"error:{terminal.code}"
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else "" if value is None else str(value)
-
-
 def _n(value: Any) -> int | None:
-    text = _s(value)
+    text = as_text(value)
     return int(text) if text else None
 
 
@@ -248,14 +245,14 @@ class AnalyticsProcessor:
         model, token_events, completion, prompt, start, first, end, outcome, cached = raw
         completion_tokens = _n(completion)
         figures = GenerationFigures.compute(
-            _s(model) or "(unknown)",
-            _s(outcome),
+            as_text(model) or "(unknown)",
+            as_text(outcome),
             completion_tokens if completion_tokens is not None else _n(token_events) or 0,
             _n(start),
             _n(first),
             _n(end),
             _n(prompt),
-            _s(cached) == "1",
+            as_text(cached) == "1",
         )
         increments = figures.increments()
         marker = f"gen:{generation_id}"

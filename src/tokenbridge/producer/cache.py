@@ -38,6 +38,7 @@ from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.producer import Producer
 from tokenbridge.settings import Settings
+from tokenbridge.text import as_text
 from tokenbridge.wire.events import Event, decode_entry, now_ms
 from tokenbridge.wire.keys import Keys
 
@@ -157,7 +158,7 @@ class ResponseCache:
             # One DEL per entry: entries live on different slots (Cluster).
             async with self.redis.pipeline(transaction=False) as pipe:
                 for member, _ in evicted:
-                    pipe.delete(self.answer_key(_text(member)))
+                    pipe.delete(self.answer_key(as_text(member)))
                 await pipe.execute()
 
     async def _read_answer(self, session_id: str, generation_id: str) -> dict[str, Any] | None:
@@ -193,7 +194,7 @@ class ResponseCache:
                     return {"tokens": tokens, "reason": end.reason, "usage": end.usage}
             if len(page) < _PAGE:
                 return None
-            upper = "(" + _text(page[-1][0])
+            upper = "(" + as_text(page[-1][0])
         return None
 
 
@@ -215,7 +216,3 @@ def _replay_events(job: GenerationJob, raw: bytes) -> list[Event] | None:
     n = len(tokens)
     events.append(Event("end", gid, n + 1, reason=reason, tokens=n, usage=usage))
     return events
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -37,6 +37,7 @@ from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
+from tokenbridge.text import as_text
 from tokenbridge.wire.events import Event, now_ms
 from tokenbridge.wire.keys import WORKER_GROUP, Keys
 
@@ -154,7 +155,7 @@ class GenerationWorker:
                 await pubsub.subscribe(self.keys.cancel_channel)
                 backoff.reset()
                 async for message in pubsub.listen():
-                    event = self._running.get(_text(message.get("data")))
+                    event = self._running.get(as_text(message.get("data")))
                     if event is not None:
                         event.set()
             except REDIS_DOWN_ERRORS as exc:
@@ -255,7 +256,3 @@ class _Cache(Protocol):
     async def replay(self, job: GenerationJob, producer: Producer) -> bool:
         """Write the cached answer of ``job``; False if there is none."""
         ...
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
