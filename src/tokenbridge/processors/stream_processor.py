@@ -44,14 +44,14 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
 from redis.asyncio import Redis
 
 from tokenbridge.consumers.dead_letters import DeadLetters
-from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
+from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.processors.base import Processor
 from tokenbridge.processors.batcher import Batcher
@@ -138,14 +138,14 @@ class StreamProcessor:
         self.name = _process_name()
         self.stats = {p.name: ProcessorStats() for p in self.processors}
         self.consumers: list[StreamConsumer] = []
-        self._options: dict[str, Any] = {
-            "concurrency": concurrency,
-            "count": concurrency,
-            "block_ms": block_ms,
-            "claim_idle_ms": claim_idle_ms,
-            "heartbeat_s": heartbeat_s,
-            "max_deliveries": max_deliveries,
-        }
+        self._options = ConsumerOptions(
+            concurrency=concurrency,
+            count=concurrency,
+            block_ms=block_ms,
+            claim_idle_ms=claim_idle_ms,
+            heartbeat_s=heartbeat_s,
+            max_deliveries=max_deliveries,
+        )
         self._stopping = asyncio.Event()
         self._batcher = Batcher(self._run_group, max_items=_MAX_GROUP)
         self._logged: dict[str, tuple[float, int]] = {}  # name -> (last log time, failures then)
@@ -197,8 +197,7 @@ class StreamProcessor:
                 PROCESSOR_GROUP,
                 self.name,
                 partial(self._handle, shard),
-                burst=burst,
-                **self._options,
+                replace(self._options, burst=burst),
             )
             for shard in range(self.shards)
         ]

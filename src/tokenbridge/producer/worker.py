@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
-from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
+from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.producer.cancel import cancel_requested
 from tokenbridge.producer.jobs import GenerationJob
@@ -83,14 +83,14 @@ class GenerationWorker:
         self.heartbeat_s = heartbeat_s
         self.name = _worker_name()
         self.generations_done = 0
-        self._options: dict[str, Any] = {
-            "concurrency": concurrency,
-            "block_ms": block_ms,
-            "count": concurrency,
-            "claim_idle_ms": claim_idle_ms,
-            "heartbeat_s": heartbeat_s,
-            "max_deliveries": max_deliveries,
-        }
+        self._options = ConsumerOptions(
+            concurrency=concurrency,
+            block_ms=block_ms,
+            count=concurrency,
+            claim_idle_ms=claim_idle_ms,
+            heartbeat_s=heartbeat_s,
+            max_deliveries=max_deliveries,
+        )
         self.consumer: StreamConsumer | None = None
         # Set by Runtime: the response cache (processors/cache.py), and hooks run before a
         # model call (the rate limiter notes who pays for the tokens).
@@ -115,7 +115,7 @@ class GenerationWorker:
     async def run(self) -> None:
         """Start the job consumer (in the service) and send heartbeats until stopped."""
         self.consumer = self.service.start_consumer(
-            self.keys.jobs, WORKER_GROUP, self.name, self._handle, **self._options
+            self.keys.jobs, WORKER_GROUP, self.name, self._handle, self._options
         )
         try:
             async with asyncio.TaskGroup() as group:
