@@ -105,8 +105,8 @@ class _Writer:
     def _pipeline_entry(self, batch: list[Event], terminal: bool) -> bytes | None:
         """The pipeline entry to write with this round trip, if one is due.
 
-        Events are gathered across round trips and sent as one entry per ``_FEED_EVENTS``
-        events or ``_FEED_S`` seconds (and with the terminal event): a slow model flushes one
+        Events are gathered across round trips and sent as one entry per ``_PIPELINE_EVENTS``
+        events or ``_PIPELINE_S`` seconds (and with the terminal event): a slow model flushes one
         token per round trip, and one pipeline entry per token would cost the processors
         ~50x more than the gateway spends delivering it.
         """
