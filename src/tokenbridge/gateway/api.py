@@ -203,13 +203,13 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Readiness: Redis answers and at least one generation worker sent a heartbeat lately;
     503 ``draining`` once this process shuts down (load balancers stop sending it clients)."""
-    runtime = _runtime(request)
-    if _gateway(request).connections.draining:
+    gateway = _gateway(request)
+    if gateway.connections.draining:
         return error_response("draining", "this gateway is shutting down", 503)
     try:
-        await runtime.redis.ping()
-        window_ms = int(max(15.0, runtime.settings.consumer_heartbeat_s * 3) * 1000)
-        workers = await live_workers(runtime.redis, runtime.keys, window_ms)
+        await gateway.redis.ping()
+        window_ms = int(max(15.0, gateway.settings.consumer_heartbeat_s * 3) * 1000)
+        workers = await live_workers(gateway.redis, gateway.keys, window_ms)
     except REDIS_DOWN_ERRORS as exc:
         return error_response("redis_unavailable", f"redis does not answer: {exc}", 503)
     if workers == 0:

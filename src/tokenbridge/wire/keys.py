@@ -125,7 +125,7 @@ class Keys:
 
     @property
     def auth_keys(self) -> str:
-        """Hash: API key id -> JSON record (hashed secret, name, created, revoked)."""
+        """Hash: digest of an API key -> JSON record (its id, name, created, revoked)."""
         return f"{self.prefix}:auth:keys"
 
     @property
