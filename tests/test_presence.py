@@ -23,7 +23,7 @@ from tokenbridge.wire.events import now_ms
 
 async def test_every_process_is_listed_until_it_stops_or_dies(settings: Settings) -> None:
     fast = settings.model_copy(update={"presence_heartbeat_s": 0.2})
-    async with Runtime(fast, gateway=False, worker=True, processors=True) as worker:
+    async with Runtime(fast, worker=True, processors=True) as worker:
         await worker.presence.publish()
         [record] = await list_processes(worker.redis, worker.keys)
         assert record["node_id"] == worker.node_id
@@ -42,7 +42,7 @@ async def test_every_process_is_listed_until_it_stops_or_dies(settings: Settings
         assert [r["node_id"] for r in await list_processes(redis, keys)] == [worker.node_id]
         assert await redis.zscore(keys.processes, "ghost") is None
     # A process that stops cleanly removes its record at once.
-    async with Runtime(settings, gateway=False, worker=False, processors=False) as reader:
+    async with Runtime(settings, worker=False, processors=False) as reader:
         assert await reader.redis.exists(keys.process(worker.node_id)) == 0
         assert await reader.redis.zscore(keys.processes, worker.node_id) is None
 
@@ -71,7 +71,7 @@ async def test_gateway_publishes_its_connections(settings_factory: Any) -> None:
 
 
 async def test_series_of_the_last_15_minutes(settings: Settings) -> None:
-    async with Runtime(settings, gateway=False, worker=False, processors=False) as runtime:
+    async with Runtime(settings, worker=False, processors=False) as runtime:
         figures = [
             GenerationFigures.compute("m", "stop", 10, 0, 100, 1100),
             GenerationFigures.compute("m", "error:provider_error", 0, 0, None, 50),

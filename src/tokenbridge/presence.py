@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.asyncio import Redis
 
@@ -32,10 +32,9 @@ from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import Keys
 
 if TYPE_CHECKING:
-    from tokenbridge.gateway.connection_manager import ConnectionManager
-    from tokenbridge.runtime import Runtime
+    from tokenbridge.gateway.state import Gateway
 
-__all__ = ["MAX_PROCESSES", "Presence", "add_connections", "list_processes", "presence_of"]
+__all__ = ["MAX_PROCESSES", "Presence", "add_gateway", "list_processes", "presence_of"]
 
 log = logging.getLogger(__name__)
 
@@ -166,15 +165,25 @@ async def list_processes(
     return out
 
 
-def presence_of(runtime: Runtime) -> Presence:
-    """The presence of a Runtime's process, with the counters of the parts it runs."""
+class _Process(Protocol):
+    """What :func:`presence_of` reads of a Runtime (a protocol: the runtime imports us)."""
+
+    redis: Redis
+    keys: Keys
+    node_id: str
+    settings: Any
+    worker: Any
+    processor: Any
+    consumers: Any
+    cache: Any
+
+
+def presence_of(runtime: _Process) -> Presence:
+    """The presence of a Runtime's process, with the counters of the parts it runs (a
+    gateway adds its own with :func:`add_gateway`)."""
     roles = [
         role
-        for role, part in (
-            ("gateway", runtime.fanout),
-            ("worker", runtime.worker),
-            ("processor", runtime.processor),
-        )
+        for role, part in (("worker", runtime.worker), ("processor", runtime.processor))
         if part is not None
     ]
     presence = Presence(
@@ -184,13 +193,7 @@ def presence_of(runtime: Runtime) -> Presence:
         roles,
         runtime.settings.presence_heartbeat_s,
     )
-    fanout, worker, processor = runtime.fanout, runtime.worker, runtime.processor
-    if fanout is not None:
-        presence.sources["fanout"] = lambda: {
-            "readers": fanout.reader_count,
-            "sessions": fanout.session_count,
-            **vars(fanout.stats),
-        }
+    worker, processor = runtime.worker, runtime.processor
     if worker is not None:
         presence.running = lambda: worker.consumer.inflight if worker.consumer is not None else 0
         presence.sources["worker"] = lambda: {
@@ -206,17 +209,25 @@ def presence_of(runtime: Runtime) -> Presence:
         "hits": runtime.cache.hits,
         "misses": runtime.cache.misses,
     }
-    presence.sources["rate_limit"] = lambda: {"refused": runtime.rate_limiter.refused}
     return presence
 
 
-def add_connections(presence: Presence, connections: ConnectionManager) -> None:
-    """A gateway's connection counters (and its draining flag) in its presence record."""
+def add_gateway(presence: Presence, gateway: Gateway) -> None:
+    """A gateway's counters in its process's presence record: connections (and whether it
+    drains), its fan-out readers, and the generations its admission refused."""
+    connections, fanout = gateway.connections, gateway.fanout
 
     def stats() -> dict[str, Any]:
         body = connections.stats()
         body.pop("limits", None)
         return body
 
+    presence.roles.insert(0, "gateway")
     presence.sources["connections"] = stats
+    presence.sources["fanout"] = lambda: {
+        "readers": fanout.reader_count,
+        "sessions": fanout.session_count,
+        **vars(fanout.stats),
+    }
+    presence.sources["rate_limit"] = lambda: {"refused": gateway.admission.refused}
     presence.draining = lambda: connections.draining

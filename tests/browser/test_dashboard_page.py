@@ -25,7 +25,7 @@ from tokenbridge.exceptions import AuthError
 FAST = {
     "TOKENBRIDGE_PRESENCE_HEARTBEAT_S": "0.2",
     "TOKENBRIDGE_DASHBOARD_UPDATE_S": "0.2",
-    "TOKENBRIDGE_WORKER_HEARTBEAT_S": "0.5",  # processors publish their stats this often
+    "TOKENBRIDGE_CONSUMER_HEARTBEAT_S": "0.5",  # processors publish their stats this often
 }
 README_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "dashboard.png"
 
@@ -190,7 +190,7 @@ async def test_replay_and_purge_dead_letters_from_the_page(gateway: Gateway, pag
 
 
 async def test_create_and_revoke_a_key_from_the_page(gateway: Gateway, page: Page) -> None:
-    auth = gateway.runtime.auth
+    auth = gateway.app.state.gateway.auth
     await page.goto(gateway.url + "/dashboard")
     await page.fill("#key-name", "from-the-page")
     await page.click("#key-form button[type=submit]")

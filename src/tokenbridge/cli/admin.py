@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenbridge.cli import app
+from tokenbridge.cli.app import app
 from tokenbridge.cli.local import DataDir
 from tokenbridge.cli.target import API_KEY, DEFAULT_URL, REDIS_URL, URL, GatewayTarget, target
 from tokenbridge.consumers.dead_letters import DeadLetters

@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenbridge.cli import app
+from tokenbridge.cli.app import app
 from tokenbridge.cli.target import API_KEY, REDIS_URL, URL, GatewayTarget, target
 from tokenbridge.exceptions import ConfigurationError
-from tokenbridge.processors.status import (
+from tokenbridge.store.stats import (
     read_pipeline_status,
     read_processor_stats,
     read_session_stats,

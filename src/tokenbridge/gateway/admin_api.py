@@ -40,7 +40,7 @@ from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.exceptions import InvalidRequest, LimitExceeded
 from tokenbridge.gateway.auth import key_principal
 from tokenbridge.gateway.overview import consumer_groups, deployment, overview
-from tokenbridge.runtime import Runtime
+from tokenbridge.gateway.state import Gateway
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 
 __all__ = ["DeadLetterSelection", "KeyCreate", "routes"]
@@ -98,15 +98,10 @@ class KeyCreate(BaseModel):
     name: str = Field(default="dashboard", min_length=1, max_length=64)
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.state.runtime
-    return runtime
-
-
-async def _admin(request: Request, unsafe: bool = False) -> Runtime:
-    runtime = _runtime(request)
-    await key_principal(runtime.auth, request, unsafe=unsafe)
-    return runtime
+async def _admin(request: Request, unsafe: bool = False) -> Gateway:
+    gateway: Gateway = request.state.gateway
+    await key_principal(gateway.auth, request, unsafe=unsafe)
+    return gateway
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
@@ -125,37 +120,37 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
 
 async def get_overview(request: Request) -> Response:
     """Everything the dashboard shows, once."""
-    runtime = await _admin(request)
-    shards = runtime.settings.pipeline_shards
-    return JSONResponse(await overview(runtime.redis, runtime.keys, shards))
+    gateway = await _admin(request)
+    shards = gateway.settings.pipeline_shards
+    return JSONResponse(await overview(gateway.redis, gateway.keys, shards))
 
 
 async def get_processes(request: Request) -> Response:
     """Every live process (presence records) and the connections per gateway node."""
-    runtime = await _admin(request)
-    return JSONResponse(await deployment(runtime.redis, runtime.keys))
+    gateway = await _admin(request)
+    return JSONResponse(await deployment(gateway.redis, gateway.keys))
 
 
 async def get_consumers(request: Request) -> Response:
-    runtime = await _admin(request)
-    shards = runtime.settings.pipeline_shards
-    return JSONResponse({"groups": await consumer_groups(runtime.redis, runtime.keys, shards)})
+    gateway = await _admin(request)
+    shards = gateway.settings.pipeline_shards
+    return JSONResponse({"groups": await consumer_groups(gateway.redis, gateway.keys, shards)})
 
 
-def _dead_letters(runtime: Runtime) -> DeadLetters:
-    return DeadLetters(runtime.redis, runtime.keys.dead_letters, runtime.settings.dlq_max_len)
+def _dead_letters(gateway: Gateway) -> DeadLetters:
+    return DeadLetters(gateway.redis, gateway.keys.dead_letters, gateway.settings.dlq_max_len)
 
 
 async def list_dead_letters(request: Request) -> Response:
     """The oldest dead letters (``?limit=``, default 100; ``?stream=`` filters)."""
-    runtime = await _admin(request)
+    gateway = await _admin(request)
     raw_limit = request.query_params.get("limit", "100")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
         raise InvalidRequest("invalid_limit", "limit must be an integer from 1 to 1000")
     stream = request.query_params.get("stream") or None
     if stream is not None and len(stream) > 256:
         raise InvalidRequest("invalid_stream", "stream names at most 256 characters")
-    dlq = _dead_letters(runtime)
+    dlq = _dead_letters(gateway)
     letters = await dlq.letters(int(raw_limit), stream)
     return JSONResponse(
         {"count": await dlq.count(), "letters": [letter.as_dict() for letter in letters]}
@@ -164,17 +159,17 @@ async def list_dead_letters(request: Request) -> Response:
 
 async def replay_dead_letters(request: Request) -> Response:
     """Append the chosen dead letters to their source streams, then drop them from the DLQ."""
-    runtime = await _admin(request, unsafe=True)
+    gateway = await _admin(request, unsafe=True)
     chosen: DeadLetterSelection = await _body(request, DeadLetterSelection)
-    replayed = await _dead_letters(runtime).replay(chosen.ids, chosen.stream)
+    replayed = await _dead_letters(gateway).replay(chosen.ids, chosen.stream)
     return JSONResponse({"replayed": replayed})
 
 
 async def purge_dead_letters(request: Request) -> Response:
     """Delete the chosen dead letters for good."""
-    runtime = await _admin(request, unsafe=True)
+    gateway = await _admin(request, unsafe=True)
     chosen: DeadLetterSelection = await _body(request, DeadLetterSelection)
-    purged = await _dead_letters(runtime).purge(chosen.ids, chosen.stream)
+    purged = await _dead_letters(gateway).purge(chosen.ids, chosen.stream)
     log.info("dead letters purged count=%d", purged)
     return JSONResponse({"purged": purged})
 
@@ -185,15 +180,15 @@ async def keys(request: Request) -> Response:
 
 
 async def list_keys(request: Request) -> Response:
-    runtime = await _admin(request)
-    return JSONResponse({"keys": await runtime.auth.list_keys()})
+    gateway = await _admin(request)
+    return JSONResponse({"keys": await gateway.auth.list_keys()})
 
 
 async def create_key(request: Request) -> Response:
     """A new API key; the answer is the only place it is ever shown."""
-    runtime = await _admin(request, unsafe=True)
+    gateway = await _admin(request, unsafe=True)
     body: KeyCreate = await _body(request, KeyCreate)
-    key_id, key = await runtime.auth.create_key(body.name)
+    key_id, key = await gateway.auth.create_key(body.name)
     return JSONResponse(
         {"id": key_id, "name": body.name, "key": key},
         status_code=201,
@@ -202,19 +197,19 @@ async def create_key(request: Request) -> Response:
 
 
 async def revoke_key(request: Request) -> Response:
-    runtime = await _admin(request, unsafe=True)
+    gateway = await _admin(request, unsafe=True)
     key_id = request.path_params["key_id"]
     if not re.fullmatch(KEY_ID_PATTERN, key_id):
         raise InvalidRequest("invalid_key_id", "a key id is 12 hex digits (see GET /v1/admin/keys)")
-    if not await runtime.auth.revoke_key(key_id):
+    if not await gateway.auth.revoke_key(key_id):
         raise InvalidRequest("key_not_found", f"no stored key with id {key_id}", 404)
     return JSONResponse({"id": key_id, "revoked": True})
 
 
 async def create_login_link(request: Request) -> Response:
     """A one-time console login link (``/?login=<code>``, valid 10 minutes)."""
-    runtime = await _admin(request, unsafe=True)
-    code = await runtime.auth.login_code(_LOGIN_TTL_S)
+    gateway = await _admin(request, unsafe=True)
+    code = await gateway.auth.login_code(_LOGIN_TTL_S)
     base = str(request.base_url)
     return JSONResponse(
         {"url": f"{base}?login={code}", "expires_in_s": _LOGIN_TTL_S},
@@ -225,8 +220,8 @@ async def create_login_link(request: Request) -> Response:
 
 async def dashboard_events(request: Request) -> Response:
     """SSE: the overview every ``dashboard_update_s`` until the client leaves or we drain."""
-    runtime = await _admin(request)
-    connections = request.state.connections
+    gateway = await _admin(request)
+    connections = gateway.connections
     connections.ensure_accepting()
     state = request.app.state
     open_streams = getattr(state, "dashboard_streams", 0)
@@ -237,21 +232,21 @@ async def dashboard_events(request: Request) -> Response:
             retry_after_s=5.0,
         )
     return StreamingResponse(
-        _frames(request, runtime, connections),
+        _frames(request, gateway, connections),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
 
 
-async def _frames(request: Request, runtime: Runtime, connections: Any) -> AsyncIterator[str]:
-    settings = runtime.settings
+async def _frames(request: Request, gateway: Gateway, connections: Any) -> AsyncIterator[str]:
+    settings = gateway.settings
     state = request.app.state
     state.dashboard_streams = getattr(state, "dashboard_streams", 0) + 1
     try:
         yield "retry: 2000\n\n"
         while not connections.draining:
             try:
-                body = await overview(runtime.redis, runtime.keys, settings.pipeline_shards)
+                body = await overview(gateway.redis, gateway.keys, settings.pipeline_shards)
                 yield f"event: overview\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
             except REDIS_DOWN_ERRORS as exc:
                 error = {"code": "redis_unavailable", "message": f"Redis does not answer: {exc}"}

@@ -17,8 +17,8 @@ from redis.asyncio import Redis
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer_service import group_status
 from tokenbridge.presence import list_processes
-from tokenbridge.processors.status import read_pipeline_status, read_processor_stats, read_stats
 from tokenbridge.store.series import read_series
+from tokenbridge.store.stats import read_pipeline_status, read_processor_stats, read_stats
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import Keys
 
