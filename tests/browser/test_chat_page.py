@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -150,3 +151,29 @@ async def test_gap_and_error_events_are_shown(short_chat: Gateway, page: Page) -
     await page.fill("#prompt", "this will fail")
     await page.press("#prompt", "Enter")
     await expect(page.locator(".gerr")).to_contain_text("provider_unreachable")
+
+
+async def test_sign_in_with_a_key_in_a_form_then_chat_and_dashboard(
+    settings_factory: Any, page: Page
+) -> None:
+    key = "tbk_browser_" + secrets.token_hex(8)
+    settings = settings_factory(auth_disabled=False, api_keys=[key], **SLOW)
+    async with Gateway(settings) as gateway:
+        await page.goto(gateway.url)
+        form = page.locator("#login")
+        await expect(form).to_be_visible()  # the API answered 401: a form, not window.prompt
+        await page.fill("#login-key", "tbk_wrong")
+        await page.click("#login button[type=submit]")
+        await expect(page.locator("#login-error")).to_contain_text("not accepted")
+        await page.fill("#login-key", key)
+        await page.click("#login button[type=submit]")
+        await expect(form).to_be_hidden()
+        await ask(page, "signed in", 6, 200)
+        await expect(page.locator(".gen .figs")).to_contain_text("6 tokens")
+
+        # The same cookie signs in the dashboard; its state changes pass the origin check.
+        await page.goto(gateway.url + "/dashboard")
+        await expect(page.locator("#main")).to_be_visible()
+        await page.fill("#key-name", "made-with-the-cookie")
+        await page.click("#key-form button[type=submit]")
+        await expect(page.locator("#key-secret")).to_have_text(re.compile(r"^tbk_"))
