@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -238,21 +240,43 @@ async def dashboard_events(request: Request) -> Response:
     )
 
 
+class _SharedFrame:
+    """The latest overview frame of this process, shared by its dashboard streams: one
+    computation per half period, however many pages watch (``_MAX_STREAMS`` at most)."""
+
+    def __init__(self) -> None:
+        self.frame = ""
+        self.made = -math.inf
+        self.lock = asyncio.Lock()
+
+    async def get(self, gateway: Gateway) -> str:
+        settings = gateway.settings
+        async with self.lock:  # the others wait for this one's answer, then share it
+            if time.monotonic() - self.made < settings.dashboard_update_s / 2:
+                return self.frame
+            try:
+                body = await overview(gateway.redis, gateway.keys, settings.pipeline_shards)
+                data = json.dumps(body, separators=(",", ":"))
+                self.frame = f"event: overview\ndata: {data}\n\n"
+            except REDIS_DOWN_ERRORS as exc:
+                error = {"code": "redis_unavailable", "message": f"Redis does not answer: {exc}"}
+                self.frame = f"event: error\ndata: {json.dumps(error)}\n\n"
+            self.made = time.monotonic()
+            return self.frame
+
+
 async def _frames(request: Request, gateway: Gateway, connections: Any) -> AsyncIterator[str]:
-    settings = gateway.settings
     state = request.app.state
+    shared = getattr(state, "dashboard_frame", None)
+    if shared is None:
+        shared = state.dashboard_frame = _SharedFrame()
     state.dashboard_streams = getattr(state, "dashboard_streams", 0) + 1
     try:
         yield "retry: 2000\n\n"
         while not connections.draining:
-            try:
-                body = await overview(gateway.redis, gateway.keys, settings.pipeline_shards)
-                yield f"event: overview\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
-            except REDIS_DOWN_ERRORS as exc:
-                error = {"code": "redis_unavailable", "message": f"Redis does not answer: {exc}"}
-                yield f"event: error\ndata: {json.dumps(error)}\n\n"
+            yield await shared.get(gateway)
             # The stream's period (a push to the page, not a wait for a condition).
-            await asyncio.sleep(settings.dashboard_update_s)
+            await asyncio.sleep(gateway.settings.dashboard_update_s)
     finally:
         state.dashboard_streams -= 1
 
