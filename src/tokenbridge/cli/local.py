@@ -96,9 +96,9 @@ class DataDir:
 
 def start_embedded(
     settings: Settings, stack: contextlib.ExitStack, data_dir: str | None, ephemeral: bool
-) -> tuple[Settings, DataDir | None]:
+) -> tuple[Settings, EmbeddedRedis, DataDir | None]:
     """Start the embedded Redis for `serve` (persistent unless ``ephemeral``); returns the
-    settings pointing at it and the data directory in use (None when ephemeral)."""
+    settings pointing at it, the server, and the data directory in use (None: ephemeral)."""
     if ephemeral:
         server = stack.enter_context(EmbeddedRedis())
         where = None
@@ -109,7 +109,7 @@ def start_embedded(
     print(f"embedded redis: {server.binary} {server.version} at {server.url}", flush=True)
     if where is not None:
         print(f"data directory: {where.path} (--ephemeral keeps nothing)", flush=True)
-    return settings.model_copy(update={"redis_url": SecretStr(server.url)}), where
+    return settings.model_copy(update={"redis_url": SecretStr(server.url)}), server, where
 
 
 async def first_key(auth: Auth, where: DataDir | None) -> None:

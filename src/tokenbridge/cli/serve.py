@@ -136,7 +136,7 @@ def serve(
     with contextlib.ExitStack() as stack:
         where = None
         if settings.redis_url is None:  # cli/local.py: persistent unless --ephemeral
-            settings, where = start_embedded(settings, stack, data_dir, ephemeral)
+            settings, _, where = start_embedded(settings, stack, data_dir, ephemeral)
         application = create_app(settings)
         config = uvicorn.Config(
             application,
