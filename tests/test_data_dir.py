@@ -4,6 +4,7 @@ the local server there with no configuration."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from pathlib import Path
 
@@ -75,3 +76,19 @@ async def test_restart_on_the_same_data_dir_accepts_the_first_key(tmp_path: Path
             assert code == 0 and "default" in out, err
     finally:
         second.stop()
+
+
+async def test_default_data_dir_is_the_user_data_dir() -> None:
+    """No --data-dir: the platform's user data directory (here XDG_DATA_HOME, which the test
+    session points at a temporary directory)."""
+    serve = GatewayProcess({}, args=["serve"])
+    serve.args += ["--port", str(serve.port)]
+    serve.env = clean_env()
+    serve.start()
+    try:
+        await serve.wait_ready()
+        expected = Path(os.environ["XDG_DATA_HOME"]) / "tokenbridge"
+        assert (expected / "redis").is_dir() and (expected / "api_key").is_file()
+        assert (expected / "api_key").stat().st_mode & 0o077 == 0  # the user's only
+    finally:
+        serve.stop()
