@@ -69,6 +69,11 @@ async def test_gateway_publishes_its_connections(settings_factory: Any) -> None:
         assert record["roles"] == ["gateway", "worker", "processor"]
         assert record["draining"] is False
 
+        gateway.app.state.drain()  # what SIGTERM does first
+        await runtime.presence.publish()
+        [record] = await list_processes(runtime.redis, runtime.keys)
+        assert record["draining"] is True
+
 
 async def test_series_of_the_last_15_minutes(settings: Settings) -> None:
     async with Runtime(settings, worker=False, processors=False) as runtime:
