@@ -4,6 +4,7 @@ the local server there with no configuration."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -11,9 +12,22 @@ from pathlib import Path
 import httpx
 
 from tests.servers import GatewayProcess
+from tests.sse_client import read_events
 from tests.test_cli import clean_env, run_cli
 
 KEY_LINE = re.compile(r"API key (\w+) \(shown once, keep it\): (tbk_\S+)")
+
+
+async def session_events(http: httpx.AsyncClient, key: str, session_id: str) -> list[str]:
+    """The kinds of the session's events, from the start to its first terminal event."""
+    kinds: list[str] = []
+    url = f"/v1/sessions/{session_id}/events?token={key}"
+    async with asyncio.timeout(20), contextlib.aclosing(read_events(http, url)) as events:
+        async for event in events:
+            kinds.append(event.event)
+            if event.event in ("end", "error"):
+                break
+    return kinds
 
 
 async def start_serve(data_dir: Path) -> tuple[GatewayProcess, str]:
@@ -42,6 +56,15 @@ async def test_restart_on_the_same_data_dir_accepts_the_first_key(tmp_path: Path
         async with httpx.AsyncClient(base_url=first.url, timeout=30) as http:
             headers = {"authorization": f"Bearer {key}"}
             assert (await http.get("/v1/admin/keys", headers=headers)).status_code == 200
+            started = await http.post(
+                "/v1/generations",
+                headers=headers,
+                json={"model": "demo", "prompt": "kept", "params": {"max_tokens": 5, "rate": 0}},
+            )
+            assert started.status_code == 202, started.text
+            session_id = started.json()["session_id"]
+            before = await session_events(http, key, session_id)
+            assert before[-1] == "end"
             # A second serve on the same directory is refused in one clear line.
             code, out, err = await run_cli(
                 "serve", "--data-dir", str(tmp_path), "--port", "0", env=clean_env()
@@ -58,6 +81,8 @@ async def test_restart_on_the_same_data_dir_accepts_the_first_key(tmp_path: Path
         async with httpx.AsyncClient(base_url=second.url, timeout=30) as http:
             response = await http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
             assert response.status_code == 200, response.text
+            # The session written before the restart is still there, event for event.
+            assert await session_events(http, key, session_id) == before
 
             # `login-link` finds the local serve (URL and key) in the data directory.
             env = clean_env(TOKENBRIDGE_DATA_DIR=str(tmp_path))
