@@ -123,7 +123,7 @@ async def create_generation(request: Request) -> Response:
     messages = body.chat_messages()
     if len(messages) > settings.max_messages:
         raise InvalidRequest("too_many_messages", f"at most {settings.max_messages} messages", 413)
-    if sum(len(m.content) for m in messages) > settings.max_prompt_chars:
+    if sum(m.chars for m in messages) > settings.max_prompt_chars:
         raise InvalidRequest(
             "prompt_too_large", f"prompt over {settings.max_prompt_chars} characters", 413
         )

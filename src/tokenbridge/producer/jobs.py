@@ -7,9 +7,19 @@ worker is reclaimed by another (see ``producer/worker.py``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
+from pydantic.config import JsonDict
 from redis.asyncio import Redis
 
 from tokenbridge.exceptions import InvalidEntry
@@ -17,16 +27,88 @@ from tokenbridge.producer.models.base import ChatRequest, GenerationParams
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import ID_PATTERN, Keys
 
-__all__ = ["GenerationJob", "Message", "submit_job"]
+__all__ = ["GenerationJob", "Message", "ToolCall", "submit_job"]
 
 
-class Message(BaseModel):
-    """One chat message."""
+class _Function(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    arguments: str = Field(max_length=1_000_000, description="The call's arguments as JSON.")
+
+
+class ToolCall(BaseModel):
+    """A function call an assistant message made (OpenAI's ``tool_calls`` entry)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    role: str = Field(pattern=r"^(system|user|assistant)$")
-    content: str
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: _Function
+
+
+_NULL: JsonDict = {"type": "null"}
+_TEXT: JsonDict = {"type": "string"}
+# The role rules of Message._fits_its_role, for the OpenAPI schema (and its fuzzer).
+_ROLE_RULES: list[JsonValue] = [
+    {
+        "properties": {"role": {"enum": ["system", "developer", "user"]}, "content": _TEXT,
+                       "tool_calls": _NULL, "tool_call_id": _NULL},
+        "required": ["content"],
+    },
+    {
+        "properties": {"role": {"const": "assistant"}, "content": _TEXT, "tool_call_id": _NULL},
+        "required": ["content"],
+    },
+    {
+        "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array"},
+                       "tool_call_id": _NULL},
+        "required": ["tool_calls"],
+    },
+    {
+        "properties": {"role": {"const": "tool"}, "content": _TEXT, "tool_call_id": _TEXT,
+                       "tool_calls": _NULL},
+        "required": ["content", "tool_call_id"],
+    },
+]  # fmt: skip
+
+
+class Message(BaseModel):
+    """One chat message in OpenAI's format (roles system, developer, user, assistant, tool).
+
+    ``content`` may be null only on an assistant message that carries ``tool_calls``; a
+    ``tool`` message answers the call named by its ``tool_call_id``. Dumped without the
+    fields left unset, so a plain message is ``{"role": ..., "content": ...}``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"anyOf": _ROLE_RULES})
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, min_length=1, max_length=128)
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _fits_its_role(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only it has one")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+    @property
+    def chars(self) -> int:
+        """Characters of text the message carries (content and call arguments): input bounds."""
+        calls = self.tool_calls or ()
+        return len(self.content or "") + sum(len(c.function.arguments) for c in calls)
 
 
 class GenerationJob(BaseModel):
@@ -42,6 +124,8 @@ class GenerationJob(BaseModel):
     submitted_ms: int = Field(default_factory=now_ms)
     # Who asked (API key id, or client address without auth): token budgets charge it.
     identity: str | None = Field(default=None, max_length=256)
+    # Runs to its end even when no client reads it (no orphan_grace_s cancel, see worker.py).
+    background: bool = False
 
     def to_fields(self) -> dict[str, str]:
         return {"job": self.model_dump_json(exclude_none=True)}

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from tokenbridge.exceptions import ModelError
 from tokenbridge.producer.jobs import GenerationJob
-from tokenbridge.producer.models.base import ChatModel, Delta, Finish
+from tokenbridge.producer.models.base import ChatModel, Delta, Finish, ToolCallDelta
 from tokenbridge.store.resp import arg, checkout, pack, read_replies
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.events import Event, now_ms
@@ -292,17 +292,23 @@ class _Feed:
         stream = self.model.stream(self.job.chat_request())
         async with contextlib.aclosing(stream) as items:
             async for item in items:
-                if isinstance(item, Delta):
+                if isinstance(item, Delta | ToolCallDelta):
                     if self.first_token_s is None:
                         self.first_token_s = time.monotonic() - self.started
-                    event = Event("token", gid, self.seq + 1, now_ms(), item.text)
+                    if isinstance(item, Delta):
+                        event = Event("token", gid, self.seq + 1, now_ms(), item.text)
+                    else:  # shares seq with the tokens; `tokens` counts text tokens only
+                        event = Event(
+                            "tool_call", gid, self.seq + 1, index=item.index,
+                            call_id=item.call_id, name=item.name, arguments=item.arguments,
+                        )  # fmt: skip
                     try:
                         queue.put_nowait(event)
                     except asyncio.QueueFull:
                         await queue.put(event)
                     # Counted once queued: a cancel while waiting leaves no hole in seq.
                     self.seq += 1
-                    self.tokens += 1
+                    self.tokens += event.kind == "token"
                 elif isinstance(item, Finish):
                     self.outcome = item.reason
                     return Event(

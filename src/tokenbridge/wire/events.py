@@ -20,6 +20,7 @@ from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.wire.keys import ID_PATTERN
 
 __all__ = [
+    "END_REASONS",
     "KINDS",
     "WIRE_VERSION",
     "Event",
@@ -29,10 +30,14 @@ __all__ = [
 ]
 
 WIRE_VERSION = "1"
-EventKind = Literal["start", "token", "end", "error"]
-KINDS: frozenset[str] = frozenset({"start", "token", "end", "error"})
+EventKind = Literal["start", "token", "tool_call", "end", "error"]
+KINDS: frozenset[str] = frozenset({"start", "token", "tool_call", "end", "error"})
 _MAX_TEXT = 1_000_000
-_END_REASONS = frozenset({"stop", "length", "cancelled"})
+END_REASONS: frozenset[str] = frozenset(
+    {"stop", "length", "cancelled", "tool_calls", "content_filter", "abandoned"}
+)
+"""``end.reason``: the model finished, hit ``max_tokens``, was cancelled, stopped to call tools,
+was filtered, or no client read the stream for ``orphan_grace_s`` (abandoned)."""
 
 
 _VALID_IDS: set[str] = set()  # generation ids already checked against ID_PATTERN
@@ -63,6 +68,10 @@ class Event:
     code: str = ""
     message: str = ""
     cached: bool = False
+    index: int = 0
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
 
     def to_fields(self) -> dict[str, str | int]:
         """The Redis fields of this event (for XADD)."""
@@ -75,6 +84,8 @@ class Event:
         }
         if self.kind == "token":
             fields["text"] = self.text
+        elif self.kind == "tool_call":
+            fields.update(self._tool_call())
         elif self.kind == "start":
             fields["model"] = self.model
             if self.cached:
@@ -94,6 +105,8 @@ class Event:
         data: dict[str, Any] = {"generation_id": self.generation_id, "seq": self.seq, "ts": self.ts}
         if self.kind == "token":
             data["text"] = self.text
+        elif self.kind == "tool_call":
+            data.update(self._tool_call())
         elif self.kind == "start":
             data["model"] = self.model
             if self.cached:
@@ -107,6 +120,16 @@ class Event:
             data["code"] = self.code
             data["message"] = self.message
         return data
+
+    def _tool_call(self) -> dict[str, str | int]:
+        """``index`` and ``arguments``; ``call_id`` and ``name`` only where set (first fragment)."""
+        fields: dict[str, str | int] = {"index": self.index}
+        if self.call_id:
+            fields["call_id"] = self.call_id
+        if self.name:
+            fields["name"] = self.name
+        fields["arguments"] = self.arguments
+        return fields
 
 
 def _text(fields: dict[bytes, bytes], name: bytes, required: bool = True) -> str:
@@ -206,12 +229,17 @@ def decode_entry(fields: dict[bytes, bytes]) -> Event:
     )
     if kind == "token":
         event.text = _text(fields, b"text")
+    elif kind == "tool_call":
+        event.index = _int(fields, b"index")
+        event.call_id = _text(fields, b"call_id", required=False)
+        event.name = _text(fields, b"name", required=False)
+        event.arguments = _text(fields, b"arguments")
     elif kind == "start":
         event.model = _text(fields, b"model", required=False)
         event.cached = fields.get(b"cached") in (b"1", b"true")
     elif kind == "end":
         event.reason = _text(fields, b"reason")
-        if event.reason not in _END_REASONS:
+        if event.reason not in END_REASONS:
             raise InvalidEntry(f"unknown end reason {event.reason[:40]!r}")
         event.tokens = _int(fields, b"tokens")
         event.usage = _usage(fields)

@@ -32,14 +32,13 @@ from typing import Any
 
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.store.resp import arg
-from tokenbridge.wire.events import KINDS, Event
+from tokenbridge.wire.events import END_REASONS, KINDS, Event
 from tokenbridge.wire.keys import ID_PATTERN, Keys
 
 __all__ = ["PipelineBatch", "PipelineFeed", "prompt_digest", "shard_of"]
 
 _MAX_EVENTS = 100_000
 _MAX_MODEL = 256
-_END_REASONS = frozenset({"stop", "length", "cancelled"})
 
 
 def shard_of(session_id: str, shards: int) -> int:
@@ -209,12 +208,17 @@ def _event(item: Any, generation_id: str) -> Event:
     event = Event(kind, generation_id, _int(item, "seq"), _int(item, "ts"))
     if kind == "token":
         event.text = _text(item, "text", required=True)
+    elif kind == "tool_call":
+        event.index = _int(item, "index")
+        event.call_id = _text(item, "call_id")
+        event.name = _text(item, "name")
+        event.arguments = _text(item, "arguments", required=True)
     elif kind == "start":
         event.model = _text(item, "model")
         event.cached = item.get("cached") is True
     elif kind == "end":
         event.reason = _text(item, "reason", required=True)
-        if event.reason not in _END_REASONS:
+        if event.reason not in END_REASONS:
             raise InvalidEntry(f"unknown end reason {event.reason[:40]!r}")
         event.tokens = _int(item, "tokens")
         usage = item.get("usage")
