@@ -35,6 +35,21 @@ class TokenBridgeCollector(Collector):
         yield from self._connections()
         yield from self._fanout()
         yield from self._consumers()
+        yield from self._worker()
+
+    def _worker(self) -> Iterator[Any]:
+        worker = self.runtime.worker
+        if worker is None:
+            return
+        yield CounterMetricFamily(
+            "tokenbridge_generations_done", "Generations this process's worker ran to an end",
+            value=worker.generations_done,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "tokenbridge_generations_abandoned",
+            "Generations cancelled because no client read them for orphan_grace_s",
+            value=worker.generations_abandoned,
+        )  # fmt: skip
 
     def _connections(self) -> Iterator[Any]:
         stats = self.connections.stats()

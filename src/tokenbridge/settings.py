@@ -200,6 +200,12 @@ class Settings(BaseSettings):
         description="On stop, how long running generations (and uvicorn's open requests) get "
         "to finish; generations still running then end with reason `cancelled`.",
     )
+    orphan_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="A generation (not `background`) that no client reads on any gateway node "
+        "for this long is cancelled; its stream ends with reason `abandoned`. 0: never.",
+    )
     producer_max_pending: int = Field(
         default=4096, ge=1, description="Events a producer buffers before the model waits."
     )

@@ -57,6 +57,11 @@ class GenerationRequest(BaseModel):
     messages: list[Message] | None = Field(default=None, min_length=1)
     session_id: str | None = Field(default=None, pattern=ID_PATTERN.pattern)
     params: GenerationParams = Field(default_factory=GenerationParams)
+    background: bool = Field(
+        default=False,
+        description="Run to the end even if no client reads it (else it is cancelled as "
+        "`abandoned` after orphan_grace_s unread).",
+    )
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerationRequest:
@@ -139,6 +144,7 @@ async def create_generation(request: Request) -> Response:
         messages=messages,
         params=body.params,
         identity=principal.identity,
+        background=body.background,
     )
     lookup_ttl_s = settings.stream_max_generation_s + settings.stream_retention_s
     await submit_job(runtime.redis, runtime.keys, job, settings.jobs_max_len, lookup_ttl_s)
@@ -270,7 +276,11 @@ async def status(request: Request) -> Response:
         },
         "worker": None
         if worker is None
-        else {"name": worker.name, "generations_done": worker.generations_done},
+        else {
+            "name": worker.name,
+            "generations_done": worker.generations_done,
+            "generations_abandoned": worker.generations_abandoned,
+        },
         "consumers": runtime.consumers.status(),
         "groups": await runtime.consumers.group_status(runtime.keys.jobs),
         "dead_letters": await runtime.dead_letters.count(),

@@ -29,6 +29,7 @@ from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExc
 from tokenbridge.gateway import api, stats_api
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.openapi import openapi_schema
+from tokenbridge.gateway.presence import presence_for
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings
 
@@ -148,7 +149,10 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
             max_per_address=settings.limits_max_connections_per_address,
             idle_timeout_s=settings.connection_idle_timeout_s,
         )
-        async with Runtime(settings, worker=worker) as runtime:
+        async with (
+            Runtime(settings, worker=worker) as runtime,
+            presence_for(settings, runtime, connections),
+        ):
 
             def drain() -> None:
                 """Shutdown's first step (SIGTERM): refuse new requests and connections (503,
