@@ -349,3 +349,29 @@ def test_tool_call_entries_round_trip() -> None:
 def test_new_end_reasons_are_valid(reason: str) -> None:
     end = Event("end", "g_1", 4, 7, reason=reason, tokens=2)
     assert decode_entry(_raw(end)).reason == reason
+
+
+async def test_answer_with_tool_calls_is_not_cached(settings_factory: Any) -> None:
+    """A forced function call ends with ``stop`` (OpenAI's way): a cached replay would carry
+    only the text, so such an answer must never be stored; a text answer still is."""
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    with ModelServer(Answer(tokens=("plain",))) as srv:
+        srv.script(Answer(tokens=("ok",), finish_reason="stop", tool_calls=TWO_CALLS[:1]))
+        settings = settings_factory(models={"m": srv.model_config()})
+        async with Gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url) as http:
+            answers = []
+            for params in ({"tools": [WEATHER], "tool_choice": forced}, {}):
+                started = await start(http, model="m", params={"temperature": 0, **params})
+                async with asyncio.timeout(10):
+                    events = await collect_until_end(
+                        http, started["events_url"], started["generation_id"]
+                    )
+                assert events[-1].data["reason"] == "stop"
+                answer = await gw.runtime.cache._read_answer(
+                    started["session_id"], started["generation_id"]
+                )
+                answers.append(answer)
+    assert [e.event for e in events] == ["start", "token", "end"]
+    with_calls, plain = answers
+    assert with_calls is None
+    assert plain is not None and plain["tokens"] == ["plain"]
