@@ -185,7 +185,9 @@ Adapters:
 - `demo`: deterministic words, no network. Request `params.rate` is its speed in tokens/s
   (default 20; 0 means unpaced) and `params.max_tokens` its length (default 40 words). The
   words depend only on the request (messages and `seed`), never on `rate` or timing, so a cut
-  and resumed stream can be compared with an uncut one.
+  and resumed stream can be compared with an uncut one. With `tools` and a `tool_choice` of
+  `required` or `{{"type": "function", ...}}` it answers with one call of that function (the
+  first tool for `required`), arguments drawn the same way, and finishes with `tool_calls`.
 - `openai`: any OpenAI-compatible chat-completions API: OpenAI, vLLM, Ollama, llama.cpp
   server, LiteLLM. It POSTs `{{base_url}}/chat/completions` with `stream: true` and
   `stream_options.include_usage`; `base_url` defaults to `https://api.openai.com/v1`. Messages

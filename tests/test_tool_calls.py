@@ -23,6 +23,7 @@ from tokenbridge.producer.models import (
     ChatModel,
     ChatRequest,
     Delta,
+    DemoModel,
     Finish,
     GenerationParams,
     OpenAIChatModel,
@@ -273,7 +274,7 @@ async def test_anthropic_refuses_arguments_that_are_not_an_object(
     history[2] = {"role": "assistant", "tool_calls": [call]}
     with pytest.raises(ProviderError) as info:
         await collect_all(anthropic_model, ChatRequest(history, GenerationParams()))
-    assert info.value.code == "invalid_request"
+    assert info.value.code == "invalid_tool_arguments"
     assert anthropic_server.requests == []
 
 
@@ -375,3 +376,22 @@ async def test_answer_with_tool_calls_is_not_cached(settings_factory: Any) -> No
     with_calls, plain = answers
     assert with_calls is None
     assert plain is not None and plain["tokens"] == ["plain"]
+
+
+# -- The demo model's forced calls ---------------------------------------------------------
+
+
+async def test_demo_calls_a_forced_function_deterministically() -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    first = await collect_all(DemoModel(), tools_request(tool_choice=named, rate=0))
+    again = await collect_all(DemoModel(), tools_request(tool_choice=named, rate=500))
+    assert first == again  # pacing never changes the answer
+    [call] = joined_calls(first).values()
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    assert list(json.loads(call["arguments"])) == ["city"]
+    assert all(len(i.arguments) <= 8 for i in first if isinstance(i, ToolCallDelta))
+    assert isinstance(first[-1], Finish) and first[-1].reason == "tool_calls"
+    required = await collect_all(DemoModel(), tools_request(tool_choice="required", rate=0))
+    assert joined_calls(required)[0]["name"] == "get_weather"  # the first tool
+    auto = await collect_all(DemoModel(), tools_request(tool_choice="auto", rate=0, max_tokens=3))
+    assert [type(i) for i in auto] == [Delta, Delta, Delta, Finish]

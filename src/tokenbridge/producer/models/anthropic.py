@@ -29,6 +29,8 @@ same stable codes as the OpenAI adapter, and a message that never contains the A
     provider_unreachable    the connection could not be made
     provider_disconnected   the connection broke mid-response
     provider_timeout        connect/read/pool timeout (ProviderTimeout)
+    invalid_tool_arguments  the chat cannot be said in Anthropic's format (tool call arguments
+                            that are not a JSON object); nothing is sent
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ class AnthropicChatModel(ProviderErrors):
         try:
             body = anthropic_request(request, self.upstream, DEFAULT_MAX_TOKENS)
         except ValueError as exc:
-            raise ProviderError(f"model {self.name!r}: {exc}", code="invalid_request") from None
+            raise ProviderError(
+                f"model {self.name!r}: {exc}", code="invalid_tool_arguments"
+            ) from None
         body["stream"] = True
         return body
 
