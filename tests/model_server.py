@@ -57,6 +57,7 @@ class Answer:
     done: bool = True
     linger: bool = False
     tool_calls: Sequence[ToolCall] = ()
+    tool_call_index: bool = True  # False: fragments without "index" (as older Ollama sends)
 
 
 @dataclass(frozen=True)
@@ -246,11 +247,12 @@ class ModelServer:
         for token in tokens:
             await _send_event(w, self._chunk({"content": token}))
         for index, call in enumerate(reply.tool_calls if isinstance(reply, Answer) else ()):
-            head = {"index": index, "id": call.id, "type": "function"}
+            at = {"index": index} if isinstance(reply, Answer) and reply.tool_call_index else {}
+            head = at | {"id": call.id, "type": "function"}
             head["function"] = {"name": call.name, "arguments": ""}
             await _send_event(w, self._chunk({"tool_calls": [head]}))
             for piece in call.arguments:
-                fragment = {"index": index, "function": {"arguments": piece}}
+                fragment = at | {"function": {"arguments": piece}}
                 await _send_event(w, self._chunk({"tool_calls": [fragment]}))
         if isinstance(reply, Stall):
             await self._stall()

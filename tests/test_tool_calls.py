@@ -175,6 +175,19 @@ async def test_openai_streams_tool_call_fragments(
     assert openai_server.requests[0]["tool_choice"] == "required"
 
 
+async def test_openai_tool_calls_without_index(
+    openai_server: ModelServer, openai_model: OpenAIChatModel
+) -> None:
+    """Servers that omit ``index``: the id starts a call, id-less fragments continue it."""
+    openai_server.reply = Answer(tokens=(), finish_reason="tool_calls", tool_calls=TWO_CALLS,
+                                 tool_call_index=False)  # fmt: skip
+    items = await collect_all(openai_model, tools_request())
+    assert joined_calls(items) == {
+        0: {"id": "call_a", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        1: {"id": "call_b", "name": "get_time", "arguments": "{}"},
+    }
+
+
 @pytest.mark.parametrize(
     ("given", "expected"),
     [("content_filter", "content_filter"), ("function_call", "tool_calls"), ("odd", "stop")],

@@ -96,6 +96,7 @@ class OpenAIChatModel(ProviderErrors):
         """POST the chat with ``stream: true`` and yield its tokens, then one Finish."""
         reason: str | None = None
         usage: dict[str, int] | None = None
+        call_ids: list[str] = []  # ids of the calls seen, for servers that omit the index
         try:
             async with self._client.stream("POST", self._url, json=self._body(request)) as resp:
                 if not resp.is_success:
@@ -109,7 +110,7 @@ class OpenAIChatModel(ProviderErrors):
                             return
                         chunk = self._parse(data)
                         usage = _usage(chunk.get("usage")) or usage
-                        content, calls, reason = self._choice(chunk, reason)
+                        content, calls, reason = self._choice(chunk, reason, call_ids)
                         if content:
                             yield Delta(content)
                         for call in calls:
@@ -140,7 +141,7 @@ class OpenAIChatModel(ProviderErrors):
         return body
 
     def _choice(
-        self, chunk: dict[str, Any], reason: str | None
+        self, chunk: dict[str, Any], reason: str | None, call_ids: list[str]
     ) -> tuple[str, list[ToolCallDelta], str | None]:
         """``choices[0].delta``'s text and call fragments, and the finish reason seen so far."""
         if chunk.get("error") is not None:
@@ -162,27 +163,40 @@ class OpenAIChatModel(ProviderErrors):
         finish = choice.get("finish_reason")
         return (
             content if isinstance(content, str) else "",
-            self._tool_calls(delta.get("tool_calls")),
+            self._tool_calls(delta.get("tool_calls"), call_ids),
             finish if isinstance(finish, str) else reason,
         )
 
-    def _tool_calls(self, value: object) -> list[ToolCallDelta]:
-        """The call fragments of one delta; a fragment that says nothing is dropped."""
+    def _tool_calls(self, value: object, call_ids: list[str]) -> list[ToolCallDelta]:
+        """The call fragments of one delta; a fragment that says nothing is dropped.
+
+        A fragment without ``index`` (some servers, e.g. older Ollama, send each call whole
+        without one) belongs to the call its ``id`` names, or else to the last call.
+        """
         if value is None:
             return []
         if not isinstance(value, list):
             raise self._bad_response("delta.tool_calls is not a list")
         calls = []
         for item in value:
-            index = item.get("index") if isinstance(item, dict) else None
+            if not isinstance(item, dict):
+                raise self._bad_response("a tool call fragment is not an object")
+            index, call_id = item.get("index"), _str(item.get("id"))
             if type(index) is not int or index < 0:
-                raise self._bad_response("a tool call fragment has no valid index")
+                if call_id:
+                    index = call_ids.index(call_id) if call_id in call_ids else len(call_ids)
+                elif call_ids:
+                    index = len(call_ids) - 1
+                else:
+                    raise self._bad_response("a tool call fragment has neither index nor id")
+            if call_id and call_id not in call_ids:
+                call_ids.append(call_id)
             function = item.get("function")
             function = function if isinstance(function, dict) else {}
             call = ToolCallDelta(
                 index,
                 arguments=_str(function.get("arguments")),
-                call_id=_str(item.get("id")),
+                call_id=call_id,
                 name=_str(function.get("name")),
             )
             if call.arguments or call.call_id or call.name:
