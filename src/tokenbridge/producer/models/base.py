@@ -48,7 +48,7 @@ class FunctionSpec(_Strict):
     """A function the model may call: its name, what it does, its JSON Schema parameters."""
 
     name: _FunctionName
-    description: str | None = Field(default=None, max_length=4096)
+    description: str | None = Field(default=None, max_length=65_536)
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
