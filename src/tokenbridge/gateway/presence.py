@@ -22,17 +22,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
+from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.settings import Settings
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.wire.keys import Keys
-
-if TYPE_CHECKING:
-    from tokenbridge.gateway.connection_manager import ConnectionManager
-    from tokenbridge.runtime import Runtime
 
 __all__ = ["SessionPresence", "presence_for", "presence_refresh_s"]
 
@@ -47,18 +43,18 @@ def presence_refresh_s(orphan_grace_s: float, heartbeat_s: float) -> float:
 
 
 def presence_for(
-    settings: Settings, runtime: Runtime, connections: ConnectionManager
+    settings: Settings, redis: Redis, keys: Keys, node_id: str, connections: ConnectionManager
 ) -> contextlib.AbstractAsyncContextManager[object]:
     """The gateway's SessionPresence, hooked to its connections (nothing if the rule is off)."""
     if settings.orphan_grace_s <= 0:
         return contextlib.nullcontext()
     presence = SessionPresence(
-        runtime.redis,
-        runtime.keys,
+        redis,
+        keys,
         connections.session_ids,
-        runtime.node_id,
+        node_id,
         orphan_grace_s=settings.orphan_grace_s,
-        heartbeat_s=settings.sse_heartbeat_s,
+        heartbeat_s=settings.connection_heartbeat_s,
     )
     connections.on_session_open = presence.opened
     return presence

@@ -27,10 +27,12 @@ from tokenbridge.producer.models.base import ChatRequest, GenerationParams
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import ID_PATTERN, Keys
 
-__all__ = ["GenerationJob", "Message", "ToolCall", "submit_job"]
+__all__ = ["FunctionCall", "GenerationJob", "Message", "ToolCall", "submit_job"]
 
 
-class _Function(BaseModel):
+class FunctionCall(BaseModel):
+    """The function an assistant message calls: its name and JSON arguments text."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
@@ -44,7 +46,7 @@ class ToolCall(BaseModel):
 
     id: str = Field(min_length=1, max_length=256)
     type: Literal["function"] = "function"
-    function: _Function
+    function: FunctionCall
 
 
 _NULL: JsonDict = {"type": "null"}
@@ -104,9 +106,14 @@ class Message(BaseModel):
         data: dict[str, Any] = handler(self)
         return {k: v for k, v in data.items() if v is not None}
 
+    def to_dict(self) -> dict[str, Any]:
+        """The message as adapters and digests see it (unset fields left out)."""
+        data: dict[str, Any] = self.model_dump()
+        return data
+
     @property
-    def chars(self) -> int:
-        """Characters of text the message carries (content and call arguments): input bounds."""
+    def text_length(self) -> int:
+        """Characters of content and tool-call arguments (the prompt size limit counts them)."""
         calls = self.tool_calls or ()
         return len(self.content or "") + sum(len(c.function.arguments) for c in calls)
 
@@ -144,7 +151,7 @@ class GenerationJob(BaseModel):
             ) from None
 
     def chat_request(self) -> ChatRequest:
-        messages: list[dict[str, Any]] = [m.model_dump() for m in self.messages]
+        messages: list[dict[str, Any]] = [m.to_dict() for m in self.messages]
         return ChatRequest(messages=messages, params=self.params)
 
 
