@@ -26,7 +26,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
-from tokenbridge.gateway import api, stats_api
+from tokenbridge.gateway import api, openai_routes, stats_api
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.openapi import openapi_schema
 from tokenbridge.runtime import Runtime
@@ -188,6 +188,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         ),
         WebSocketRoute("/v1/sessions/{session_id}/ws", api.session_websocket),
         *stats_api.routes,
+        *openai_routes.routes(_StreamEndpoint),
     ]
     middleware = []
     if settings.cors_origins:

@@ -1,0 +1,297 @@
+"""The Responses API: create (stream, background, store), retrieve and resume, cancel, delete.
+
+A response is one generation in a session of its own (``resp_<session id>``); its events are
+the session stream encoded by ``gateway/encodings/openai_responses.py``, a pure function of
+that stream, so any node can poll it (replay and snapshot), re-stream it from ``starting_after``
+(a full replay with the first events left out) or cancel it. What is not in the stream lives in
+``tb:{sid}:openai`` (``gateway/openai_store.py``): the request (for ``previous_response_id``
+and the object's constant fields) and, once it ended, the final object, both kept
+``openai_response_retention_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tokenbridge.exceptions import InvalidRequest
+from tokenbridge.gateway.api import _json_body
+from tokenbridge.gateway.encodings.openai_responses import ResponsesEncoder, ResponsesOptions
+from tokenbridge.gateway.openai_common import openai_principal, parts, submit
+from tokenbridge.gateway.openai_errors import OpenAIParamError, openai_endpoint
+from tokenbridge.gateway.openai_requests import ResponsesBody, parse_responses
+from tokenbridge.gateway.openai_store import RESPONSE_PREFIX, OpenAIStore, session_of
+from tokenbridge.gateway.openai_stream import EncodedStreamResponse, collect
+from tokenbridge.gateway.resume import iter_history
+from tokenbridge.producer.cancel import request_cancel
+from tokenbridge.runtime import Runtime
+from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.wire.keys import new_session_id
+
+__all__ = ["cancel_response", "create_response", "delete_response", "retrieve_response"]
+
+_CANCEL_WAIT_S = 5.0
+_DONE = frozenset({"completed", "incomplete", "failed", "cancelled"})
+
+
+def _base(response_id: str, body: ResponsesBody, created_at: int) -> dict[str, Any]:
+    """The Response object's fields that do not change while it runs."""
+    params = body.params
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "model": body.model,
+        "background": body.background,
+        "instructions": body.instructions,
+        "max_output_tokens": params.get("max_tokens"),
+        "metadata": body.metadata or {},
+        "parallel_tool_calls": params.get("parallel_tool_calls", True),
+        "previous_response_id": body.previous_response_id,
+        "store": body.store,
+        "temperature": params.get("temperature"),
+        "text": {"format": {"type": "text"}},
+        "tool_choice": body.tool_choice,
+        "tools": body.tools,
+        "top_p": params.get("top_p"),
+        "truncation": "disabled",
+        "user": params.get("user"),
+    }
+
+
+def _assistant_turn(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A response's output items as the assistant message that continues the chat."""
+    text = "".join(
+        part.get("text", "")
+        for item in output
+        if item.get("type") == "message"
+        for part in item.get("content", [])
+    )
+    calls = [
+        {
+            "id": item["call_id"],
+            "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]},
+        }
+        for item in output
+        if item.get("type") == "function_call"
+    ]
+    if not text and not calls:
+        return []
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = calls
+    return [message]
+
+
+async def _snapshot(
+    runtime: Runtime, store: OpenAIStore, session_id: str, record: dict[str, Any]
+) -> dict[str, Any]:
+    """The response now: replayed from its session stream (kept once it has ended)."""
+    encoder = ResponsesEncoder(_options(record))
+    encoder.initial()
+    async for batch in iter_history(
+        runtime.redis,
+        runtime.keys.events(session_id),
+        session_id,
+        "0",
+        "0-0",
+        runtime.settings.history_batch,
+    ):
+        encoder.encode([batch])
+        if encoder.finished:
+            break
+    snapshot = encoder.snapshot()
+    if encoder.finished and record["base"]["store"]:
+        await store.put_final(session_id, snapshot)
+    return snapshot
+
+
+def _options(record: dict[str, Any], starting_after: int = -1) -> ResponsesOptions:
+    return ResponsesOptions(
+        base=record["base"],
+        generation_id=record["generation_id"],
+        background=record["base"]["background"],
+        starting_after=starting_after,
+    )
+
+
+async def _conversation(
+    runtime: Runtime, store: OpenAIStore, body: ResponsesBody
+) -> list[dict[str, Any]]:
+    """The chat so far (``previous_response_id``'s, with its answer) and this input."""
+    if body.previous_response_id is None:
+        return body.input
+    previous = body.previous_response_id
+    try:
+        session_id = session_of(previous, RESPONSE_PREFIX, "response")
+        record, final = await store.response(session_id)
+    except InvalidRequest:
+        raise OpenAIParamError(
+            "previous_response_id", f"no stored response {previous[:80]!r}", "response_not_found"
+        ) from None
+    if final is None:
+        final = await _snapshot(runtime, store, session_id, record)
+    if final["status"] not in _DONE:
+        raise InvalidRequest(
+            "previous_response_in_progress", f"{previous} has not finished yet", 409
+        )
+    return [*record["conversation"], *_assistant_turn(final["output"]), *body.input]
+
+
+@openai_endpoint
+async def create_response(request: Request) -> Response:
+    """Start a response: streamed, answered whole, or in the background (``queued``)."""
+    runtime, manager, store = parts(request)
+    manager.ensure_accepting()
+    principal = await openai_principal(request, unsafe=True)
+    body = parse_responses(await _json_body(request))
+    conversation = await _conversation(runtime, store, body)
+    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    session_id = new_session_id()
+    submitted = await submit(
+        request,
+        principal,
+        session_id,
+        body.model,
+        [*system, *conversation],
+        body.params,
+        background=body.background,
+    )
+    record = {
+        "generation_id": submitted.generation_id,
+        "base": _base(RESPONSE_PREFIX + session_id, body, submitted.created_s),
+        "conversation": conversation,
+    }
+    settings = runtime.settings
+    if body.store:
+        await store.put_response(session_id, record, settings.openai_response_retention_s)
+    encoder = ResponsesEncoder(_options(record))
+    if body.background and not body.stream:
+        encoder.initial()
+        return JSONResponse(encoder.snapshot())
+    return await _answer(request, session_id, record, encoder, body.stream)
+
+
+async def _answer(
+    request: Request,
+    session_id: str,
+    record: dict[str, Any],
+    encoder: ResponsesEncoder,
+    stream: bool,
+) -> Response:
+    runtime, manager, store = parts(request)
+    settings = runtime.settings
+    assert runtime.fanout is not None
+    address = request.client.host if request.client else None
+    conn = manager.create_connection(session_id, "sse", address)
+
+    async def keep_final() -> None:
+        if record["base"]["store"]:
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await store.put_final(session_id, encoder.snapshot())
+
+    if stream:
+        return EncodedStreamResponse(  # type: ignore[return-value]  # a raw ASGI app
+            conn,
+            runtime.fanout,
+            encoder,
+            None,
+            heartbeat_s=settings.sse_heartbeat_s,
+            history_batch=settings.history_batch,
+            idle_timeout_s=settings.connection_idle_timeout_s,
+            on_close=manager.remove_connection,
+            on_finished=keep_final,
+        )
+    try:
+        await collect(
+            conn,
+            runtime.fanout,
+            encoder,
+            heartbeat_s=settings.sse_heartbeat_s,
+            history_batch=settings.history_batch,
+        )
+    finally:
+        manager.remove_connection(conn)
+    await keep_final()
+    return JSONResponse(encoder.snapshot())
+
+
+async def _load(request: Request) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    _, _, store = parts(request)
+    response_id = request.path_params["response_id"]
+    session_id = session_of(response_id, RESPONSE_PREFIX, "response")
+    record, final = await store.response(session_id)
+    return session_id, record, final
+
+
+def _starting_after(request: Request) -> int:
+    raw = request.query_params.get("starting_after")
+    if raw is None:
+        return -1
+    if not raw.isdigit() or len(raw) > 9:
+        raise OpenAIParamError("starting_after", "starting_after must be an integer >= 0")
+    return int(raw)
+
+
+@openai_endpoint
+async def retrieve_response(request: Request) -> Response:
+    """The response now, or (``?stream=true``) its events after ``starting_after``."""
+    runtime, manager, store = parts(request)
+    await openai_principal(request)
+    session_id, record, final = await _load(request)
+    if request.query_params.get("stream") in ("true", "1"):
+        manager.ensure_accepting()
+        encoder = ResponsesEncoder(_options(record, _starting_after(request)))
+        return await _answer(request, session_id, record, encoder, stream=True)
+    if final is not None:
+        return JSONResponse(final)
+    return JSONResponse(await _snapshot(runtime, store, session_id, record))
+
+
+@openai_endpoint
+async def cancel_response(request: Request) -> Response:
+    """Stop a response; answers it once it has stopped (idempotent: an ended one as it is)."""
+    runtime, manager, store = parts(request)
+    await openai_principal(request, unsafe=True)
+    session_id, record, final = await _load(request)
+    if final is not None:
+        return JSONResponse(final)
+    await request_cancel(runtime.redis, runtime.keys, record["generation_id"], session_id)
+    encoder = ResponsesEncoder(_options(record))
+    assert runtime.fanout is not None
+    conn = manager.create_connection(session_id, "sse", None)
+    settings = runtime.settings
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_CANCEL_WAIT_S):
+            await collect(
+                conn,
+                runtime.fanout,
+                encoder,
+                heartbeat_s=settings.sse_heartbeat_s,
+                history_batch=settings.history_batch,
+            )
+    manager.remove_connection(conn)
+    snapshot = encoder.snapshot()
+    if encoder.finished:
+        await store.put_final(session_id, snapshot)
+    else:  # no worker took it yet: it ends cancelled when one does
+        snapshot["status"] = "cancelled"
+    return JSONResponse(snapshot)
+
+
+@openai_endpoint
+async def delete_response(request: Request) -> Response:
+    """Forget a stored response (a running one is cancelled first)."""
+    runtime, _, store = parts(request)
+    await openai_principal(request, unsafe=True)
+    session_id, record, final = await _load(request)
+    if final is None:
+        await request_cancel(runtime.redis, runtime.keys, record["generation_id"], session_id)
+    await store.delete(session_id)
+    response_id = RESPONSE_PREFIX + session_id
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})

@@ -1,0 +1,48 @@
+"""The OpenAI-compatible routes, registered by ``create_app`` with one line."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tokenbridge.gateway import openai_chat, openai_responses
+
+__all__ = ["routes"]
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def routes(stream_endpoint: Callable[[Endpoint], Any]) -> list[Route]:
+    """``stream_endpoint`` wraps endpoints that may answer with a long-lived stream."""
+    return [
+        Route(
+            "/v1/chat/completions",
+            stream_endpoint(openai_chat.create_chat_completion),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/chat/completions/{completion_id}/stream",
+            stream_endpoint(openai_chat.resume_chat_completion),
+            methods=["GET"],
+        ),
+        Route("/v1/responses", stream_endpoint(openai_responses.create_response), methods=["POST"]),
+        Route(
+            "/v1/responses/{response_id}",
+            stream_endpoint(openai_responses.retrieve_response),
+            methods=["GET"],
+        ),
+        Route(
+            "/v1/responses/{response_id}",
+            openai_responses.delete_response,
+            methods=["DELETE"],
+        ),
+        Route(
+            "/v1/responses/{response_id}/cancel",
+            openai_responses.cancel_response,
+            methods=["POST"],
+        ),
+    ]
