@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import openai
 import pytest
@@ -61,3 +62,110 @@ async def test_stream_helper(client: openai.AsyncOpenAI) -> None:
         text = "".join([e.delta async for e in stream if e.type == "response.output_text.delta"])
         final = await stream.get_final_response()
     assert final.output_text == text and final.status == "completed"
+
+
+async def _text_of(stream: object) -> str:
+    return "".join(
+        [e.delta async for e in stream if e.type == "response.output_text.delta"]  # type: ignore[attr-defined]
+    )
+
+
+async def test_background_then_poll(client: openai.AsyncOpenAI) -> None:
+    created = await client.responses.create(
+        model="demo", input="poll me", background=True, extra_body={"rate": 400}
+    )
+    assert created.status == "queued" and created.background is True
+    polled = await client.responses.retrieve(created.id)
+    assert polled.id == created.id and polled.status in ("queued", "in_progress", "completed")
+    # Wait for the end on the event stream (no sleep-polling), then poll again.
+    replay = await client.responses.retrieve(created.id, stream=True)
+    streamed = await _text_of(replay)
+    done = await client.responses.retrieve(created.id)
+    assert done.status == "completed" and done.output_text == streamed
+    assert len(streamed.split()) == 40 and done.usage is not None
+
+
+async def _events_through(client: openai.AsyncOpenAI, response_id: str, last: int) -> list[Any]:
+    """Read a background response's stream up to sequence number ``last``, then drop it."""
+    stream = await client.responses.retrieve(response_id, stream=True)
+    events = []
+    async for event in stream:
+        events.append(event)
+        if event.sequence_number == last:
+            break
+    await stream.close()
+    return events
+
+
+def _deltas(events: list[Any]) -> str:
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+async def test_background_stream_resumed_with_retrieve(client: openai.AsyncOpenAI) -> None:
+    created = await client.responses.create(
+        model="demo", input="resume me", background=True, extra_body={"rate": 200}
+    )
+    first = await _events_through(client, created.id, 10)
+    assert [e.sequence_number for e in first] == list(range(11))
+    assert first[0].type == "response.created"
+    rest = await client.responses.retrieve(created.id, stream=True, starting_after=10)
+    events = [e async for e in rest]
+    assert events[0].sequence_number == 11 and events[-1].type == "response.completed"
+    final = events[-1].response
+    assert _deltas(first) + _deltas(events) == final.output_text
+    assert len(final.output_text.split()) == 40
+
+
+async def test_background_stream_resumed_with_stream_helper(client: openai.AsyncOpenAI) -> None:
+    created = await client.responses.create(
+        model="demo", input="again", background=True, extra_body={"rate": 200}
+    )
+    first = await _events_through(client, created.id, 10)
+    # The helper replays from event 0 (it needs response.created) and filters client-side.
+    async with client.responses.stream(response_id=created.id, starting_after=10) as stream:
+        events = [e async for e in stream]
+        final = await stream.get_final_response()
+    assert events[0].sequence_number == 11
+    assert _deltas(first) + _deltas(events) == final.output_text
+    assert len(final.output_text.split()) == 40
+
+
+async def test_cancel_is_idempotent(client: openai.AsyncOpenAI) -> None:
+    created = await client.responses.create(
+        model="demo", input="slow", background=True, max_output_tokens=10_000,
+        extra_body={"rate": 20},
+    )  # fmt: skip
+    first = await _events_through(client, created.id, 5)  # it runs
+    assert first[-1].type == "response.output_text.delta"
+    cancelled = await client.responses.cancel(created.id)
+    assert cancelled.status == "cancelled"
+    again = await client.responses.cancel(created.id)
+    assert again.status == "cancelled" and again.output_text == cancelled.output_text
+    polled = await client.responses.retrieve(created.id)
+    assert polled.status == "cancelled"
+
+
+async def test_previous_response_id_continues(client: openai.AsyncOpenAI) -> None:
+    first = await client.responses.create(
+        model="demo", input="first question", max_output_tokens=5, extra_body={"rate": 0}
+    )
+    second = await client.responses.create(
+        model="demo",
+        input="second question",
+        previous_response_id=first.id,
+        extra_body={"rate": 0},
+    )
+    assert second.previous_response_id == first.id
+    # the demo model counts the prompt's words: both questions and the first answer
+    assert second.usage is not None and second.usage.input_tokens == 2 + 5 + 2
+
+
+async def test_delete(client: openai.AsyncOpenAI) -> None:
+    created = await client.responses.create(
+        model="demo", input="bye", max_output_tokens=3, extra_body={"rate": 0}
+    )
+    await client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.delete(created.id)

@@ -1,0 +1,137 @@
+"""A Chat Completions stream cut mid-answer and resumed on a second gateway process, over raw
+sockets: the concatenated content is byte-identical to an uninterrupted run's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from tests.servers import Gateway, GatewayProcess
+from tokenbridge.settings import Settings
+
+BODY = {
+    "model": "demo",
+    "messages": [{"role": "user", "content": "tell me about resumable streams"}],
+    "max_tokens": 80,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "rate": 200,
+    "cache": False,  # a real generation each time, not a cache replay
+}
+
+
+class RawStream:
+    """An HTTP/1.1 request on a plain socket; the chunked body read as SSE blocks."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.headers: dict[str, str] = {}
+        self.buffer = b""
+
+    @classmethod
+    async def open(
+        cls, url: str, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> RawStream:  # noqa: E501
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        lines = [f"{method} {path} HTTP/1.1", f"host: {host}", f"content-length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        stream = cls(reader, writer)
+        status = await reader.readline()
+        assert b" 200 " in status, status
+        while (line := await reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            stream.headers[name.strip().lower()] = value.strip()
+        assert stream.headers.get("transfer-encoding") == "chunked"
+        return stream
+
+    async def _chunk(self) -> bytes:
+        size = int((await self.reader.readline()).strip(), 16)
+        data = await self.reader.readexactly(size + 2)
+        return data[:-2]
+
+    async def blocks(self) -> Any:
+        """Yield (id, data) per SSE block until the body ends; comment lines are skipped."""
+        while True:
+            while b"\n\n" not in self.buffer:
+                chunk = await self._chunk()
+                if not chunk:
+                    return
+                self.buffer += chunk
+            block, self.buffer = self.buffer.split(b"\n\n", 1)
+            fields = dict(
+                line.split(": ", 1)
+                for line in block.decode().split("\n")
+                if not line.startswith(":")
+            )
+            yield fields.get("id"), fields.get("data")
+
+    def cut(self) -> None:
+        self.writer.transport.abort()  # like a dropped network: no FIN handshake
+
+
+def _content(datas: list[str]) -> str:
+    out = []
+    for data in datas:
+        if data == "[DONE]":
+            continue
+        chunk = json.loads(data)
+        out.extend(c["delta"].get("content") or "" for c in chunk["choices"])
+    return "".join(out)
+
+
+async def _whole_run(url: str) -> list[str]:
+    stream = await RawStream.open(
+        url, "POST", "/v1/chat/completions", {"content-type": "application/json"},
+        json.dumps(BODY).encode(),
+    )  # fmt: skip
+    datas = [data async for _, data in stream.blocks() if data is not None]
+    stream.writer.close()
+    return datas
+
+
+async def test_cut_stream_resumes_on_another_process(settings: Settings) -> None:
+    env = {
+        "TOKENBRIDGE_REDIS_URL": settings.redis_url_value() or "",
+        "TOKENBRIDGE_KEY_PREFIX": settings.key_prefix,
+    }
+    second = GatewayProcess(env)
+    second.start()
+    try:
+        async with Gateway(settings) as first, asyncio.timeout(60):
+            await second.wait_ready()
+            whole = await _whole_run(first.url)
+
+            cut = await RawStream.open(
+                first.url, "POST", "/v1/chat/completions", {"content-type": "application/json"},
+                json.dumps(BODY).encode(),
+            )  # fmt: skip
+            resume_url = cut.headers["x-resume-url"]
+            head: list[tuple[str, str]] = []
+            async for block_id, data in cut.blocks():
+                assert block_id is not None and data is not None  # every data block has an id
+                head.append((block_id, data))
+                if len(head) == 20:  # mid-answer: 19 of 80 tokens
+                    break
+            cut.cut()
+
+            rest = await RawStream.open(
+                second.url, "GET", resume_url, {"last-event-id": head[-1][0]}
+            )
+            tail = [(i, d) async for i, d in rest.blocks()]
+            rest.writer.close()
+    finally:
+        second.stop()
+    datas = [d for _, d in head] + [d for _, d in tail]
+    assert all(i is not None for i, _ in tail)
+    assert _content(datas) == _content(whole) and len(_content(whole).split()) == 80
+    chunks = [json.loads(d) for d in datas if d != "[DONE]"]
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    assert datas[-1] == "[DONE]" and chunks[-1]["usage"]["completion_tokens"] == 80
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    # the same chunk stream, chunk for chunk, apart from its id and created
+    strip = [{**c, "id": "", "created": 0} for c in chunks]
+    whole_strip = [{**json.loads(d), "id": "", "created": 0} for d in whole if d != "[DONE]"]
+    assert strip == whole_strip
