@@ -32,7 +32,7 @@ class RawStream:
     @classmethod
     async def open(
         cls, url: str, method: str, path: str, headers: dict[str, str], body: bytes = b""
-    ) -> RawStream:  # noqa: E501
+    ) -> RawStream:
         host, port = url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         lines = [f"{method} {path} HTTP/1.1", f"host: {host}", f"content-length: {len(body)}"]
