@@ -29,6 +29,7 @@ from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExc
 from tokenbridge.gateway import api, openai_routes, stats_api
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.openapi import openapi_schema
+from tokenbridge.gateway.state import Gateway
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings
 
@@ -161,11 +162,23 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                 if runtime.worker is not None:
                     runtime.worker.stop()
 
+            assert runtime.fanout is not None
+            gateway = Gateway(
+                settings,
+                runtime.redis,
+                runtime.keys,
+                runtime.fanout,
+                runtime.auth,
+                connections,
+                runtime.models,
+                runtime.admit,
+            )
             app.state.runtime = runtime
+            app.state.gateway = gateway
             app.state.connections = connections
             app.state.drain = drain
             try:
-                yield {"runtime": runtime, "connections": connections}
+                yield {"runtime": runtime, "gateway": gateway, "connections": connections}
             finally:
                 drain()
 

@@ -27,12 +27,14 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
+from tokenbridge.gateway import encodings
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.gateway.encodings.base import Chunk, Encoding, StreamContext
 from tokenbridge.gateway.fanout import SessionFanout
-from tokenbridge.gateway.frames import Batch
-from tokenbridge.gateway.pump import CLOSING_TIMEOUT_S, pump
+from tokenbridge.gateway.pump import CLOSING_TIMEOUT_S
 from tokenbridge.gateway.resume import parse_last_event_id
+from tokenbridge.gateway.streaming import SessionStream, StreamOptions
 from tokenbridge.settings import Settings
 from tokenbridge.wire.keys import validate_id
 
@@ -66,28 +68,22 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-class _WSSink:
+class _WSWriter:
+    """The pump's :class:`~tokenbridge.gateway.pump.Transport` for a WebSocket."""
+
+    __slots__ = ("websocket",)
+
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
 
-    async def preamble(self, gap: dict[str, Any] | None) -> None:
-        if gap is not None:
-            message = {"id": None, "event": "gap", "data": gap}
-            await self.websocket.send_text(json.dumps(message, separators=(",", ":")))
+    async def send(self, chunk: Chunk) -> int:
+        assert isinstance(chunk, str), "a websocket encoding must return str"
+        await self.websocket.send_text(chunk)
+        return len(chunk)
 
-    async def write(self, batches: list[Batch]) -> int:
-        if len(batches) == 1:
-            text = batches[0].json
-        else:
-            text = "[" + ",".join(f.json for b in batches for f in b.frames) + "]"
-        await self.websocket.send_text(text)
-        return len(text)
-
-    async def heartbeat(self) -> None:
-        await self.websocket.send_text('{"type":"ping"}')
-
-    async def closing(self, reason: str) -> None:
-        pass  # the close frame carries the reason
+    async def finish(self, chunk: Chunk | None) -> None:
+        if isinstance(chunk, str):  # the close frame that follows carries the reason
+            await self.websocket.send_text(chunk)
 
 
 class _Command(Exception):
@@ -103,13 +99,13 @@ async def serve_websocket(
     manager: ConnectionManager,
     cancel: Canceller,
     authorize: Authorizer,
+    options: StreamOptions,
     *,
-    heartbeat_s: float,
-    history_batch: int,
-    idle_timeout_s: float = 0.0,
     max_message_bytes: int = 4096,
+    encoding: Encoding | None = None,
 ) -> None:
-    """Serve one WebSocket until either side closes it."""
+    """Serve one WebSocket until either side closes it (``encoding``: ``websocket`` if None)."""
+    encoding = encoding or encodings.get("websocket")
     await websocket.accept()
     try:
         session_id = validate_id(websocket.path_params["session_id"], "session_id")
@@ -122,7 +118,7 @@ async def serve_websocket(
     while True:
         try:
             address = websocket.client.host if websocket.client else None
-            conn = manager.create_connection(session_id, "websocket", address)
+            stream = SessionStream(fanout, manager, options, session_id, "websocket", address)
         except LimitExceeded as exc:
             await websocket.close(1013, reason=f"{exc.code}: {exc}"[:120])
             return
@@ -131,29 +127,19 @@ async def serve_websocket(
             return
         resume = asyncio.Event()
         state: dict[str, Any] = {}
-        try:
-            async with asyncio.TaskGroup() as group:
-                reader = group.create_task(
-                    _read_commands(websocket, conn, cancel, resume, state, max_message_bytes)
-                )
-                try:
-                    await pump(
-                        conn,
-                        fanout,
-                        last,
-                        _WSSink(websocket),
-                        heartbeat_s=heartbeat_s,
-                        history_batch=history_batch,
-                        idle_timeout_s=idle_timeout_s,
+        encoder = encoding.open(StreamContext(session_id, resumed=last is not None))
+        async with stream as conn:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    reader = group.create_task(
+                        _read_commands(websocket, conn, cancel, resume, state, max_message_bytes)
                     )
-                finally:
-                    reader.cancel()
-        except (WebSocketDisconnect, OSError):
-            conn.close("client_gone")
-        finally:
-            conn.close("done")
-            fanout.unsubscribe(conn)
-            manager.remove_connection(conn)
+                    try:
+                        await stream.run(encoder, _WSWriter(websocket), last)
+                    finally:
+                        reader.cancel()
+            except (WebSocketDisconnect, OSError):
+                conn.close("client_gone")
         if resume.is_set():
             last = state["last"]
             continue

@@ -57,7 +57,7 @@ def request_digest(job: GenerationJob, model_entry: dict[str, Any]) -> str:
         "v": _FORMAT,
         "model": job.model,
         "entry": model_entry,
-        "messages": [m.model_dump() for m in job.messages],
+        "messages": [m.to_dict() for m in job.messages],
         "params": job.params.model_dump(exclude_none=True, exclude={"rate", "cache"}),
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

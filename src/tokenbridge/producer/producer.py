@@ -85,7 +85,7 @@ class _Writer:
         self.feed_pending: list[Event] = []
         self.feed_since = 0.0
         if p.pipeline_shards:
-            digest = prompt_digest([m.model_dump() for m in job.messages])
+            digest = prompt_digest([m.to_dict() for m in job.messages])
             self.feed = PipelineFeed(
                 p.keys, job.session_id, job.generation_id, job.model, digest,
                 p.pipeline_shards, p.pipeline_max_len,

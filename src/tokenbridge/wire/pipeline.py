@@ -32,14 +32,13 @@ from typing import Any
 
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.store.resp import arg
-from tokenbridge.wire.events import KINDS, Event
+from tokenbridge.wire.events import Event, event_from_data
 from tokenbridge.wire.keys import ID_PATTERN, Keys
 
 __all__ = ["PipelineBatch", "PipelineFeed", "prompt_digest", "shard_of"]
 
 _MAX_EVENTS = 100_000
 _MAX_MODEL = 256
-_END_REASONS = frozenset({"stop", "length", "cancelled"})
 
 
 def shard_of(session_id: str, shards: int) -> int:
@@ -160,7 +159,7 @@ class PipelineBatch:
             raise InvalidEntry("field 'events' is not JSON") from None
         if not isinstance(raw, list) or not raw or len(raw) > _MAX_EVENTS:
             raise InvalidEntry(f"field 'events' must be a list of 1-{_MAX_EVENTS} events")
-        events = tuple(_event(item, generation_id) for item in raw)
+        events = tuple(event_from_data(item, generation_id) for item in raw)
         for before, after in itertools.pairwise(events):
             if after.seq != before.seq + 1:
                 raise InvalidEntry("events of a pipeline entry must have consecutive seq")
@@ -184,47 +183,3 @@ def _id(fields: Mapping[bytes, bytes], name: bytes) -> str:
     if not ID_PATTERN.fullmatch(value):
         raise InvalidEntry(f"invalid {name.decode()} {value[:80]!r}")
     return value
-
-
-def _int(item: Mapping[str, Any], name: str) -> int:
-    value = item.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidEntry(f"event field {name!r} must be a non-negative integer")
-    return value
-
-
-def _text(item: Mapping[str, Any], name: str, required: bool = False) -> str:
-    value = item.get(name, None if required else "")
-    if not isinstance(value, str):
-        raise InvalidEntry(f"event field {name!r} must be a string")
-    return value
-
-
-def _event(item: Any, generation_id: str) -> Event:
-    if not isinstance(item, dict):
-        raise InvalidEntry("an event must be a JSON object")
-    kind = item.get("kind")
-    if kind not in KINDS:
-        raise InvalidEntry(f"unknown kind {str(kind)[:40]!r}")
-    event = Event(kind, generation_id, _int(item, "seq"), _int(item, "ts"))
-    if kind == "token":
-        event.text = _text(item, "text", required=True)
-    elif kind == "start":
-        event.model = _text(item, "model")
-        event.cached = item.get("cached") is True
-    elif kind == "end":
-        event.reason = _text(item, "reason", required=True)
-        if event.reason not in _END_REASONS:
-            raise InvalidEntry(f"unknown end reason {event.reason[:40]!r}")
-        event.tokens = _int(item, "tokens")
-        usage = item.get("usage")
-        if usage is not None:
-            if not isinstance(usage, dict) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in usage.values()
-            ):
-                raise InvalidEntry("event field 'usage' must be an object of integers")
-            event.usage = usage
-    else:
-        event.code = _text(item, "code", required=True)
-        event.message = _text(item, "message")
-    return event
