@@ -1,40 +1,46 @@
-"""What the Chat Completions and Responses routes share: credentials, submit, connections.
+"""What the Chat Completions and Responses routes share: credentials, submit, streams.
 
 Credentials are the API key of the native API, presented as OpenAI clients do
 (``Authorization: Bearer``) or as Azure-style clients do (``api-key``, ``x-api-key``).
+Generations go through the one submit path (:meth:`Gateway.submit`) and are read through the
+one connection context (:meth:`Gateway.open_stream` and the pump), like the native routes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.requests import Request
+from starlette.types import Message as ASGIMessage
+from starlette.types import Receive, Scope, Send
 
-from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway.auth import Principal, key_principal
-from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.gateway.encodings.base import Chunk, Encoder
 from tokenbridge.gateway.openai_errors import OpenAIParamError
 from tokenbridge.gateway.openai_store import OpenAIStore
-from tokenbridge.producer.jobs import GenerationJob, Message, submit_job
+from tokenbridge.gateway.sse import EventStreamResponse
+from tokenbridge.gateway.state import Gateway
+from tokenbridge.gateway.submit import GenerationSpec, Submission
+from tokenbridge.producer.jobs import Message
 from tokenbridge.producer.models.base import GenerationParams
-from tokenbridge.runtime import Runtime
-from tokenbridge.wire.events import now_ms
-from tokenbridge.wire.keys import new_generation_id
 
-__all__ = ["Submitted", "openai_principal", "parts", "submit"]
+__all__ = ["StreamAnswer", "collect", "gateway_of", "openai_principal", "submit"]
 
 
-def parts(request: Request) -> tuple[Runtime, ConnectionManager, OpenAIStore]:
-    runtime: Runtime = request.state.runtime
-    manager: ConnectionManager = request.state.connections
-    return runtime, manager, OpenAIStore(runtime.redis, runtime.keys)
+def gateway_of(request: Request) -> tuple[Gateway, OpenAIStore]:
+    gateway: Gateway = request.state.gateway
+    return gateway, OpenAIStore(gateway.redis, gateway.keys)
+
+
+def address_of(request: Request) -> str | None:
+    return request.client.host if request.client else None
 
 
 async def openai_principal(request: Request, unsafe: bool = False) -> Principal:
     """The API key from ``Authorization: Bearer``, ``api-key`` or ``x-api-key``."""
-    runtime: Runtime = request.state.runtime
-    auth = runtime.auth
+    auth = gateway_of(request)[0].auth
     if not auth.disabled and "authorization" not in request.headers:
         presented = request.headers.get("api-key") or request.headers.get("x-api-key")
         if presented:
@@ -42,61 +48,81 @@ async def openai_principal(request: Request, unsafe: bool = False) -> Principal:
     return await key_principal(auth, request, unsafe=unsafe)
 
 
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    generation_id: str
-    created_s: int
-
-
-def _job_messages(messages: list[dict[str, Any]]) -> list[Message]:
-    out = []
-    for m in messages:
-        role = {"developer": "system", "tool": "user"}.get(m["role"], m["role"])
-        out.append(Message(role=role, content=m.get("content") or ""))
-    return out
+def _param_error(exc: ValidationError, prefix: str) -> OpenAIParamError:
+    err = exc.errors()[0]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+    return OpenAIParamError(f"{prefix}{loc}".lstrip("."), err["msg"], "invalid_value")
 
 
 async def submit(
     request: Request,
     principal: Principal,
-    session_id: str,
     model: str,
     messages: list[dict[str, Any]],
     params: dict[str, Any],
     background: bool = False,
-) -> Submitted:
-    """Queue the generation on the job stream (the native path's checks and admission)."""
-    runtime: Runtime = request.state.runtime
-    settings = runtime.settings
-    if model not in runtime.models:
-        known = ", ".join(sorted(runtime.models))
-        raise InvalidRequest("unknown_model", f"unknown model {model!r}; known: {known}", 404)
-    if len(messages) > settings.max_messages:
-        raise InvalidRequest("too_many_messages", f"at most {settings.max_messages} messages", 413)
-    if sum(len(m.get("content") or "") for m in messages) > settings.max_prompt_chars:
-        raise InvalidRequest(
-            "prompt_too_large", f"prompt over {settings.max_prompt_chars} characters", 413
-        )
-    if (params.get("max_tokens") or 0) > settings.max_tokens_limit:
-        raise OpenAIParamError(
-            "max_tokens", f"max_tokens over {settings.max_tokens_limit}", "max_tokens_too_large"
-        )
-    param_fields = GenerationParams.model_fields
+) -> Submission:
+    """Queue the generation through the gateway's one submit path (limits, admission)."""
+    job_messages = []
+    for i, message in enumerate(messages):
+        try:
+            job_messages.append(Message.model_validate(message))
+        except ValidationError as exc:
+            raise _param_error(exc, f"messages[{i}]") from None
     try:
-        job_params = GenerationParams.model_validate(
-            {k: v for k, v in params.items() if k in param_fields}
-        )
-    except ValueError as exc:
-        raise OpenAIParamError("body", f"invalid parameter: {exc}", "invalid_value") from None
-    await runtime.admit(principal.identity, model)
-    job = GenerationJob(
-        generation_id=new_generation_id(),
-        session_id=session_id,
-        model=model,
-        messages=_job_messages(messages),
-        params=job_params,
-        identity=principal.identity,
-    )
-    lookup_ttl_s = settings.stream_max_generation_s + settings.stream_retention_s
-    await submit_job(runtime.redis, runtime.keys, job, settings.jobs_max_len, lookup_ttl_s)
-    return Submitted(job.generation_id, now_ms() // 1000)
+        job_params = GenerationParams.model_validate(params)
+    except ValidationError as exc:
+        raise _param_error(exc, "") from None
+    spec = GenerationSpec(model, job_messages, job_params, background=background)
+    return await gateway_of(request)[0].submit(principal.identity, spec)
+
+
+class _NoSocket:
+    """A pump transport that writes nowhere: answers gathered whole (non-stream)."""
+
+    async def send(self, chunk: Chunk) -> int:
+        return len(chunk)
+
+    async def finish(self, chunk: Chunk | None) -> None:
+        return None
+
+
+async def collect(
+    request: Request,
+    session_id: str,
+    encoder: Encoder,
+    last_event_id: tuple[str, str] | None = None,
+) -> None:
+    """Run ``encoder`` over the session (history, then live) until it has finished."""
+    stream = gateway_of(request)[0].open_stream(session_id, "sse", address_of(request))
+    async with stream:
+        await stream.run(encoder, _NoSocket(), last_event_id)
+
+
+class StreamAnswer:
+    """The shared SSE response with extra headers, and a step once the encoder finished."""
+
+    def __init__(
+        self,
+        request: Request,
+        session_id: str,
+        encoder: Encoder,
+        last_event_id: tuple[str, str] | None,
+        headers: Sequence[tuple[str, str]] = (),
+        on_finished: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        stream = gateway_of(request)[0].open_stream(session_id, "sse", address_of(request))
+        self.response = EventStreamResponse(stream, encoder, last_event_id)
+        self.encoder = encoder
+        self.headers = [(k.encode(), v.encode()) for k, v in headers]
+        self.on_finished = on_finished
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: ASGIMessage) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], *self.headers]}
+            await send(message)
+
+        await self.response(scope, receive, send_with_headers)
+        if self.encoder.finished and self.on_finished is not None:
+            await self.on_finished()

@@ -19,18 +19,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tokenbridge.exceptions import InvalidRequest
+from tokenbridge.gateway import encodings
 from tokenbridge.gateway.api import _json_body
+from tokenbridge.gateway.encodings.base import StreamContext
 from tokenbridge.gateway.encodings.openai_responses import ResponsesEncoder, ResponsesOptions
-from tokenbridge.gateway.openai_common import openai_principal, parts, submit
+from tokenbridge.gateway.openai_common import (
+    StreamAnswer,
+    collect,
+    gateway_of,
+    openai_principal,
+    submit,
+)
 from tokenbridge.gateway.openai_errors import OpenAIParamError, openai_endpoint
 from tokenbridge.gateway.openai_requests import ResponsesBody, parse_responses
 from tokenbridge.gateway.openai_store import RESPONSE_PREFIX, OpenAIStore, session_of
-from tokenbridge.gateway.openai_stream import EncodedStreamResponse, collect
 from tokenbridge.gateway.resume import iter_history
+from tokenbridge.gateway.state import Gateway
 from tokenbridge.producer.cancel import request_cancel
-from tokenbridge.runtime import Runtime
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
-from tokenbridge.wire.keys import new_session_id
 
 __all__ = ["cancel_response", "create_response", "delete_response", "retrieve_response"]
 
@@ -89,18 +95,18 @@ def _assistant_turn(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def _snapshot(
-    runtime: Runtime, store: OpenAIStore, session_id: str, record: dict[str, Any]
+    gateway: Gateway, store: OpenAIStore, session_id: str, record: dict[str, Any]
 ) -> dict[str, Any]:
     """The response now: replayed from its session stream (kept once it has ended)."""
     encoder = ResponsesEncoder(_options(record))
     encoder.initial()
     async for batch in iter_history(
-        runtime.redis,
-        runtime.keys.events(session_id),
+        gateway.redis,
+        gateway.keys.events(session_id),
         session_id,
         "0",
         "0-0",
-        runtime.settings.history_batch,
+        gateway.settings.history_batch,
     ):
         encoder.encode([batch])
         if encoder.finished:
@@ -121,7 +127,7 @@ def _options(record: dict[str, Any], starting_after: int = -1) -> ResponsesOptio
 
 
 async def _conversation(
-    runtime: Runtime, store: OpenAIStore, body: ResponsesBody
+    gateway: Gateway, store: OpenAIStore, body: ResponsesBody
 ) -> list[dict[str, Any]]:
     """The chat so far (``previous_response_id``'s, with its answer) and this input."""
     if body.previous_response_id is None:
@@ -135,7 +141,7 @@ async def _conversation(
             "previous_response_id", f"no stored response {previous[:80]!r}", "response_not_found"
         ) from None
     if final is None:
-        final = await _snapshot(runtime, store, session_id, record)
+        final = await _snapshot(gateway, store, session_id, record)
     if final["status"] not in _DONE:
         raise InvalidRequest(
             "previous_response_in_progress", f"{previous} has not finished yet", 409
@@ -146,49 +152,39 @@ async def _conversation(
 @openai_endpoint
 async def create_response(request: Request) -> Response:
     """Start a response: streamed, answered whole, or in the background (``queued``)."""
-    runtime, manager, store = parts(request)
-    manager.ensure_accepting()
+    gateway, store = gateway_of(request)
+    gateway.connections.ensure_accepting()
     principal = await openai_principal(request, unsafe=True)
     body = parse_responses(await _json_body(request))
-    conversation = await _conversation(runtime, store, body)
+    conversation = await _conversation(gateway, store, body)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    session_id = new_session_id()
+    messages = [*system, *conversation]
     submitted = await submit(
-        request,
-        principal,
-        session_id,
-        body.model,
-        [*system, *conversation],
-        body.params,
-        background=body.background,
+        request, principal, body.model, messages, body.params, background=body.background
     )
+    session_id = submitted.session_id
     record = {
         "generation_id": submitted.generation_id,
         "base": _base(RESPONSE_PREFIX + session_id, body, submitted.created_s),
         "conversation": conversation,
     }
-    settings = runtime.settings
     if body.store:
-        await store.put_response(session_id, record, settings.openai_response_retention_s)
-    encoder = ResponsesEncoder(_options(record))
+        await store.put_response(session_id, record, gateway.settings.openai_response_retention_s)
     if body.background and not body.stream:
+        encoder = ResponsesEncoder(_options(record))
         encoder.initial()
         return JSONResponse(encoder.snapshot())
-    return await _answer(request, session_id, record, encoder, body.stream)
+    return await _answer(request, session_id, record, -1, body.stream)
 
 
 async def _answer(
-    request: Request,
-    session_id: str,
-    record: dict[str, Any],
-    encoder: ResponsesEncoder,
-    stream: bool,
+    request: Request, session_id: str, record: dict[str, Any], starting_after: int, stream: bool
 ) -> Response:
-    runtime, manager, store = parts(request)
-    settings = runtime.settings
-    assert runtime.fanout is not None
-    address = request.client.host if request.client else None
-    conn = manager.create_connection(session_id, "sse", address)
+    """The response's events from the start of its stream: streamed, or gathered whole."""
+    _, store = gateway_of(request)
+    ctx = StreamContext(session_id, _options(record, starting_after))
+    encoder = encodings.get("openai_responses").open(ctx)
+    assert isinstance(encoder, ResponsesEncoder)
 
     async def keep_final() -> None:
         if record["base"]["store"]:
@@ -196,33 +192,16 @@ async def _answer(
                 await store.put_final(session_id, encoder.snapshot())
 
     if stream:
-        return EncodedStreamResponse(  # type: ignore[return-value]  # a raw ASGI app
-            conn,
-            runtime.fanout,
-            encoder,
-            None,
-            heartbeat_s=settings.sse_heartbeat_s,
-            history_batch=settings.history_batch,
-            idle_timeout_s=settings.connection_idle_timeout_s,
-            on_close=manager.remove_connection,
-            on_finished=keep_final,
+        return StreamAnswer(  # type: ignore[return-value]  # a raw ASGI app
+            request, session_id, encoder, None, on_finished=keep_final
         )
-    try:
-        await collect(
-            conn,
-            runtime.fanout,
-            encoder,
-            heartbeat_s=settings.sse_heartbeat_s,
-            history_batch=settings.history_batch,
-        )
-    finally:
-        manager.remove_connection(conn)
+    await collect(request, session_id, encoder)
     await keep_final()
     return JSONResponse(encoder.snapshot())
 
 
 async def _load(request: Request) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
-    _, _, store = parts(request)
+    _, store = gateway_of(request)
     response_id = request.path_params["response_id"]
     session_id = session_of(response_id, RESPONSE_PREFIX, "response")
     record, final = await store.response(session_id)
@@ -241,41 +220,30 @@ def _starting_after(request: Request) -> int:
 @openai_endpoint
 async def retrieve_response(request: Request) -> Response:
     """The response now, or (``?stream=true``) its events after ``starting_after``."""
-    runtime, manager, store = parts(request)
+    gateway, store = gateway_of(request)
     await openai_principal(request)
     session_id, record, final = await _load(request)
     if request.query_params.get("stream") in ("true", "1"):
-        manager.ensure_accepting()
-        encoder = ResponsesEncoder(_options(record, _starting_after(request)))
-        return await _answer(request, session_id, record, encoder, stream=True)
+        gateway.connections.ensure_accepting()
+        return await _answer(request, session_id, record, _starting_after(request), stream=True)
     if final is not None:
         return JSONResponse(final)
-    return JSONResponse(await _snapshot(runtime, store, session_id, record))
+    return JSONResponse(await _snapshot(gateway, store, session_id, record))
 
 
 @openai_endpoint
 async def cancel_response(request: Request) -> Response:
     """Stop a response; answers it once it has stopped (idempotent: an ended one as it is)."""
-    runtime, manager, store = parts(request)
+    gateway, store = gateway_of(request)
     await openai_principal(request, unsafe=True)
     session_id, record, final = await _load(request)
     if final is not None:
         return JSONResponse(final)
-    await request_cancel(runtime.redis, runtime.keys, record["generation_id"], session_id)
+    await request_cancel(gateway.redis, gateway.keys, record["generation_id"], session_id)
     encoder = ResponsesEncoder(_options(record))
-    assert runtime.fanout is not None
-    conn = manager.create_connection(session_id, "sse", None)
-    settings = runtime.settings
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(_CANCEL_WAIT_S):
-            await collect(
-                conn,
-                runtime.fanout,
-                encoder,
-                heartbeat_s=settings.sse_heartbeat_s,
-                history_batch=settings.history_batch,
-            )
-    manager.remove_connection(conn)
+            await collect(request, session_id, encoder)
     snapshot = encoder.snapshot()
     if encoder.finished:
         await store.put_final(session_id, snapshot)
@@ -287,11 +255,11 @@ async def cancel_response(request: Request) -> Response:
 @openai_endpoint
 async def delete_response(request: Request) -> Response:
     """Forget a stored response (a running one is cancelled first)."""
-    runtime, _, store = parts(request)
+    gateway, store = gateway_of(request)
     await openai_principal(request, unsafe=True)
     session_id, record, final = await _load(request)
     if final is None:
-        await request_cancel(runtime.redis, runtime.keys, record["generation_id"], session_id)
+        await request_cancel(gateway.redis, gateway.keys, record["generation_id"], session_id)
     await store.delete(session_id)
     response_id = RESPONSE_PREFIX + session_id
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})

@@ -9,9 +9,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tokenbridge.gateway import openai_chat, openai_responses
+from tokenbridge.gateway import encodings, openai_chat, openai_responses
+from tokenbridge.gateway.encodings.openai_chat import ChatCompletionsEncoding
+from tokenbridge.gateway.encodings.openai_responses import ResponsesEncoding
 
 __all__ = ["routes"]
+
+encodings.register(ChatCompletionsEncoding(), replace=True)
+encodings.register(ResponsesEncoding(), replace=True)
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 

@@ -25,12 +25,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenbridge.gateway.encodings.base import GenerationInfo, StreamContext, TransportName
 from tokenbridge.gateway.frames import Batch, Frame
 from tokenbridge.wire.events import Event
 
 __all__ = [
     "ChatChunkEncoder",
     "ChatCollector",
+    "ChatCompletionsEncoding",
     "ChatOptions",
     "finish_reason",
     "usage_of",
@@ -73,7 +75,8 @@ def _plain(text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ChatOptions:
-    """Per-connection options: the completion's constants and where a resume starts.
+    """The encoding's options (``StreamContext.options``): the completion's id, whether the
+    client asked for the usage chunk, and where a resume starts.
 
     ``resume_after`` is ``(entry id, k)`` when the client's Last-Event-ID was the ``k``-th
     block of that entry: the route reads history from that entry on (inclusive) and the
@@ -81,12 +84,20 @@ class ChatOptions:
     """
 
     completion_id: str
-    generation_id: str
-    model: str
-    created: int
     include_usage: bool = False
-    retry_ms: int = 0
     resume_after: tuple[str, int] | None = None
+
+
+class ChatCompletionsEncoding:
+    """``openai_chat``: registered in :mod:`tokenbridge.gateway.encodings`."""
+
+    name = "openai_chat"
+    transport: TransportName = "sse"
+    media_type = "text/event-stream"
+
+    def open(self, ctx: StreamContext) -> ChatChunkEncoder:
+        assert isinstance(ctx.options, ChatOptions) and ctx.generation is not None
+        return ChatChunkEncoder(ctx.options, ctx.generation, ctx.retry_ms)
 
 
 def error_chunk(code: str, message: str, kind: str = "server_error") -> dict[str, Any]:
@@ -96,15 +107,16 @@ def error_chunk(code: str, message: str, kind: str = "server_error") -> dict[str
 class ChatChunkEncoder:
     """One connection's chunk stream; ``finished`` once ``[DONE]`` was produced."""
 
-    def __init__(self, options: ChatOptions) -> None:
+    def __init__(self, options: ChatOptions, info: GenerationInfo, retry_ms: int = 0) -> None:
         self.options = options
+        self.generation_id = info.generation_id
         self.finished = False
-        self._retry = f"retry: {options.retry_ms}\n".encode() if options.retry_ms else b""
+        self._retry = f"retry: {retry_ms}\n".encode() if retry_ms else b""
         head = {
             "id": options.completion_id,
             "object": "chat.completion.chunk",
-            "created": options.created,
-            "model": options.model,
+            "created": info.created_s,
+            "model": info.model,
         }
         self._head = _dumps(head)[:-1]  # '{"id":...,"model":"m"' without the closing brace
         self._content_prefix = self._head + b',"choices":[{"index":0,"delta":{"content":'
@@ -174,7 +186,7 @@ class ChatChunkEncoder:
             for frame in batch.frames:
                 if self.finished:
                     break
-                if frame.event.generation_id == self.options.generation_id:
+                if frame.event.generation_id == self.generation_id:
                     out.append(self._frame_blocks(frame))
         return b"".join(out) or None
 
@@ -205,9 +217,11 @@ class ChatChunkEncoder:
 
 @dataclass(slots=True)
 class ChatCollector:
-    """Non-stream Chat Completions: the same events gathered into one ``chat.completion``."""
+    """Non-stream Chat Completions: the same events gathered into one ``chat.completion``
+    (an :class:`~tokenbridge.gateway.encodings.base.Encoder` that writes nothing)."""
 
-    options: ChatOptions
+    completion_id: str
+    info: GenerationInfo
     finished: bool = False
     content: list[str] = field(default_factory=list)
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -215,8 +229,28 @@ class ChatCollector:
     usage: dict[str, int] | None = None
     error: tuple[str, str] | None = None
 
+    def preamble(self) -> bytes | None:
+        return None
+
+    def gap(self, info: dict[str, Any]) -> bytes | None:
+        self.finished = True
+        self.error = ("stream_gap", f"the answer's history was lost ({info.get('reason')})")
+        return None
+
+    def encode(self, batches: list[Batch]) -> bytes | None:
+        for batch in batches:
+            for frame in batch.frames:
+                self.add(frame.event)
+        return None
+
+    def keepalive(self) -> bytes | None:
+        return None
+
+    def closing(self, reason: str) -> bytes | None:
+        return None
+
     def add(self, event: Event) -> None:
-        if event.generation_id != self.options.generation_id or self.finished:
+        if event.generation_id != self.info.generation_id or self.finished:
             return
         if event.kind == "token":
             self.content.append(event.text)
@@ -239,7 +273,6 @@ class ChatCollector:
             self.error = (event.code, event.message or event.code)
 
     def completion(self) -> dict[str, Any]:
-        options = self.options
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
         if self.calls:
             message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
@@ -247,10 +280,10 @@ class ChatCollector:
                 message["content"] = None
         message["refusal"] = None
         return {
-            "id": options.completion_id,
+            "id": self.completion_id,
             "object": "chat.completion",
-            "created": options.created,
-            "model": options.model,
+            "created": self.info.created_s,
+            "model": self.info.model,
             "choices": [
                 {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish}
             ],

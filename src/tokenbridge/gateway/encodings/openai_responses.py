@@ -34,10 +34,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tokenbridge.gateway.encodings.base import StreamContext, TransportName
 from tokenbridge.gateway.frames import Batch
 from tokenbridge.wire.events import Event
 
-__all__ = ["ResponsesEncoder", "ResponsesOptions", "usage_of"]
+__all__ = ["ResponsesEncoder", "ResponsesEncoding", "ResponsesOptions", "usage_of"]
 
 # end.reason -> (status, incomplete_details.reason)
 _ENDS = {
@@ -82,6 +83,18 @@ class ResponsesOptions:
     generation_id: str
     background: bool = False
     starting_after: int = -1
+
+
+class ResponsesEncoding:
+    """``openai_responses``: registered in :mod:`tokenbridge.gateway.encodings`."""
+
+    name = "openai_responses"
+    transport: TransportName = "sse"
+    media_type = "text/event-stream"
+
+    def open(self, ctx: StreamContext) -> ResponsesEncoder:
+        assert isinstance(ctx.options, ResponsesOptions)
+        return ResponsesEncoder(ctx.options)
 
 
 class ResponsesEncoder:
