@@ -135,3 +135,75 @@ async def test_cut_stream_resumes_on_another_process(settings: Settings) -> None
     strip = [{**c, "id": "", "created": 0} for c in chunks]
     whole_strip = [{**json.loads(d), "id": "", "created": 0} for d in whole if d != "[DONE]"]
     assert strip == whole_strip
+
+
+class CuttingProxy:
+    """A TCP proxy to a gateway whose open connections can be cut at will (a network drop)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.connections = 0
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> CuttingProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.cut()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers += [writer, up_writer]
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pipe(src, dst))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            dst.transport.abort()
+
+    def cut(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+
+async def test_resume_helper_survives_a_dropped_connection(settings: Settings) -> None:
+    from tokenbridge.openai_resume import astream_chat_completion
+
+    async with Gateway(settings) as gw, CuttingProxy(gw.port) as proxy, asyncio.timeout(30):
+        whole = await _whole_run(gw.url)
+        body = {k: v for k, v in BODY.items() if k != "stream"}
+        chunks = []
+        async for chunk in astream_chat_completion(proxy.url + "/v1", None, body):
+            chunks.append(chunk)
+            if len(chunks) == 15:
+                proxy.cut()  # mid-answer; the helper resumes through the proxy
+    expected = [json.loads(d) for d in whole if d != "[DONE]"]
+    assert [{**c, "id": "", "created": 0} for c in chunks] == [
+        {**c, "id": "", "created": 0} for c in expected
+    ]
+    assert len({c["id"] for c in chunks}) == 1
+    assert proxy.connections == 2  # the first, cut, and the resume

@@ -21,6 +21,12 @@ encodings.register(ResponsesEncoding(), replace=True)
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+async def _retrieve_or_delete(request: Request) -> Response:
+    if request.method == "DELETE":
+        return await openai_responses.delete_response(request)
+    return await openai_responses.retrieve_response(request)
+
+
 def routes(stream_endpoint: Callable[[Endpoint], Any]) -> list[Route]:
     """``stream_endpoint`` wraps endpoints that may answer with a long-lived stream."""
     return [
@@ -35,15 +41,10 @@ def routes(stream_endpoint: Callable[[Endpoint], Any]) -> list[Route]:
             methods=["GET"],
         ),
         Route("/v1/responses", stream_endpoint(openai_responses.create_response), methods=["POST"]),
-        Route(
+        Route(  # one route for both methods, so that a 405 lists both in Allow
             "/v1/responses/{response_id}",
-            stream_endpoint(openai_responses.retrieve_response),
-            methods=["GET"],
-        ),
-        Route(
-            "/v1/responses/{response_id}",
-            openai_responses.delete_response,
-            methods=["DELETE"],
+            stream_endpoint(_retrieve_or_delete),
+            methods=["GET", "DELETE"],
         ),
         Route(
             "/v1/responses/{response_id}/cancel",

@@ -1,0 +1,137 @@
+"""Resumable Chat Completions streams from Python: the answer survives a dropped connection.
+
+OpenAI's Chat Completions API has no resume; tokenbridge's has (docs/openai.md): every SSE block
+carries an ``id:``, and the response names a resume URL (``x-resume-url``) that continues the
+same chunk stream after a ``Last-Event-ID``, on any gateway node. The ``openai`` SDK hides SSE
+ids, so this helper speaks the wire itself and yields the chunks as dicts, exactly those of one
+uninterrupted stream, each once::
+
+    from tokenbridge.openai_resume import astream_chat_completion
+
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+            "stream_options": {"include_usage": True}}
+    async for chunk in astream_chat_completion("http://localhost:8000/v1", "tbk_...", body):
+        print(chunk["choices"][0]["delta"].get("content", "") if chunk["choices"] else "")
+
+A connection that fails or ends before ``[DONE]`` is resumed (up to ``max_resumes`` times in a
+row without progress); an error chunk raises :class:`ChatStreamError`; HTTP errors raise
+``httpx.HTTPStatusError``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+__all__ = ["ChatStreamError", "astream_chat_completion"]
+
+_RETRYABLE = (httpx.TransportError, httpx.RemoteProtocolError)
+
+
+class ChatStreamError(Exception):
+    """The stream carried an error chunk (``{"error": {...}}``); ``error`` is its object."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message") or error.get("code") or "stream error")
+        self.error = error
+
+
+class _Cursor:
+    """Where the stream is: the last complete block's id, the resume URL, whether it ended."""
+
+    def __init__(self) -> None:
+        self.last_id: str | None = None
+        self.resume_url: str | None = None
+        self.done = False
+
+
+def _blocks(buffer: bytearray) -> list[tuple[str | None, str | None]]:
+    """Take the complete SSE blocks off ``buffer``: (id, data) each; comments are skipped."""
+    out = []
+    while (end := buffer.find(b"\n\n")) >= 0:
+        block = bytes(buffer[:end]).decode()
+        del buffer[: end + 2]
+        fields: dict[str, str] = {}
+        for line in block.split("\n"):
+            if line.startswith(":") or not line:
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+        out.append((fields.get("id"), fields.get("data")))
+    return out
+
+
+async def _read(response: httpx.Response, cursor: _Cursor) -> AsyncIterator[dict[str, Any]]:
+    buffer = bytearray()
+    async for raw in response.aiter_bytes():
+        buffer += raw
+        for block_id, data in _blocks(buffer):
+            if data is None:
+                continue
+            if block_id is not None:
+                cursor.last_id = block_id
+            if data == "[DONE]":
+                cursor.done = True
+                return
+            chunk = json.loads(data)
+            if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                raise ChatStreamError(chunk["error"])
+            yield chunk
+
+
+async def astream_chat_completion(
+    base_url: str,
+    api_key: str | None,
+    body: dict[str, Any],
+    *,
+    max_resumes: int = 5,
+    client: httpx.AsyncClient | None = None,
+    timeout_s: float = 60.0,
+) -> AsyncIterator[dict[str, Any]]:
+    """Stream a chat completion's chunks, resuming after dropped connections."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    own = client is None
+    http = client or httpx.AsyncClient(timeout=timeout_s)
+    cursor = _Cursor()
+    url = base_url.rstrip("/") + "/chat/completions"
+    root = httpx.URL(base_url)
+    failures = 0
+    try:
+        while not cursor.done:
+            if cursor.resume_url is None:
+                request = http.build_request(
+                    "POST", url, json={**body, "stream": True}, headers=headers
+                )
+            else:
+                resume_headers = dict(headers)
+                if cursor.last_id is not None:
+                    resume_headers["last-event-id"] = cursor.last_id
+                request = http.build_request(
+                    "GET", root.join(cursor.resume_url), headers=resume_headers
+                )
+            before = cursor.last_id
+            try:
+                response = await http.send(request, stream=True)
+                try:
+                    response.raise_for_status()
+                    cursor.resume_url = cursor.resume_url or response.headers.get("x-resume-url")
+                    async for chunk in _read(response, cursor):
+                        yield chunk
+                finally:
+                    await response.aclose()
+            except _RETRYABLE:
+                if cursor.resume_url is None:
+                    raise  # nothing to resume: the request itself failed
+            if cursor.done:
+                return
+            if cursor.resume_url is None:
+                raise ChatStreamError({"message": "the stream ended without a resume URL"})
+            failures = 0 if cursor.last_id != before else failures + 1
+            if failures > max_resumes:
+                raise ChatStreamError({"message": f"no progress after {max_resumes} resumes"})
+    finally:
+        if own:
+            await http.aclose()
