@@ -1,0 +1,145 @@
+"""5. ``openai-chat``: the Chat Completions encoding beside native SSE, in the same run.
+
+The same demo generation (``max_tokens`` tokens, unpaced, response cache off) is run by a
+separate worker process and delivered twice by the gateway: through ``POST /v1/generations``
+then ``GET /v1/sessions/{id}/events`` (native SSE), and through ``POST /v1/chat/completions``
+with ``stream: true`` (one ``chat.completion.chunk`` per token). Each is measured in its own
+window (gateway CPU over it, tokens received by a raw-socket client); the figure that matters
+is gateway CPU per delivered token, chat over native (target: within 1.5x). Several rounds
+alternate the two, and each figure is the median over its rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from benchmarks.processes import Child, process_cpu_s
+from benchmarks.scenarios import Bench, Figure, ScenarioResult
+from benchmarks.sse_client import _SSEProtocol
+
+__all__ = ["openai_chat"]
+
+_CHAT_TOKEN = b'"delta":{"content":'
+_NATIVE_TOKEN = b"\nevent: token\n"
+
+
+@dataclass(eq=False)
+class _Tally:
+    """Tokens received on one stream; ends at ``[DONE]`` (chat) or ``event: end`` (native)."""
+
+    chat: bool
+    tokens: int = 0
+    first_token_at: float | None = None
+    end_at: float | None = None
+    errors: list[str] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def feed(self, block: bytes, now: float, wall_ns: int) -> None:
+        text = b"\n" + block
+        tokens = text.count(_CHAT_TOKEN if self.chat else _NATIVE_TOKEN)
+        if tokens and self.first_token_at is None:
+            self.first_token_at = now
+        self.tokens += tokens
+        if b'{"error":' in text or b"\nevent: error\n" in text:
+            self.errors.append(text[:300].decode(errors="replace"))
+        if (b"data: [DONE]" in text) if self.chat else (b"\nevent: end\n" in text):
+            self.end_at = now
+            self.ended.set()
+
+
+async def _stream(host: str, port: int, request: bytes, tally: _Tally) -> None:
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(lambda: _SSEProtocol(tally), host, port)  # type: ignore[arg-type]
+    assert protocol.transport is not None
+    protocol.transport.write(request)
+    try:
+        await protocol.lost
+    finally:
+        protocol.transport.close()
+    if not tally.ended.is_set():
+        raise RuntimeError(f"the stream ended early ({tally.tokens} tokens): {tally.errors[:1]}")
+
+
+def _post(host: str, path: str, body: dict[str, Any]) -> bytes:
+    payload = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    return (head + f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+async def _one(bench: Bench, worker: Child, chat: bool, tokens: int, n: int) -> dict[str, float]:
+    """One generation delivered one way: its rate and costs."""
+    gw = bench.gateway
+    prompt = f"openai-chat bench {bench.tag} round {n} {'chat' if chat else 'native'}"
+    params = {"max_tokens": tokens, "rate": 0, "cache": False}
+    tally = _Tally(chat)
+    cpu_before = process_cpu_s(gw.pid) or 0.0
+    worker_before = process_cpu_s(worker.pid) or 0.0
+    started = time.perf_counter()
+    if chat:
+        body = {"model": "demo", "messages": [{"role": "user", "content": prompt}]}
+        request = _post(gw.host, "/v1/chat/completions", {**body, **params, "stream": True})
+    else:
+        async with httpx.AsyncClient(base_url=f"http://{gw.host}:{gw.port}") as http:
+            answer = await http.post(
+                "/v1/generations", json={"model": "demo", "prompt": prompt, "params": params}
+            )
+            answer.raise_for_status()
+        session_id = answer.json()["session_id"]
+        request = f"GET /v1/sessions/{session_id}/events HTTP/1.1\r\nHost: {gw.host}\r\n\r\n"
+        request = request.encode()  # type: ignore[assignment]
+    await _stream(gw.host, gw.port, request, tally)  # type: ignore[arg-type]
+    wall = time.perf_counter() - started
+    cpu_s = (process_cpu_s(gw.pid) or 0.0) - cpu_before
+    assert tally.first_token_at is not None and tally.end_at is not None
+    if tally.tokens != tokens:
+        raise RuntimeError(f"{'chat' if chat else 'native'}: {tally.tokens} of {tokens} tokens")
+    return {
+        "rate": tally.tokens / max(tally.end_at - tally.first_token_at, 1e-9),
+        "cpu_us": 1e6 * cpu_s / tally.tokens,
+        "gateway_pct": 100 * cpu_s / wall,
+        "worker_pct": 100 * ((process_cpu_s(worker.pid) or 0.0) - worker_before) / wall,
+    }
+
+
+async def openai_chat(bench: Bench, tokens: int, rounds: int, timeout_s: float) -> ScenarioResult:
+    """Native SSE vs Chat Completions chunks for the same generations, alternating."""
+    result = ScenarioResult(f"5. OpenAI chat encoding vs native SSE, {tokens:,} tokens x {rounds}")
+    argv = [sys.executable, "-m", "tokenbridge", "worker", "--no-processors"]
+    worker = Child("worker", [*argv, "--log-level", "warning"], bench.env, ready_marker="ready")
+    runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    try:
+        worker.start()
+        await worker.wait_ready(30)
+        async with asyncio.timeout(timeout_s):
+            await _one(bench, worker, True, min(tokens, 1000), -1)  # warm the chat path
+            for n in range(rounds):
+                for chat in (False, True):
+                    runs[chat].append(await _one(bench, worker, chat, tokens, n))
+    finally:
+        worker.stop()
+
+    def median(chat: bool, key: str) -> float:
+        return statistics.median(run[key] for run in runs[chat])
+
+    ratio = median(True, "cpu_us") / median(False, "cpu_us")
+    result.tokens_delivered = tokens * rounds * 2
+    result.figures = [
+        Figure("native SSE: delivered", median(False, "rate"), "tokens/s"),
+        Figure("chat chunks: delivered", median(True, "rate"), "tokens/s"),
+        Figure("native SSE: gateway CPU per token", median(False, "cpu_us"), "us"),
+        Figure("chat chunks: gateway CPU per token", median(True, "cpu_us"), "us"),
+        Figure("chat / native gateway CPU per token", ratio, "x", "≤ 1.5", ratio <= 1.5),
+    ]
+    result.cpu = {"gateway": median(True, "gateway_pct"), "producer": median(True, "worker_pct")}
+    result.notes.append(
+        "CPU row: the chat rounds; the producer is one worker process (demo model, unpaced)"
+    )
+    return result
