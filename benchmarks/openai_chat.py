@@ -1,4 +1,4 @@
-"""5. ``openai-chat``: the Chat Completions encoding beside native SSE, in the same run.
+"""7. ``openai-chat``: the Chat Completions encoding beside native SSE, in the same run.
 
 The same demo generation (``max_tokens`` tokens, unpaced, response cache off) is run by a
 separate worker process and delivered twice by the gateway: through ``POST /v1/generations``
@@ -39,11 +39,29 @@ class _Tally:
     tokens: int = 0
     first_token_at: float | None = None
     end_at: float | None = None
+    last_event_id: str | None = None
+    completion_id: str | None = None
+    reconnects: int = 0
+    closed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    session_id: str = ""
+
+    @property
+    def resume_path(self) -> str:
+        if self.chat:
+            return f"/v1/chat/completions/{self.completion_id}/stream"
+        return f"/v1/sessions/{self.session_id}/events"
 
     def feed(self, block: bytes, now: float, wall_ns: int) -> None:
         text = b"\n" + block
+        at = text.rfind(b"\nid: ")
+        if at >= 0:
+            self.last_event_id = text[at + 5 : text.index(b"\n", at + 5)].decode()
+        if self.chat and self.completion_id is None and (at := text.find(b'"id":"')) >= 0:
+            self.completion_id = text[at + 6 : text.index(b'"', at + 6)].decode()
+        if (at := text.find(b"\n: closed ")) >= 0:
+            self.closed.append(text[at + 11 : text.index(b"\n", at + 11)].decode())
         tokens = text.count(_CHAT_TOKEN if self.chat else _NATIVE_TOKEN)
         if tokens and self.first_token_at is None:
             self.first_token_at = now
@@ -56,16 +74,29 @@ class _Tally:
 
 
 async def _stream(host: str, port: int, request: bytes, tally: _Tally) -> None:
+    """Read until the end; a stream the gateway cuts (a slow client: this one cannot keep up
+    with an unpaced model) is resumed from its last id, as a client would."""
     loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_connection(lambda: _SSEProtocol(tally), host, port)  # type: ignore[arg-type]
-    assert protocol.transport is not None
-    protocol.transport.write(request)
-    try:
-        await protocol.lost
-    finally:
-        protocol.transport.close()
-    if not tally.ended.is_set():
-        raise RuntimeError(f"the stream ended early ({tally.tokens} tokens): {tally.errors[:1]}")
+    while True:
+        _, protocol = await loop.create_connection(lambda: _SSEProtocol(tally), host, port)  # type: ignore[arg-type]
+        assert protocol.transport is not None
+        protocol.transport.write(request)
+        try:
+            await protocol.lost
+        finally:
+            protocol.transport.close()
+        if tally.ended.is_set():
+            return
+        if tally.errors or tally.last_event_id is None or tally.reconnects >= 100:
+            raise RuntimeError(f"stream ended early ({tally.tokens} tokens): {tally.errors[:1]}")
+        tally.reconnects += 1
+        request = _resume(host, tally)
+
+
+def _resume(host: str, tally: _Tally) -> bytes:
+    path = tally.resume_path
+    head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nLast-Event-ID: {tally.last_event_id}\r\n"
+    return (head + "\r\n").encode()
 
 
 def _post(host: str, path: str, body: dict[str, Any]) -> bytes:
@@ -92,7 +123,7 @@ async def _one(bench: Bench, worker: Child, chat: bool, tokens: int, n: int) -> 
                 "/v1/generations", json={"model": "demo", "prompt": prompt, "params": params}
             )
             answer.raise_for_status()
-        session_id = answer.json()["session_id"]
+        session_id = tally.session_id = answer.json()["session_id"]
         request = f"GET /v1/sessions/{session_id}/events HTTP/1.1\r\nHost: {gw.host}\r\n\r\n"
         request = request.encode()  # type: ignore[assignment]
     await _stream(gw.host, gw.port, request, tally)  # type: ignore[arg-type]
@@ -102,6 +133,7 @@ async def _one(bench: Bench, worker: Child, chat: bool, tokens: int, n: int) -> 
     if tally.tokens != tokens:
         raise RuntimeError(f"{'chat' if chat else 'native'}: {tally.tokens} of {tokens} tokens")
     return {
+        "reconnects": tally.reconnects,
         "rate": tally.tokens / max(tally.end_at - tally.first_token_at, 1e-9),
         "cpu_us": 1e6 * cpu_s / tally.tokens,
         "gateway_pct": 100 * cpu_s / wall,
@@ -111,7 +143,7 @@ async def _one(bench: Bench, worker: Child, chat: bool, tokens: int, n: int) -> 
 
 async def openai_chat(bench: Bench, tokens: int, rounds: int, timeout_s: float) -> ScenarioResult:
     """Native SSE vs Chat Completions chunks for the same generations, alternating."""
-    result = ScenarioResult(f"5. OpenAI chat encoding vs native SSE, {tokens:,} tokens x {rounds}")
+    result = ScenarioResult(f"7. OpenAI chat encoding vs native SSE, {tokens:,} tokens x {rounds}")
     argv = [sys.executable, "-m", "tokenbridge", "worker", "--no-processors"]
     worker = Child("worker", [*argv, "--log-level", "warning"], bench.env, ready_marker="ready")
     runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
@@ -139,6 +171,10 @@ async def openai_chat(bench: Bench, tokens: int, rounds: int, timeout_s: float) 
         Figure("chat / native gateway CPU per token", ratio, "x", "≤ 1.5", ratio <= 1.5),
     ]
     result.cpu = {"gateway": median(True, "gateway_pct"), "producer": median(True, "worker_pct")}
+    for chat, name in ((False, "native"), (True, "chat")):
+        cuts = sum(run["reconnects"] for run in runs[chat])
+        if cuts:
+            result.notes.append(f"{name}: {cuts:.0f} resumes after slow_client cuts")
     result.notes.append(
         "CPU row: the chat rounds; the producer is one worker process (demo model, unpaced)"
     )
