@@ -123,10 +123,9 @@ async def _one(bench: Bench, worker: Child, chat: bool, tokens: int, n: int) -> 
                 "/v1/generations", json={"model": "demo", "prompt": prompt, "params": params}
             )
             answer.raise_for_status()
-        session_id = tally.session_id = answer.json()["session_id"]
-        request = f"GET /v1/sessions/{session_id}/events HTTP/1.1\r\nHost: {gw.host}\r\n\r\n"
-        request = request.encode()  # type: ignore[assignment]
-    await _stream(gw.host, gw.port, request, tally)  # type: ignore[arg-type]
+        tally.session_id = answer.json()["session_id"]
+        request = f"GET {tally.resume_path} HTTP/1.1\r\nHost: {gw.host}\r\n\r\n".encode()
+    await _stream(gw.host, gw.port, request, tally)
     wall = time.perf_counter() - started
     cpu_s = (process_cpu_s(gw.pid) or 0.0) - cpu_before
     assert tally.first_token_at is not None and tally.end_at is not None
