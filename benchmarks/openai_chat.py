@@ -45,6 +45,7 @@ class _Tally:
     closed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     session_id: str = ""
 
     @property
@@ -54,6 +55,7 @@ class _Tally:
         return f"/v1/sessions/{self.session_id}/events"
 
     def feed(self, block: bytes, now: float, wall_ns: int) -> None:
+        self.subscribed.set()  # native: the retry: preamble came first
         text = b"\n" + block
         at = text.rfind(b"\nid: ")
         if at >= 0:
@@ -117,15 +119,22 @@ async def _one(bench: Bench, worker: Child, chat: bool, tokens: int, n: int) -> 
     if chat:
         body = {"model": "demo", "messages": [{"role": "user", "content": prompt}]}
         request = _post(gw.host, "/v1/chat/completions", {**body, **params, "stream": True})
-    else:
-        async with httpx.AsyncClient(base_url=f"http://{gw.host}:{gw.port}") as http:
-            answer = await http.post(
-                "/v1/generations", json={"model": "demo", "prompt": prompt, "params": params}
-            )
-            answer.raise_for_status()
-        tally.session_id = answer.json()["session_id"]
+        await _stream(gw.host, gw.port, request, tally)
+    else:  # subscribed first, as a page does, so that every token is delivered live
+        tally.session_id = f"bench-{bench.tag}-openai-{n}"
         request = f"GET {tally.resume_path} HTTP/1.1\r\nHost: {gw.host}\r\n\r\n".encode()
-    await _stream(gw.host, gw.port, request, tally)
+        reading = asyncio.ensure_future(_stream(gw.host, gw.port, request, tally))
+        try:
+            await tally.subscribed.wait()
+            job = {"model": "demo", "prompt": prompt, "params": params}
+            async with httpx.AsyncClient(base_url=f"http://{gw.host}:{gw.port}") as http:
+                answer = await http.post(
+                    "/v1/generations", json={**job, "session_id": tally.session_id}
+                )
+                answer.raise_for_status()
+            await reading
+        finally:
+            reading.cancel()
     wall = time.perf_counter() - started
     cpu_s = (process_cpu_s(gw.pid) or 0.0) - cpu_before
     assert tally.first_token_at is not None and tally.end_at is not None
