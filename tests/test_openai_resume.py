@@ -207,3 +207,46 @@ async def test_resume_helper_survives_a_dropped_connection(settings: Settings) -
     ]
     assert len({c["id"] for c in chunks}) == 1
     assert proxy.connections == 2  # the first, cut, and the resume
+
+
+async def _sse(
+    http: Any, method: str, url: str, **kwargs: Any
+) -> tuple[Any, list[tuple[str, str]]]:
+    """(response, [(id, data)]) of a whole SSE answer read with httpx."""
+    async with http.stream(method, url, **kwargs) as response:
+        body = (await response.aread()).decode()
+    blocks = []
+    for block in body.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":")
+        )
+        if "data" in fields:
+            blocks.append((fields.get("id", ""), fields["data"]))
+    return response, blocks
+
+
+async def test_resume_points_at_the_end_of_a_stream(gateway: Gateway) -> None:
+    import httpx
+
+    body = {**BODY, "max_tokens": 5, "rate": 0}
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+        first, whole = await _sse(http, "POST", "/v1/chat/completions", json=body)
+        url = first.headers["x-resume-url"]
+        assert first.headers["content-location"] == url
+        finish_id, usage_id, done_id = (i for i, _ in whole[-3:])
+        assert usage_id == finish_id + ".1" and done_id == finish_id + ".2"
+        # from every id on, the rest of the same stream, byte for byte
+        for k, (block_id, _) in enumerate(whole):
+            _, rest = await _sse(http, "GET", url, headers={"last-event-id": block_id})
+            assert rest == whole[k + 1 :]
+        _, replay = await _sse(http, "GET", url)  # no Last-Event-ID: all of it
+        assert replay == whole
+        epoch, _, entry = whole[2][0].partition(":")
+        _, gap = await _sse(http, "GET", url, headers={"last-event-id": f"x{epoch}:{entry}"})
+        assert [json.loads(d)["error"]["code"] for _, d in gap[:1]] == ["stream_gap"]
+        assert gap[-1][1] == "[DONE]"
+        bad = await http.get(url, headers={"last-event-id": "nonsense"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+        missing = await http.get("/v1/chat/completions/chatcmpl-s_nothing/stream")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "completion_not_found"

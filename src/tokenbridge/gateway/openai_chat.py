@@ -19,7 +19,8 @@ from tokenbridge.gateway import encodings
 from tokenbridge.gateway.api import _json_body
 from tokenbridge.gateway.encodings.base import GenerationInfo, StreamContext
 from tokenbridge.gateway.encodings.openai_chat import ChatCollector, ChatOptions
-from tokenbridge.gateway.frames import parse_entry_id
+from tokenbridge.gateway.fanout import decode_entries
+from tokenbridge.gateway.frames import Frame, parse_entry_id
 from tokenbridge.gateway.openai_common import (
     StreamAnswer,
     collect,
@@ -30,11 +31,10 @@ from tokenbridge.gateway.openai_common import (
 from tokenbridge.gateway.openai_errors import OpenAIParamError, openai_endpoint, openai_error
 from tokenbridge.gateway.openai_requests import parse_chat
 from tokenbridge.gateway.openai_store import CHAT_PREFIX, session_of
+from tokenbridge.gateway.state import Gateway
 from tokenbridge.wire.keys import ID_PATTERN
 
 __all__ = ["create_chat_completion", "resume_chat_completion", "resume_url"]
-
-_MAX_U64 = 2**64 - 1
 
 
 def resume_url(completion_id: str) -> str:
@@ -76,12 +76,19 @@ async def create_chat_completion(request: Request) -> Response:
     return StreamAnswer(request, session_id, encoder, None, headers)  # type: ignore[return-value]
 
 
-def _previous(entry_id: str) -> str | None:
-    """The largest stream id below ``entry_id`` (None below the first possible id)."""
-    ms, seq = parse_entry_id(entry_id)
-    if seq > 0:
-        return f"{ms}-{seq - 1}"
-    return f"{ms - 1}-{_MAX_U64}" if ms > 0 else None
+async def _resumed_entry(
+    gateway: Gateway, session_id: str, epoch: str, entry_id: str
+) -> Frame | None:
+    """The entry the client's Last-Event-ID is in (its later blocks may be missing), if the
+    stream still holds it in that epoch."""
+    async with gateway.redis.pipeline(transaction=False) as pipe:
+        pipe.hget(gateway.keys.meta(session_id), "epoch")
+        pipe.xrange(gateway.keys.events(session_id), min=entry_id, max=entry_id)
+        current, entries = await pipe.execute()
+    if current is None or current.decode() != epoch or not entries:
+        return None
+    frames = decode_entries(entries, epoch, session_id)
+    return frames[0] if frames else None
 
 
 def parse_chat_event_id(value: str | None) -> tuple[str, str, int] | None:
@@ -119,14 +126,15 @@ async def resume_chat_completion(request: Request) -> Response:
         raise InvalidRequest("completion_not_found", f"no completion {completion_id[:80]!r}", 404)
     last: tuple[str, str] | None = None
     resume_after = None
+    pending = None
     if resume is not None:
-        # Read from the entry of that id on (inclusive): its later blocks may be missing.
+        # History after that entry; the entry's own blocks after k first (usage, [DONE]).
         epoch, entry_id, block = resume
-        previous = _previous(entry_id)
-        last = (epoch, previous) if previous is not None else None
+        last = (epoch, entry_id)
         resume_after = (entry_id, block)
+        pending = await _resumed_entry(gateway, session_id, epoch, entry_id)
     info = GenerationInfo(record["generation_id"], record["model"], record["created"])
-    options = ChatOptions(completion_id, record["include_usage"], resume_after)
+    options = ChatOptions(completion_id, record["include_usage"], resume_after, pending)
     ctx = StreamContext(
         session_id, options, info, resumed=resume is not None,
         retry_ms=gateway.stream_options.retry_ms,

@@ -79,13 +79,14 @@ class ChatOptions:
     client asked for the usage chunk, and where a resume starts.
 
     ``resume_after`` is ``(entry id, k)`` when the client's Last-Event-ID was the ``k``-th
-    block of that entry: the route reads history from that entry on (inclusive) and the
-    encoder skips its blocks up to ``k``.
+    block of that entry: the route resumes after that entry, and passes the entry itself as
+    ``pending``, whose blocks after ``k`` (the usage chunk, ``[DONE]``) come first.
     """
 
     completion_id: str
     include_usage: bool = False
     resume_after: tuple[str, int] | None = None
+    pending: Frame | None = None
 
 
 class ChatCompletionsEncoding:
@@ -171,7 +172,12 @@ class ChatChunkEncoder:
     # -- the Encoder interface (gateway/encodings/base.py) --------------------------------
 
     def preamble(self) -> bytes | None:
-        return None  # retry: goes into the first data block (the SDK hazard)
+        """The rest of the entry a resume starts in (``retry:`` goes into the first data block:
+        the SDK hazard)."""
+        pending = self.options.pending
+        if pending is None or pending.event.generation_id != self.generation_id:
+            return None
+        return self._frame_blocks(pending) or None
 
     def gap(self, info: dict[str, Any]) -> bytes | None:
         """History the client missed is gone: say so (the SDK raises) and end the stream."""
