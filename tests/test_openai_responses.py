@@ -169,3 +169,36 @@ async def test_delete(client: openai.AsyncOpenAI) -> None:
         await client.responses.retrieve(created.id)
     with pytest.raises(openai.NotFoundError):
         await client.responses.delete(created.id)
+
+
+async def test_kept_response_outlives_its_stream(client: openai.AsyncOpenAI, gateway: Any) -> None:
+    created = await client.responses.create(
+        model="demo", input="keep me", extra_body={"rate": 0}
+    )
+    session_id = created.id.removeprefix("resp_")
+    redis = gateway.app.state.gateway.redis
+    await redis.delete(gateway.app.state.gateway.keys.events(session_id))  # as if it expired
+    polled = await client.responses.retrieve(created.id)
+    assert polled.output_text == created.output_text and polled.status == "completed"
+    async with client.responses.stream(response_id=created.id) as stream:
+        events = [e async for e in stream]
+        final = await stream.get_final_response()
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert final.output_text == created.output_text
+
+
+async def test_response_lost_with_its_stream_says_so(settings_factory: Any) -> None:
+    import json
+
+    async with (
+        Gateway(settings_factory(), worker=False) as gw,
+        openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0) as client,
+    ):
+        created = await client.responses.create(model="demo", input="lost", background=True)
+        state = gw.app.state.gateway
+        key = f"{state.keys.prefix}:{{{created.id.removeprefix('resp_')}}}:openai"
+        record = json.loads(await state.redis.hget(key, "response"))
+        record["base"]["created_at"] -= 86_400  # a day ago, and no stream was ever written
+        await state.redis.hset(key, "response", json.dumps(record))
+        polled = await client.responses.retrieve(created.id)
+        assert polled.status == "failed" and polled.error is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -22,7 +23,12 @@ from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway import encodings
 from tokenbridge.gateway.api import _json_body
 from tokenbridge.gateway.encodings.base import StreamContext
-from tokenbridge.gateway.encodings.openai_responses import ResponsesEncoder, ResponsesOptions
+from tokenbridge.gateway.encodings.openai_responses import (
+    ResponsesEncoder,
+    ResponsesOptions,
+    events_of_final,
+)
+from tokenbridge.gateway.frames import Batch, Frame
 from tokenbridge.gateway.openai_common import (
     StreamAnswer,
     collect,
@@ -41,6 +47,7 @@ from tokenbridge.store.client import REDIS_DOWN_ERRORS
 __all__ = ["cancel_response", "create_response", "delete_response", "retrieve_response"]
 
 _CANCEL_WAIT_S = 5.0
+_SSE = "text/event-stream"
 _DONE = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
@@ -223,12 +230,46 @@ async def retrieve_response(request: Request) -> Response:
     gateway, store = gateway_of(request)
     await openai_principal(request)
     session_id, record, final = await _load(request)
-    if request.query_params.get("stream") in ("true", "1"):
+    stream = request.query_params.get("stream") in ("true", "1")
+    starting_after = _starting_after(request)
+    if final is None or stream:
+        stream_gone = not await gateway.redis.exists(gateway.keys.events(session_id))
+        if stream_gone and final is None and _expired(gateway, record):
+            final = _lost(record)
+        if stream and stream_gone and final is not None:
+            return Response(_replay_final(record, final, starting_after), media_type=_SSE)
+    if stream:
         gateway.connections.ensure_accepting()
-        return await _answer(request, session_id, record, _starting_after(request), stream=True)
+        return await _answer(request, session_id, record, starting_after, stream=True)
     if final is not None:
         return JSONResponse(final)
     return JSONResponse(await _snapshot(gateway, store, session_id, record))
+
+
+def _expired(gateway: Gateway, record: dict[str, Any]) -> bool:
+    """Past the longest a generation's stream can live, and no final object kept."""
+    settings = gateway.settings
+    lifetime_s = settings.stream_max_generation_s + settings.stream_retention_s
+    return time.time() > float(record["base"]["created_at"]) + lifetime_s
+
+
+def _lost(record: dict[str, Any]) -> dict[str, Any]:
+    encoder = ResponsesEncoder(_options(record))
+    encoder.initial()
+    snapshot = encoder.snapshot()
+    snapshot["status"] = "failed"
+    message = "the response's stream expired before its end was kept (stream_retention_s)"
+    snapshot["error"] = {"code": "server_error", "message": message}
+    return snapshot
+
+
+def _replay_final(record: dict[str, Any], final: dict[str, Any], starting_after: int) -> bytes:
+    """The events of a kept response whose session stream has expired (one delta per item:
+    sequence numbers after the first events differ from the live stream's)."""
+    encoder = ResponsesEncoder(_options(record, starting_after))
+    events = events_of_final(final, record["generation_id"])
+    frames = [Frame(f"0-{i + 1}", "0", event) for i, event in enumerate(events)]
+    return (encoder.preamble() or b"") + (encoder.encode([Batch(frames)]) or b"")
 
 
 @openai_endpoint

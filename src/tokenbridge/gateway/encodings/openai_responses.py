@@ -38,7 +38,13 @@ from tokenbridge.gateway.encodings.base import StreamContext, TransportName
 from tokenbridge.gateway.frames import Batch
 from tokenbridge.wire.events import Event
 
-__all__ = ["ResponsesEncoder", "ResponsesEncoding", "ResponsesOptions", "usage_of"]
+__all__ = [
+    "ResponsesEncoder",
+    "ResponsesEncoding",
+    "ResponsesOptions",
+    "events_of_final",
+    "usage_of",
+]
 
 # end.reason -> (status, incomplete_details.reason)
 _ENDS = {
@@ -73,6 +79,47 @@ def usage_of(event: Event) -> dict[str, Any]:
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.get("total_tokens", prompt + output),
     }
+
+
+_REASONS = {"max_output_tokens": "length", "content_filter": "content_filter"}
+
+
+def events_of_final(final: dict[str, Any], generation_id: str) -> list[Event]:
+    """Session events that encode to ``final`` (a kept Response object), for a replay after
+    its session stream expired: one ``token`` per message, one ``tool_call`` per call."""
+    ts = int(final.get("completed_at") or final.get("created_at") or 0) * 1000
+    events = [Event("start", generation_id, 0, ts, model=str(final.get("model", "")))]
+    calls = 0
+    for item in final.get("output", []):
+        seq = len(events)
+        if item.get("type") == "message":
+            text = "".join(p.get("text", "") for p in item.get("content", []))
+            events.append(Event("token", generation_id, seq, ts, text=text))
+        elif item.get("type") == "function_call":
+            events.append(
+                Event("tool_call", generation_id, seq, ts, index=calls, call_id=item["call_id"],
+                      name=item["name"], arguments=item["arguments"])
+            )  # fmt: skip
+            calls += 1
+    status, seq = final.get("status"), len(events)
+    if status == "failed":
+        message = (final.get("error") or {}).get("message", "failed")
+        return [*events, Event("error", generation_id, seq, ts, code="failed", message=message)]
+    usage = final.get("usage") or {}
+    tokens = usage.get("output_tokens", 0)
+    wire_usage = {
+        "prompt_tokens": usage.get("input_tokens", 0),
+        "completion_tokens": tokens,
+        "total_tokens": usage.get("total_tokens", 0),
+    }
+    reason = "tool_calls" if calls else "stop"
+    if status == "cancelled":
+        reason = "cancelled"
+    elif status == "incomplete":
+        details = final.get("incomplete_details") or {}
+        reason = _REASONS.get(str(details.get("reason")), "length")
+    end = Event("end", generation_id, seq, ts, reason=reason, tokens=tokens, usage=wire_usage)
+    return [*events, end]
 
 
 @dataclass(frozen=True, slots=True)
