@@ -49,6 +49,14 @@ async def test_typed_exceptions(settings_factory: Any) -> None:
         assert audio.value.param == "audio"
         with pytest.raises(openai.NotFoundError):
             await client.responses.retrieve("resp_s_nothing_here")
+        with pytest.raises(openai.UnprocessableEntityError) as too_many:
+            await client.chat.completions.create(
+                model="demo", messages=messages, max_tokens=10_000_000
+            )
+        assert too_many.value.code == "max_tokens_too_large"
+        with pytest.raises(openai.BadRequestError) as bad_param:
+            await client.responses.create(model="demo", input="x", temperature=7)
+        assert bad_param.value.param == "temperature"
         for _ in range(2):
             await client.chat.completions.create(
                 model="demo", messages=messages, max_tokens=1, extra_body={"rate": 0}
@@ -68,6 +76,15 @@ async def test_other_key_headers(settings_factory: Any) -> None:
         refused = await http.post("/v1/chat/completions", json=body)
         assert refused.status_code == 401
         assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+        login = await http.post("/v1/auth/login", json={"api_key": KEY})
+        cookie = login.cookies["tb_console"]
+        foreign = await http.post(
+            "/v1/chat/completions",
+            json=body,
+            headers={"cookie": f"tb_console={cookie}", "origin": "http://elsewhere.example"},
+        )
+        assert foreign.status_code == 403
+        assert foreign.json()["error"]["type"] == "permission_error"
 
 
 async def test_conflict_on_unfinished_previous_response(gateway: Gateway) -> None:
