@@ -82,6 +82,24 @@ async def _read(response: httpx.Response, cursor: _Cursor) -> AsyncIterator[dict
             yield chunk
 
 
+def _request(
+    http: httpx.AsyncClient,
+    cursor: _Cursor,
+    base_url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+) -> httpx.Request:
+    """The first POST, or the GET of the resume URL after the last block received."""
+    if cursor.resume_url is None:
+        url = base_url.rstrip("/") + "/chat/completions"
+        return http.build_request("POST", url, json={**body, "stream": True}, headers=headers)
+    resume_headers = dict(headers)
+    if cursor.last_id is not None:
+        resume_headers["last-event-id"] = cursor.last_id
+    url = str(httpx.URL(base_url).join(cursor.resume_url))
+    return http.build_request("GET", url, headers=resume_headers)
+
+
 async def astream_chat_completion(
     base_url: str,
     api_key: str | None,
@@ -93,27 +111,14 @@ async def astream_chat_completion(
 ) -> AsyncIterator[dict[str, Any]]:
     """Stream a chat completion's chunks, resuming after dropped connections."""
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    own = client is None
     http = client or httpx.AsyncClient(timeout=timeout_s)
     cursor = _Cursor()
-    url = base_url.rstrip("/") + "/chat/completions"
-    root = httpx.URL(base_url)
     failures = 0
     try:
         while not cursor.done:
-            if cursor.resume_url is None:
-                request = http.build_request(
-                    "POST", url, json={**body, "stream": True}, headers=headers
-                )
-            else:
-                resume_headers = dict(headers)
-                if cursor.last_id is not None:
-                    resume_headers["last-event-id"] = cursor.last_id
-                request = http.build_request(
-                    "GET", root.join(cursor.resume_url), headers=resume_headers
-                )
             before = cursor.last_id
             try:
+                request = _request(http, cursor, base_url, body, headers)
                 response = await http.send(request, stream=True)
                 try:
                     response.raise_for_status()
@@ -133,5 +138,5 @@ async def astream_chat_completion(
             if failures > max_resumes:
                 raise ChatStreamError({"message": f"no progress after {max_resumes} resumes"})
     finally:
-        if own:
+        if client is None:
             await http.aclose()
