@@ -188,11 +188,16 @@ class ChatChunkEncoder:
 
     def encode(self, batches: list[Batch]) -> bytes | None:
         out = []
+        generation_id = self.generation_id
         for batch in batches:
             for frame in batch.frames:
-                if self.finished:
-                    break
-                if frame.event.generation_id == self.generation_id:
+                event = frame.event
+                if self.finished or event.generation_id != generation_id:
+                    continue
+                if event.kind == "token" and not self._retry:  # the hot path: one block
+                    head = f"id: {frame.epoch}:{frame.entry_id}\ndata: ".encode()
+                    out.append(head + self._token(event.text) + b"\n\n")
+                else:
                     out.append(self._frame_blocks(frame))
         return b"".join(out) or None
 
