@@ -58,8 +58,8 @@ class Options:
     spread_connections: int = 1000
     spread_sessions: int = 100
     spread_tokens: int = 2000
-    openai_tokens: int = 50_000
-    openai_rounds: int = 3
+    openai_tokens: int = 8_000
+    openai_rounds: int = 10
 
 
 def _parse(argv: Sequence[str] | None) -> Options:
@@ -103,9 +103,10 @@ def _parse(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--openai-tokens",
         type=int,
-        help="openai-chat: tokens per generation (50,000; quick 10,000)",
+        default=8000,
+        help="openai-chat: tokens per generation (8,000: under stream_max_len)",
     )
-    parser.add_argument("--openai-rounds", type=int, default=3, help="openai-chat: rounds")
+    parser.add_argument("--openai-rounds", type=int, help="openai-chat: rounds (10; quick 3)")
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -129,8 +130,8 @@ def _parse(argv: Sequence[str] | None) -> Options:
         spread_connections=args.spread_connections,
         spread_sessions=args.spread_sessions,
         spread_tokens=args.spread_tokens or (200 if quick else 2000),
-        openai_tokens=args.openai_tokens or (10_000 if quick else 50_000),
-        openai_rounds=args.openai_rounds,
+        openai_tokens=args.openai_tokens,
+        openai_rounds=args.openai_rounds or (3 if quick else 10),
     )
 
 
