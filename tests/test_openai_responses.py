@@ -172,9 +172,7 @@ async def test_delete(client: openai.AsyncOpenAI) -> None:
 
 
 async def test_kept_response_outlives_its_stream(client: openai.AsyncOpenAI, gateway: Any) -> None:
-    created = await client.responses.create(
-        model="demo", input="keep me", extra_body={"rate": 0}
-    )
+    created = await client.responses.create(model="demo", input="keep me", extra_body={"rate": 0})
     session_id = created.id.removeprefix("resp_")
     redis = gateway.app.state.gateway.redis
     await redis.delete(gateway.app.state.gateway.keys.events(session_id))  # as if it expired
