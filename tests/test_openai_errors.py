@@ -119,7 +119,7 @@ async def test_provider_error(model_server: ModelServer, settings_factory: Any) 
 
 async def test_keepalives_do_not_break_the_sdk(settings_factory: Any) -> None:
     """The SDK hazard: a stream with pauses longer than the keep-alive interval."""
-    settings = settings_factory(sse_heartbeat_s=0.05)
+    settings = settings_factory(connection_heartbeat_s=0.05)
     async with Gateway(settings) as gw, _client(gw) as client:
         messages: Any = [{"role": "user", "content": "slowly"}]
         stream = await client.chat.completions.create(
