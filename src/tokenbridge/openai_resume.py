@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from tokenbridge.sse_parser import parse_sse
+
 __all__ = ["ChatStreamError", "astream_chat_completion"]
 
 _RETRYABLE = (httpx.TransportError, httpx.RemoteProtocolError)
@@ -48,38 +50,19 @@ class _Cursor:
         self.done = False
 
 
-def _blocks(buffer: bytearray) -> list[tuple[str | None, str | None]]:
-    """Take the complete SSE blocks off ``buffer``: (id, data) each; comments are skipped."""
-    out = []
-    while (end := buffer.find(b"\n\n")) >= 0:
-        block = bytes(buffer[:end]).decode()
-        del buffer[: end + 2]
-        fields: dict[str, str] = {}
-        for line in block.split("\n"):
-            if line.startswith(":") or not line:
-                continue
-            name, _, value = line.partition(":")
-            fields[name] = value[1:] if value.startswith(" ") else value
-        out.append((fields.get("id"), fields.get("data")))
-    return out
-
-
 async def _read(response: httpx.Response, cursor: _Cursor) -> AsyncIterator[dict[str, Any]]:
-    buffer = bytearray()
-    async for raw in response.aiter_bytes():
-        buffer += raw
-        for block_id, data in _blocks(buffer):
-            if data is None:
-                continue
-            if block_id is not None:
-                cursor.last_id = block_id
-            if data == "[DONE]":
-                cursor.done = True
-                return
-            chunk = json.loads(data)
-            if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-                raise ChatStreamError(chunk["error"])
-            yield chunk
+    """The chunks of one response; a block cut off by a dropped connection is not yielded
+    (the parser dispatches a block only at its blank line), so the resume repeats it."""
+    async for message in parse_sse(response.aiter_lines()):
+        if message.id is not None:
+            cursor.last_id = message.id
+        if message.data == "[DONE]":
+            cursor.done = True
+            return
+        chunk = json.loads(message.data)
+        if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+            raise ChatStreamError(chunk["error"])
+        yield chunk
 
 
 def _request(
