@@ -9,6 +9,7 @@ from typing import Any
 
 from tests.servers import Gateway, GatewayProcess
 from tokenbridge.settings import Settings
+from tokenbridge.sse_parser import parse_sse
 
 BODY = {
     "model": "demo",
@@ -211,17 +212,10 @@ async def test_resume_helper_survives_a_dropped_connection(settings: Settings) -
 
 async def _sse(
     http: Any, method: str, url: str, **kwargs: Any
-) -> tuple[Any, list[tuple[str, str]]]:
+) -> tuple[Any, list[tuple[str | None, str]]]:
     """(response, [(id, data)]) of a whole SSE answer read with httpx."""
     async with http.stream(method, url, **kwargs) as response:
-        body = (await response.aread()).decode()
-    blocks = []
-    for block in body.split("\n\n"):
-        fields = dict(
-            line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":")
-        )
-        if "data" in fields:
-            blocks.append((fields.get("id", ""), fields["data"]))
+        blocks = [(m.id, m.data) async for m in parse_sse(response.aiter_lines())]
     return response, blocks
 
 
@@ -233,7 +227,7 @@ async def test_resume_points_at_the_end_of_a_stream(gateway: Gateway) -> None:
         first, whole = await _sse(http, "POST", "/v1/chat/completions", json=body)
         url = first.headers["x-resume-url"]
         assert first.headers["content-location"] == url
-        finish_id, usage_id, done_id = (i for i, _ in whole[-3:])
+        finish_id, usage_id, done_id = (str(i) for i, _ in whole[-3:])
         assert usage_id == finish_id + ".1" and done_id == finish_id + ".2"
         # from every id on, the rest of the same stream, byte for byte
         for k, (block_id, _) in enumerate(whole):
@@ -241,7 +235,7 @@ async def test_resume_points_at_the_end_of_a_stream(gateway: Gateway) -> None:
             assert rest == whole[k + 1 :]
         _, replay = await _sse(http, "GET", url)  # no Last-Event-ID: all of it
         assert replay == whole
-        epoch, _, entry = whole[2][0].partition(":")
+        epoch, _, entry = str(whole[2][0]).partition(":")
         _, gap = await _sse(http, "GET", url, headers={"last-event-id": f"x{epoch}:{entry}"})
         assert [json.loads(d)["error"]["code"] for _, d in gap[:1]] == ["stream_gap"]
         assert gap[-1][1] == "[DONE]"
