@@ -159,13 +159,31 @@ class ResponsesEncoder:
         self.completed_at: int | None = None
         self._message: int | None = None  # output index of the open message item
         self._calls: dict[int, int] = {}  # tool call index -> output index, while open
+        # Text and arguments of open items as pieces, joined when read (a += per token on a
+        # dict value would copy the whole text each time).
+        self._pieces: dict[int, list[str]] = {}
 
     @property
     def response_id(self) -> str:
         return str(self.options.base["id"])
 
+    def _flush(self, index: int) -> None:
+        """Join the open item's pieces into it."""
+        pieces = self._pieces.get(index)
+        if not pieces:
+            return
+        item = self.output[index]
+        joined = "".join(pieces)
+        if item["type"] == "message":
+            item["content"][0]["text"] = joined
+        else:
+            item["arguments"] = joined
+        self._pieces[index] = [joined]
+
     def snapshot(self) -> dict[str, Any]:
         """The Response object now."""
+        for index in self._pieces:
+            self._flush(index)
         return {
             **self.options.base,
             "status": self.status,
@@ -224,6 +242,7 @@ class ResponsesEncoder:
             "content": [],
         }
         self.output.append(item)
+        self._pieces[index] = []
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         added = self._event(
             "response.output_item.added", output_index=index, item=copy.deepcopy(item)
@@ -244,7 +263,7 @@ class ResponsesEncoder:
         index = self._message
         assert index is not None
         item = self.output[index]
-        item["content"][0]["text"] += text
+        self._pieces[index].append(text)
         return self._event(
             "response.output_text.delta",
             item_id=item["id"],
@@ -258,6 +277,8 @@ class ResponsesEncoder:
         index, self._message = self._message, None
         if index is None:
             return []
+        self._flush(index)
+        del self._pieces[index]
         item = self.output[index]
         item["status"] = status
         part = item["content"][0]
@@ -282,12 +303,13 @@ class ResponsesEncoder:
                 "arguments": "",
             }
             self.output.append(item)
+            self._pieces[index] = []
             out.append(
                 self._event("response.output_item.added", output_index=index, item=dict(item))
             )
         item = self.output[index]
         if event.arguments:
-            item["arguments"] += event.arguments
+            self._pieces[index].append(event.arguments)
             out.append(
                 self._event(
                     "response.function_call_arguments.delta",
@@ -301,6 +323,8 @@ class ResponsesEncoder:
     def _close_calls(self, status: str) -> list[dict[str, Any]]:
         out = []
         for index in sorted(self._calls.values()):
+            self._flush(index)
+            del self._pieces[index]
             item = self.output[index]
             item["status"] = status
             out.append(
