@@ -200,3 +200,18 @@ async def test_response_lost_with_its_stream_says_so(settings_factory: Any) -> N
         await state.redis.hset(key, "response", json.dumps(record))
         polled = await client.responses.retrieve(created.id)
         assert polled.status == "failed" and polled.error is not None
+
+
+async def test_background_stream_from_create(client: openai.AsyncOpenAI) -> None:
+    stream = await client.responses.create(
+        model="demo", input="queued first", background=True, stream=True, extra_body={"rate": 0}
+    )
+    events = [e async for e in stream]
+    assert [e.type for e in events[:3]] == [
+        "response.created",
+        "response.queued",
+        "response.in_progress",
+    ]
+    assert events[0].response.status == "queued" and events[-1].type == "response.completed"
+    stored = await client.responses.retrieve(events[0].response.id)
+    assert stored.status == "completed" and stored.output_text == events[-1].response.output_text
