@@ -186,3 +186,15 @@ def gateway_in_thread(settings_factory: Any) -> Iterator[str]:
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
         loop.close()
+
+
+async def test_interrupted_whole_answer_is_an_error(settings_factory: Any) -> None:
+    """No worker runs the job and the connection idles out: a 503, never a partial answer."""
+    settings = settings_factory(connection_idle_timeout_s=0.3)
+    async with Gateway(settings, worker=False) as gw, _client(gw) as client:
+        with pytest.raises(openai.InternalServerError) as interrupted:
+            await client.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "anyone?"}]
+            )
+        assert interrupted.value.status_code == 503
+        assert interrupted.value.code == "answer_interrupted"

@@ -53,7 +53,10 @@ async def create_chat_completion(request: Request) -> Response:
     completion_id = CHAT_PREFIX + session_id
     if not body.stream:
         collector = ChatCollector(completion_id, submitted.info)
-        await collect(request, session_id, collector)
+        reason = await collect(request, session_id, collector)
+        if not collector.finished:  # this gateway shut down, or the wait passed the idle bound
+            message = f"the answer was interrupted ({reason}); retry, or stream it to resume"
+            return openai_error(503, message, "answer_interrupted")
         if collector.error is not None:
             code, message = collector.error
             return openai_error(500, message, code)

@@ -92,11 +92,13 @@ async def collect(
     session_id: str,
     encoder: Encoder,
     last_event_id: tuple[str, str] | None = None,
-) -> None:
-    """Run ``encoder`` over the session (history, then live) until it has finished."""
+) -> str | None:
+    """Run ``encoder`` over the session (history, then live) until it has finished; returns
+    the connection's close reason (``done`` once finished; ``shutdown``, ``idle`` ... if not)."""
     stream = gateway_of(request)[0].open_stream(session_id, "sse", address_of(request))
-    async with stream:
+    async with stream as conn:
         await stream.run(encoder, _NoSocket(), last_event_id)
+    return conn.closed_reason
 
 
 class StreamAnswer:
