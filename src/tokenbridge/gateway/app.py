@@ -203,7 +203,14 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["authorization", "content-type", "last-event-id"],
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "last-event-id",
+                    "api-key",
+                    "x-api-key",
+                ],
+                expose_headers=["x-resume-url"],  # the OpenAI chat stream's resume URL
                 max_age=600,
             )
         )
