@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import openai
 import pytest
 
+from tests.anthropic_server import AnthropicServer
+from tests.model_server import Answer, ModelServer
 from tests.servers import Gateway
 
 
@@ -51,3 +54,30 @@ async def test_stream_with_usage(client: openai.AsyncOpenAI) -> None:
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 7
+
+
+@pytest.mark.parametrize("adapter", ["openai", "anthropic"])
+async def test_every_adapter(adapter: str, settings_factory: Any) -> None:
+    """The same SDK calls on an OpenAI-compatible and an Anthropic model (real local servers)."""
+    server_type = AnthropicServer if adapter == "anthropic" else ModelServer
+    with server_type(Answer(tokens=("Bon", "jour"), finish_reason="length")) as srv:
+        settings = settings_factory(models={"m": srv.model_config()})
+        async with (
+            Gateway(settings) as gw,
+            openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0) as client,
+        ):
+            messages: Any = [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "say hi"}]},
+            ]
+            whole = await client.chat.completions.create(model="m", messages=messages)
+            assert whole.choices[0].message.content == "Bonjour"
+            assert whole.choices[0].finish_reason == "length"
+            stream = await client.chat.completions.create(
+                model="m", messages=messages, stream=True, stream_options={"include_usage": True}
+            )
+            chunks = [c async for c in stream]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == "Bonjour" and chunks[-1].usage is not None
+            response = await client.responses.create(model="m", input="say hi")
+            assert response.output_text == "Bonjour" and response.status == "incomplete"
