@@ -13,6 +13,9 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
+import tests.model_server as model_server
+from tests.anthropic_server import AnthropicServer
+from tests.model_server import Answer, ModelServer
 from tests.servers import Gateway
 from tokenbridge.settings import Settings
 from tokenbridge.wire.events import Event
@@ -20,15 +23,8 @@ from tokenbridge.wire.keys import Keys
 
 T = TypeVar("T")
 
-TOOLS: Any = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
+PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": PARAMETERS}}]
 
 
 @pytest.fixture
@@ -175,3 +171,79 @@ async def test_responses_function_calls(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# -- end to end: the adapters turn a provider's tool calls into the wire events ------------
+
+# The adapters' side (tool_call events from providers, the demo's forced call, the servers'
+# scripted calls) is built on the openai-models branch; these run once both are merged.
+needs_adapter_tools = pytest.mark.skipif(
+    not hasattr(model_server, "ToolCall"), reason="model adapters without tool calls yet"
+)
+
+
+@needs_adapter_tools
+@pytest.mark.parametrize("adapter", ["openai", "anthropic"])
+async def test_model_server_tool_calls_end_to_end(adapter: str, settings_factory: Any) -> None:
+    """A real local provider answers with a function call; the SDK gets it, whole and streamed,
+    as Chat Completions ``tool_calls`` and as a Responses ``function_call`` item."""
+    server_type = AnthropicServer if adapter == "anthropic" else ModelServer
+    call = model_server.ToolCall()  # type: ignore[attr-defined]
+    reply = Answer(tokens=("Checking.",), finish_reason="tool_calls", tool_calls=(call,))  # type: ignore[call-arg]
+    with server_type(reply) as srv:
+        settings = settings_factory(models={"m": srv.model_config()})
+        async with (
+            Gateway(settings) as gw,
+            openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0) as client,
+        ):
+            messages: Any = [{"role": "user", "content": "weather in Paris?"}]
+            whole = await client.chat.completions.create(model="m", messages=messages, tools=TOOLS)
+            choice = whole.choices[0]
+            assert choice.finish_reason == "tool_calls"
+            [call] = choice.message.tool_calls or []
+            assert call.function.name == "get_weather"  # type: ignore[union-attr]
+            assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+            stream = await client.chat.completions.create(
+                model="m", messages=messages, tools=TOOLS, stream=True
+            )
+            chunks = [c async for c in stream]
+            arguments = "".join(
+                tc.function.arguments or ""
+                for c in chunks
+                for tc in (c.choices[0].delta.tool_calls or [])
+                if tc.function
+            )
+            assert json.loads(arguments) == {"city": "Paris"}
+            assert chunks[-1].choices[0].finish_reason == "tool_calls"
+            flat: Any = [{"type": "function", "name": "get_weather", "parameters": PARAMETERS}]
+            response = await client.responses.create(model="m", input="weather?", tools=flat)
+            calls = [item for item in response.output if item.type == "function_call"]
+            assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+                ("get_weather", {"city": "Paris"})
+            ]
+        sent = srv.requests[0]
+    if adapter == "openai":
+        assert sent["tools"][0]["function"]["name"] == "get_weather"
+    else:
+        assert sent["tools"][0]["name"] == "get_weather"
+
+
+@needs_adapter_tools
+async def test_demo_forced_call_then_the_answer(gateway: Gateway) -> None:
+    """The demo model calls a function when tool_choice forces it; the conversation goes on
+    with the call's output (Responses, previous_response_id)."""
+    async with openai.AsyncOpenAI(
+        base_url=gateway.url + "/v1", api_key="x", max_retries=0
+    ) as client:
+        flat: Any = [{"type": "function", "name": "get_weather", "parameters": PARAMETERS}]
+        first = await client.responses.create(
+            model="demo", input="weather?", tools=flat, tool_choice="required",
+            extra_body={"rate": 0},
+        )  # fmt: skip
+        [call] = [item for item in first.output if item.type == "function_call"]
+        assert call.name == "get_weather" and "city" in json.loads(call.arguments)
+        outputs: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": "sun"}]
+        second = await client.responses.create(
+            model="demo", input=outputs, previous_response_id=first.id, extra_body={"rate": 0}
+        )
+        assert second.status == "completed" and second.output_text
