@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         ge=10,
         description="Safety TTL of a session's keys while a generation runs (crashed producers).",
     )
+    openai_response_retention_s: int = Field(
+        default=7 * 86_400,
+        ge=60,
+        description="How long a stored Responses API response (POST /v1/responses, store: "
+        "true) can be retrieved, continued (previous_response_id) and deleted.",
+    )
 
     # -- Gateway fan-out -----------------------------------------------------------------
     fanout_readers: int = Field(
