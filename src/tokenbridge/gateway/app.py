@@ -28,8 +28,9 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
-from tokenbridge.gateway import admin_api, api, dashboard, stats_api
+from tokenbridge.gateway import admin_api, api, dashboard, openai_routes, stats_api
 from tokenbridge.gateway.openapi import openapi_schema
+from tokenbridge.gateway.presence import presence_for
 from tokenbridge.gateway.state import Gateway
 from tokenbridge.presence import add_gateway
 from tokenbridge.runtime import Runtime
@@ -153,7 +154,10 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                 client_name=runtime.client_name,
                 models=runtime.models,
             )
-            async with gateway:
+            presence = presence_for(
+                settings, runtime.redis, gateway.keys, runtime.node_id, gateway.connections
+            )
+            async with gateway, presence:
                 connections = gateway.connections
 
                 def drain() -> None:
@@ -198,6 +202,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         *stats_api.routes,
         *admin_api.routes,  # admin over HTTP and the dashboard (gateway/admin_api.py)
         *dashboard.routes,
+        *openai_routes.routes(_StreamEndpoint),
     ]
     middleware = []
     if settings.cors_origins:
@@ -206,7 +211,14 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["authorization", "content-type", "last-event-id"],
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "last-event-id",
+                    "api-key",
+                    "x-api-key",
+                ],
+                expose_headers=["x-resume-url"],  # the OpenAI chat stream's resume URL
                 max_age=600,
             )
         )
