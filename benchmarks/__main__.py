@@ -20,6 +20,7 @@ from benchmarks.connections import Transport, idle_connections, many_sessions
 from benchmarks.processes import GatewayProcess, machine_info, new_runner, raise_open_files_limit
 from benchmarks.report import print_report
 from benchmarks.scenarios import Bench, ScenarioResult, fanout, latency, pipeline, single_session
+from benchmarks.storm import storm
 from tokenbridge.exceptions import TokenBridgeError
 from tokenbridge.store.embedded import EmbeddedRedis
 
@@ -35,6 +36,7 @@ SCENARIOS = (
     "sessions-sse",
     "sessions-ws",
     "pipeline",
+    "storm",
 )
 
 
@@ -56,6 +58,8 @@ class Options:
     spread_connections: int = 1000
     spread_sessions: int = 100
     spread_tokens: int = 2000
+    storm_clients: tuple[int, ...] = (1000, 2500, 5000)
+    storm_missed: int = 4
 
 
 def _parse(argv: Sequence[str] | None) -> Options:
@@ -96,6 +100,11 @@ def _parse(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--spread-tokens", type=int, help="sessions-sse/ws: tokens per session (2,000; quick 200)"
     )
+    parser.add_argument(
+        "--clients",
+        help="storm: clients resuming at once, comma-separated (1000,2500,5000; quick 500)",
+    )
+    parser.add_argument("--storm-missed", type=int, default=4, help="storm: events missed")
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -119,6 +128,10 @@ def _parse(argv: Sequence[str] | None) -> Options:
         spread_connections=args.spread_connections,
         spread_sessions=args.spread_sessions,
         spread_tokens=args.spread_tokens or (200 if quick else 2000),
+        storm_clients=tuple(int(n) for n in args.clients.split(","))
+        if args.clients
+        else ((500,) if quick else (1000, 2500, 5000)),
+        storm_missed=args.storm_missed,
     )
 
 
@@ -128,6 +141,15 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return "TimeoutError: a bounded wait passed its deadline (see --timeout)"
     return f"{type(exc).__name__}: {exc}"
+
+
+async def _scenarios(bench: Bench, name: str, options: Options) -> list[ScenarioResult]:
+    if name == "storm":  # one result per client count, smallest first
+        return [
+            await storm(bench, clients, options.storm_missed, options.timeout_s)
+            for clients in sorted(options.storm_clients)
+        ]
+    return [await _scenario(bench, name, options)]
 
 
 async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult:
@@ -184,7 +206,7 @@ async def _run(options: Options, console: Console) -> int:
                 for name in ("warm-up", *options.scenarios):
                     with console.status(f"running {name}"):
                         try:
-                            result = await _scenario(bench, name, options)
+                            done = await _scenarios(bench, name, options)
                         except (Exception, ExceptionGroup) as exc:  # report, go on with the next
                             failures.append((name, _describe(exc)))
                             if name == "warm-up" or not gateway.running:
@@ -192,7 +214,7 @@ async def _run(options: Options, console: Console) -> int:
                                 break
                             continue
                     if name != "warm-up":
-                        results.append(result)
+                        results.extend(done)
             finally:
                 await bench.aclose()
         finally:
