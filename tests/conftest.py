@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.servers import Gateway, RedisServer
+from tests.servers import Gateway, RedisCluster, RedisServer
 from tokenbridge.settings import Settings
 
 
@@ -17,6 +17,23 @@ from tokenbridge.settings import Settings
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """One real cluster (3 primaries, 3 replicas) for the whole test session."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The URL of standalone Redis, then of the cluster: tests that take it run on both."""
+    if request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
 
 
 @pytest.fixture

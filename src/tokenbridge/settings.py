@@ -73,7 +73,13 @@ class Settings(BaseSettings):
     # -- Redis ---------------------------------------------------------------------------
     redis_url: SecretStr | None = Field(
         default=None,
-        description="Redis URL (redis://, rediss://, unix://). Unset: start an embedded server.",
+        description="Redis URL (redis://, rediss://, unix://; redis+cluster://, "
+        "rediss+cluster:// for a Redis Cluster, the seed node's address is enough). "
+        "Unset: start an embedded server.",
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="The URL names one node of a Redis Cluster (same as a +cluster scheme).",
     )
     redis_max_connections: int = Field(
         default=32, ge=4, le=10_000, description="Pool size for non-blocking commands."

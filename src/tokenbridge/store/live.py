@@ -1,0 +1,197 @@
+"""Appending a batch of events and announcing it live, in one script call (one slot).
+
+``APPEND`` (below) is the producer's contract with every gateway, standalone or Cluster: for one
+batch of one session it ``XADD``s every event to ``<prefix>:{sid}:events``, then ``SPUBLISH``es
+one message on the session's shard channel ``<prefix>:{sid}:live`` carrying the entries
+themselves, so a gateway delivers them without reading the stream. The stream, ``:meta``,
+``:gens`` and the channel share the session's hash tag, so the script is one slot on a cluster.
+
+The message is RESP (what ``XRANGE`` would return, framed), parsed in C by hiredis::
+
+    [epoch, prev_id, [[entry_id, [field, value, ...]], ...]]
+
+``prev_id`` is the id of the stream's last entry before the batch ("0-0": none), so a gateway
+that delivered up to ``prev_id`` knows it missed nothing; any other value means a gap, repaired
+from the stream. ``epoch`` tells a renewed stream apart.
+
+The failover check: the producer passes the ``:gens`` record its previous batch wrote. If the
+record differs, that batch is gone (an asynchronous failover lost it): the script then gives the
+session a new epoch, so every client resuming across the loss gets a ``gap`` event rather than a
+silent hole. An empty message (``SPUBLISH <channel> ""``) means "read the stream": producers that
+only ``XADD`` (docs/wire-format.md) announce their writes that way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+from redis.exceptions import NoScriptError
+
+from tokenbridge.store.resp import arg
+
+__all__ = [
+    "APPEND_SCRIPT",
+    "APPEND_SHA",
+    "AppendResult",
+    "LiveMessage",
+    "append_events",
+    "pack_append",
+    "parse_live_message",
+]
+
+APPEND_SCRIPT = """
+local events, meta, gens, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local gen = ARGV[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+local lost = 0
+if ARGV[4] ~= '' and redis.call('HGET', gens, gen) ~= ARGV[4] then
+  epoch = false
+  lost = 1
+end
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('HSET', meta, 'epoch', epoch)
+  if redis.call('TTL', meta) < 0 then redis.call('EXPIRE', meta, ARGV[7]) end
+end
+local prev = '0-0'
+local tail = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)
+if tail[1] then prev = tail[1][1] end
+local total = tonumber(ARGV[8])
+local out = {'*3\\r\\n$', #epoch, '\\r\\n', epoch, '\\r\\n$', #prev, '\\r\\n', prev, '\\r\\n*',
+             total, '\\r\\n'}
+local n = #out
+local i = 9
+local id = prev
+for _ = 1, total do
+  local k = tonumber(ARGV[i])
+  id = redis.call('XADD', events, 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, i + 1, i + k))
+  out[n + 1] = '*2\\r\\n$'; out[n + 2] = #id; out[n + 3] = '\\r\\n'; out[n + 4] = id
+  out[n + 5] = '\\r\\n*'; out[n + 6] = k; out[n + 7] = '\\r\\n'
+  n = n + 7
+  for j = i + 1, i + k do
+    local v = ARGV[j]
+    out[n + 1] = '$'; out[n + 2] = #v; out[n + 3] = '\\r\\n'; out[n + 4] = v
+    out[n + 5] = '\\r\\n'
+    n = n + 5
+  end
+  i = i + k + 1
+end
+redis.call('SPUBLISH', channel, table.concat(out))
+redis.call('HSET', gens, gen, ARGV[3])
+local cancel = redis.call('HGET', gens, 'cancel:' .. gen) or ''
+if ARGV[5] ~= '' then
+  redis.call('EXPIRE', events, ARGV[5])
+  redis.call('EXPIRE', gens, ARGV[5])
+  redis.call('EXPIRE', meta, ARGV[5])
+end
+return {cancel, epoch, lost, id}
+"""
+
+APPEND_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest().encode()
+
+_HEAD = arg(b"EVALSHA") + arg(APPEND_SHA) + arg(b"4")
+
+
+def pack_append(
+    keys: tuple[bytes, bytes, bytes, bytes],
+    head_args: tuple[bytes, ...],
+    packed_events: list[bytes],
+    fields_count: int,
+) -> bytes:
+    """``EVALSHA`` of :data:`APPEND_SCRIPT` as RESP bytes.
+
+    ``head_args`` are ARGV 1-7 (maxlen, generation, state, expected state, ttl, new epoch,
+    meta ttl); each of ``packed_events`` is one event already packed as RESP bulk strings:
+    its field count, then its fields and values (``fields_count`` bulk strings in all, counts
+    included)."""
+    argc = 3 + 4 + len(head_args) + 1 + fields_count
+    return b"*%d\r\n%b%b%b%b%b" % (
+        argc,
+        _HEAD,
+        b"".join(arg(k) for k in keys),
+        b"".join(arg(a) for a in head_args),
+        arg(b"%d" % len(packed_events)),
+        b"".join(packed_events),
+    )
+
+
+@dataclass(slots=True)
+class LiveMessage:
+    """One published batch: its epoch, the id before it, and its raw entries (as XRANGE)."""
+
+    epoch: str
+    prev_id: str
+    entries: list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def parse_live_message(data: bytes) -> LiveMessage | None:
+    """The message's content; None for an empty message ("read the stream") or a malformed
+    one (the caller repairs from the stream either way)."""
+    if not data:
+        return None
+    reader = hiredis.Reader()
+    reader.feed(data)
+    try:
+        reply: Any = reader.gets()
+    except hiredis.ProtocolError:
+        return None
+    if not isinstance(reply, list) or len(reply) != 3 or not isinstance(reply[2], list):
+        return None
+    entries = []
+    for item in reply[2]:
+        raw_id, flat = item
+        it = iter(flat)
+        entries.append((raw_id, dict(zip(it, it, strict=False))))
+    return LiveMessage(reply[0].decode(), reply[1].decode(), entries)
+
+
+@dataclass(slots=True)
+class AppendResult:
+    """The script's answer: the cancel flag, the epoch, whether a loss was found, last id."""
+
+    cancel: bool
+    epoch: str
+    lost: bool
+    last_id: str
+
+    @classmethod
+    def from_reply(cls, reply: Any) -> AppendResult:
+        cancel, epoch, lost, last_id = reply
+        return cls(bool(cancel), _text(epoch), int(lost) == 1, _text(last_id))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def append_events(
+    redis: Any,
+    keys: tuple[str, str, str, str],
+    generation_id: str,
+    events: list[dict[str, str]],
+    *,
+    state: str,
+    expected_state: str = "",
+    ttl_s: int | None = None,
+    new_epoch: str,
+    meta_ttl_s: int = 3600,
+    maxlen: int = 100_000,
+) -> AppendResult:
+    """Run :data:`APPEND_SCRIPT` through redis-py (routed by key on a cluster, NOSCRIPT
+    handled): ``keys`` are (events, meta, gens, live channel); each event is its fields."""
+    args: list[str | int] = [
+        maxlen, generation_id, state, expected_state, "" if ttl_s is None else ttl_s,
+        new_epoch, meta_ttl_s, len(events),
+    ]  # fmt: skip
+    for fields in events:
+        args.append(2 * len(fields))
+        for name, value in fields.items():
+            args += [name, value]
+    try:
+        reply = await redis.evalsha(APPEND_SHA.decode(), 4, *keys, *args)
+    except NoScriptError:
+        reply = await redis.eval(APPEND_SCRIPT, 4, *keys, *args)
+    return AppendResult.from_reply(reply)
