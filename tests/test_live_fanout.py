@@ -18,7 +18,7 @@ from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.live_fanout import SessionFanout
 from tokenbridge.gateway.resume import iter_history
 from tokenbridge.store.client import command_client, is_cluster
-from tokenbridge.store.live import append_events
+from tokenbridge.store.live import AppendCommand, append_events, send_append
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.keys import Keys
 
@@ -186,3 +186,52 @@ async def test_an_empty_message_means_read_the_stream(
     await redis.execute_command("SPUBLISH", keys.live(sid), "")
     async with asyncio.timeout(10):
         assert await got == expected(1, 3)
+
+
+async def test_packed_append_with_pipeline_entry_and_no_script_loaded(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    """The producer's path: the pipeline entry (another slot) and the append in one go; a
+    node that lost its scripts (restart, promoted replica) gets the script again."""
+    sid = "s_" + secrets.token_hex(6)
+    k = keys
+    names = tuple(name.encode() for name in (k.events(sid), k.meta(sid), k.generations(sid)))
+    command = AppendCommand(
+        (*names, k.live(sid).encode()), b"g_1", 1000,
+        [(b"v", b"1"), (b"kind", b"token"), (b"gen", b"g_1")], (b"seq", b"ts", b"text"),
+    )  # fmt: skip
+    conn = ClientConnection(sid, "sse", 1000)
+    got = asyncio.create_task(texts(fanout, conn, None, 5))
+    await until(lambda: fanout._feeds.get(sid) is not None and fanout._feeds[sid].cursor)
+    await redis.script_flush()  # every primary on a cluster
+    state = b""
+    for first in (1, 4):
+        events = [command.token(b"%d" % i, b"1", b"t%d" % i) for i in range(first, first + 3)]
+        if first == 4:
+            events = events[:2]
+        new_state = b"running %d" % (first + len(events) - 1)
+        packed = command.pack(events, new_state, state, None, b"e0000001", 60)
+        pipeline_key = f"{k.prefix}:pipeline:0".encode()
+        xadd = pack_xadd_for_test(pipeline_key)
+        before, result = await send_append(redis, [(pipeline_key, xadd)], command, packed)
+        assert not result.lost and not result.cancel and len(before) == 1
+        state = new_state
+    assert await got == expected(1, 5)
+    assert await redis.xlen(f"{k.prefix}:pipeline:0") == 2
+
+
+def pack_xadd_for_test(key: bytes) -> bytes:
+    from tokenbridge.store.resp import pack
+
+    return pack(b"XADD", key, b"*", b"events", b"[]")
+
+
+async def test_a_lost_write_gives_the_session_a_new_epoch(redis: Any, keys: Keys) -> None:
+    """The producer's previous batch is gone (as after an asynchronous failover): the script
+    changes the epoch, so resuming clients get a ``gap`` instead of a silent hole."""
+    writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+    await writer.tokens(3)
+    epoch = await redis.hget(keys.meta(writer.sid), "epoch")
+    await redis.hset(keys.generations(writer.sid), writer.gen, "running 1")  # lost 2..3
+    await writer.tokens(1)
+    assert await redis.hget(keys.meta(writer.sid), "epoch") != epoch

@@ -158,9 +158,12 @@ def _cluster_client(
 
 
 @asynccontextmanager
-async def node_connection(redis: Any, key: bytes) -> AsyncIterator[AbstractConnection]:
-    """A raw connection to the node that serves ``key`` (standalone: the pool's), for
-    hand-packed commands; disconnected if anything fails, so no half-read reply leaks."""
+async def node_connection(
+    redis: Any, key: bytes, address: tuple[str, int] | None = None
+) -> AsyncIterator[AbstractConnection]:
+    """A raw connection to the node that serves ``key`` (standalone: the pool's; on a
+    cluster, the node at ``address`` if given: an ``ASK``), for hand-packed commands;
+    disconnected if anything fails, so no half-read reply leaks."""
     if not is_cluster(redis):
         pool = redis.connection_pool
         conn = await pool.get_connection()
@@ -175,7 +178,13 @@ async def node_connection(redis: Any, key: bytes) -> AsyncIterator[AbstractConne
     cluster: _BoundedCluster = redis
     async with cluster._slots:
         await cluster.initialize()  # once; a no-op afterwards
-        node = cluster.get_node_from_key(key.decode())
+        if address is not None:
+            node = cluster.get_node(host=address[0], port=address[1])
+            if node is None:
+                await cluster.nodes_manager.initialize()
+                node = cluster.get_node(host=address[0], port=address[1])
+        else:
+            node = cluster.get_node_from_key(key.decode())
         if node is None:
             raise redis_exc.ClusterDownError(f"no node serves the slot of {key!r}")
         cconn = node.acquire_connection()

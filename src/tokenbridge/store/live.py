@@ -24,22 +24,26 @@ only ``XADD`` (docs/wire-format.md) announce their writes that way.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import hiredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
-from tokenbridge.store.resp import arg
+from tokenbridge.store.client import is_cluster, is_moved, is_noscript, node_connection
+from tokenbridge.store.resp import arg, pack
 
 __all__ = [
     "APPEND_SCRIPT",
     "APPEND_SHA",
+    "AppendCommand",
     "AppendResult",
     "LiveMessage",
     "append_events",
     "pack_append",
     "parse_live_message",
+    "send_append",
 ]
 
 APPEND_SCRIPT = """
@@ -195,3 +199,132 @@ async def append_events(
     except NoScriptError:
         reply = await redis.eval(APPEND_SCRIPT, 4, *keys, *args)
     return AppendResult.from_reply(reply)
+
+
+class AppendCommand:
+    """The producer's hot path: :data:`APPEND_SCRIPT` calls of one generation, hand-packed.
+
+    The keys, the trim and a token's constant fields (``v``, ``kind``, ``gen``) are packed
+    once; per token only its values (``seq``, ``ts``, ``text``) are packed."""
+
+    __slots__ = ("_head", "_maxlen", "_names", "_token_bulks", "_token_head", "events_key")
+
+    def __init__(
+        self,
+        keys: tuple[bytes, bytes, bytes, bytes],
+        generation_id: bytes,
+        maxlen: int,
+        token_constant: Sequence[tuple[bytes, bytes]],
+        token_names: Sequence[bytes],
+    ) -> None:
+        self.events_key = keys[0]
+        self._head = _HEAD + b"".join(arg(k) for k in keys)
+        self._maxlen = arg(b"%d" % maxlen) + arg(generation_id)
+        fields = 2 * (len(token_constant) + len(token_names))
+        constant = [arg(v) for pair in token_constant for v in pair]
+        self._token_head = arg(b"%d" % fields) + b"".join(constant)
+        self._token_bulks = 1 + fields
+        self._names = [arg(name) for name in token_names]
+
+    def token(self, *values: bytes) -> tuple[bytes, int]:
+        """One token event (its values in the order of ``token_names``): packed bytes and
+        how many bulk strings they are."""
+        packed = [name + arg(value) for name, value in zip(self._names, values, strict=True)]
+        return self._token_head + b"".join(packed), self._token_bulks
+
+    @staticmethod
+    def event(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, int]:
+        """Any event, from its fields."""
+        flat = [arg(v) for pair in fields for v in pair]
+        return arg(b"%d" % len(flat)) + b"".join(flat), 1 + len(flat)
+
+    def pack(
+        self,
+        events: Sequence[tuple[bytes, int]],
+        state: bytes,
+        expected_state: bytes,
+        ttl_s: int | None,
+        new_epoch: bytes,
+        meta_ttl_s: int,
+    ) -> bytes:
+        """The ``EVALSHA`` of one batch."""
+        tail = [state, expected_state, b"" if ttl_s is None else b"%d" % ttl_s, new_epoch]
+        tail += [b"%d" % meta_ttl_s, b"%d" % len(events)]
+        argc = 3 + 4 + 2 + len(tail) + sum(n for _, n in events)
+        return b"*%d\r\n%b%b%b%b" % (
+            argc,
+            self._head,
+            self._maxlen,
+            b"".join(arg(a) for a in tail),
+            b"".join(e for e, _ in events),
+        )
+
+
+async def send_append(
+    redis: Any, before: Sequence[tuple[bytes, bytes]], append: AppendCommand, command: bytes
+) -> tuple[list[Any], AppendResult]:
+    """Send ``before`` (``(key, packed command)`` pairs: the pipeline entry) and then the
+    append ``command``: one round trip on standalone Redis, one per node on a cluster.
+
+    A node without the script gets it (``SCRIPT LOAD``) and the append alone is sent again;
+    on a cluster a ``MOVED`` refreshes the slot map and an ``ASK`` is followed, then the
+    command is sent again (an error reply means the command did nothing)."""
+    if not is_cluster(redis):
+        async with node_connection(redis, append.events_key) as conn:
+            await conn.send_packed_command(b"".join([c for _, c in before] + [command]), False)
+            replies = [await _reply(conn) for _ in range(len(before) + 1)]
+            for reply in replies[:-1]:
+                if isinstance(reply, Exception):
+                    raise reply
+            if isinstance(replies[-1], Exception) and is_noscript(replies[-1]):
+                replies[-1] = await _load_and_send(conn, command)
+            if isinstance(replies[-1], Exception):
+                raise replies[-1]
+            return replies[:-1], AppendResult.from_reply(replies[-1])
+    first = [await _routed(redis, key, packed, script=False) for key, packed in before]
+    return first, AppendResult.from_reply(await _routed(redis, append.events_key, command, True))
+
+
+async def _reply(conn: Any) -> Any:
+    try:
+        return await conn.read_response(disconnect_on_error=True)
+    except ResponseError as exc:
+        return exc
+
+
+async def _load_and_send(conn: Any, command: bytes) -> Any:
+    await conn.send_packed_command(pack(b"SCRIPT", b"LOAD", APPEND_SCRIPT.encode()), False)
+    await conn.send_packed_command(command, False)
+    loaded = await _reply(conn)
+    if isinstance(loaded, Exception):
+        raise loaded
+    return await _reply(conn)
+
+
+async def _routed(redis: Any, key: bytes, command: bytes, script: bool) -> Any:
+    """One command to the node serving ``key`` on a cluster, following redirections."""
+    asking: tuple[str, int] | None = None
+    for _ in range(5):
+        async with node_connection(redis, key, asking) as conn:
+            if asking is not None:
+                await conn.send_packed_command(pack(b"ASKING") + command, False)
+                await _reply(conn)
+            else:
+                await conn.send_packed_command(command, False)
+            reply = await _reply(conn)
+            if script and isinstance(reply, Exception) and is_noscript(reply):
+                reply = await _load_and_send(conn, (pack(b"ASKING") if asking else b"") + command)
+                if asking is not None and not isinstance(reply, Exception):
+                    reply = await _reply(conn)
+        if not (isinstance(reply, Exception) and is_moved(reply)):
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+        kind, _slot, address = str(reply).split()[:3]
+        host, _, port = address.rpartition(":")
+        if kind == "ASK":
+            asking = (host, int(port))
+        else:
+            asking = None
+            await redis.nodes_manager.initialize()
+    raise reply
