@@ -37,6 +37,7 @@ SCENARIOS = (
     "sessions-ws",
     "pipeline",
     "storm",
+    "storm-fresh",
 )
 
 
@@ -144,9 +145,10 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _scenarios(bench: Bench, name: str, options: Options) -> list[ScenarioResult]:
-    if name == "storm":  # one result per client count, smallest first
+    if name in ("storm", "storm-fresh"):  # one result per client count, smallest first
+        fresh = name == "storm-fresh"
         return [
-            await storm(bench, clients, options.storm_missed, options.timeout_s)
+            await storm(bench, clients, options.storm_missed, options.timeout_s, fresh)
             for clients in sorted(options.storm_clients)
         ]
     return [await _scenario(bench, name, options)]

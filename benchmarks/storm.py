@@ -24,8 +24,10 @@ import time
 from collections.abc import Sequence
 
 from benchmarks.connections import _status
+from benchmarks.processes import GatewayProcess
 from benchmarks.scenarios import Bench, Figure, ScenarioResult
 from benchmarks.sse_client import StreamTally, follow
+from tokenbridge.store.live import append_events
 
 __all__ = ["storm"]
 
@@ -47,35 +49,40 @@ class _ResumeTally(StreamTally):
             self.ended.set()  # the protocol closes the socket: the client leaves
 
 
+def _keys(bench: Bench, sid: str) -> tuple[str, str, str, str]:
+    k = bench.keys
+    return k.events(sid), k.meta(sid), k.generations(sid), k.live(sid)
+
+
+async def _append(bench: Bench, ids: Sequence[str], first: int, last: int) -> None:
+    """Tokens ``first..last`` (``0``: the ``start``) of every session, appended and published
+    as the producer does (one script call per session; ``store/live.py``), 200 at once."""
+    ms = str(int(time.time() * 1000))
+
+    async def one(sid: str) -> None:
+        events = []
+        for seq in range(first, last + 1):
+            kind = "start" if seq == 0 else "token"
+            fields = {"v": "1", "kind": kind, "gen": "g_storm", "seq": str(seq), "ts": ms}
+            events.append(fields if seq == 0 else {**fields, "text": f" t{seq}"})
+        expected = "" if first == 0 else f"running {first - 1}"
+        await append_events(
+            bench.stats, _keys(bench, sid), "g_storm", events, state=f"running {last}",
+            expected_state=expected, ttl_s=3600, new_epoch=_EPOCH,
+        )  # fmt: skip
+
+    for at in range(0, len(ids), 200):
+        await asyncio.gather(*(one(sid) for sid in ids[at : at + 200]))
+
+
 async def _write_sessions(bench: Bench, ids: Sequence[str]) -> None:
     """Each session: its epoch, a ``start`` and one token (what the clients first see)."""
-    keys = bench.keys
-    ms = int(time.time() * 1000)
-    async with bench.stats.pipeline(transaction=False) as pipe:
-        for sid in ids:
-            pipe.hset(keys.meta(sid), "epoch", _EPOCH)
-            pipe.expire(keys.meta(sid), 3600)
-            events = keys.events(sid)
-            pipe.xadd(events, {"v": 1, "kind": "start", "gen": "g_storm", "seq": 0, "ts": ms})
-            pipe.xadd(events, {"v": 1, "kind": "token", "gen": "g_storm", "seq": 1, "ts": ms,
-                               "text": " t1"})  # fmt: skip
-            pipe.expire(events, 3600)
-        await pipe.execute()
+    await _append(bench, ids, 0, 1)
 
 
 async def _write_missed(bench: Bench, ids: Sequence[str], missed: int) -> None:
-    """The generation goes on while the clients are away: ``missed`` tokens per session,
-    written as the producer writes them."""
-    ms = int(time.time() * 1000)
-    async with bench.stats.pipeline(transaction=False) as pipe:
-        for sid in ids:
-            for seq in range(2, missed + 2):
-                fields: dict[str | bytes, str | int] = {
-                    "v": 1, "kind": "token", "gen": "g_storm", "seq": seq, "ts": ms,
-                    "text": f" t{seq}",
-                }  # fmt: skip
-                pipe.xadd(bench.keys.events(sid), fields)  # type: ignore[arg-type]
-        await pipe.execute()
+    """The generation goes on while the clients are away: ``missed`` tokens per session."""
+    await _append(bench, ids, 2, missed + 1)
 
 
 async def _status_held(bench: Bench) -> tuple[int, int]:
@@ -115,10 +122,15 @@ def _add(result: ScenarioResult, part: ScenarioResult) -> None:
     result.window_s += part.window_s
 
 
-async def storm(bench: Bench, clients: int, missed: int, timeout_s: float) -> ScenarioResult:
+async def storm(
+    bench: Bench, clients: int, missed: int, timeout_s: float, fresh: bool = False
+) -> ScenarioResult:
     """``clients`` clients on as many sessions drop at once, miss ``missed`` events, and
-    resume at once; the storm is the drop and the comeback (two measurement windows)."""
-    result = ScenarioResult(f"storm: {clients:,} clients resume at once")
+    resume at once; the storm is the drop and the comeback (two measurement windows).
+
+    ``fresh``: they come back to a new gateway process (a deploy), which holds nothing."""
+    where = "a new gateway" if fresh else "the same gateway"
+    result = ScenarioResult(f"storm: {clients:,} clients resume at once on {where}")
     ids = [f"bench-{bench.tag}-storm{clients}-{i}" for i in range(clients)]
     await _write_sessions(bench, ids)
     first = [_ResumeTally(sid, None, 1) for sid in ids]
@@ -131,10 +143,21 @@ async def storm(bench: Bench, clients: int, missed: int, timeout_s: float) -> Sc
     await _write_missed(bench, ids, missed)
     back = [_ResumeTally(sid, t.last_event_id, missed) for sid, t in zip(ids, first, strict=True)]
     comeback = ScenarioResult("comeback")
-    window = await bench.open_window()
-    started = await _connect(bench, back, timeout_s)
-    all_in = time.perf_counter() - started
-    await bench.close_window(window, comeback, 0.0)
+    old = bench.gateway
+    if fresh:
+        bench.gateway = GatewayProcess(bench.redis_server.url)
+        bench.gateway.start()
+    try:
+        if fresh:
+            await bench.gateway.wait_ready(30)
+        window = await bench.open_window()
+        started = await _connect(bench, back, timeout_s)
+        all_in = time.perf_counter() - started
+        await bench.close_window(window, comeback, 0.0)
+    finally:
+        if fresh:
+            bench.gateway.stop()
+            bench.gateway = old
     for part in (drop, comeback):
         _add(result, part)
     result.cpu = {name: 100 * s / result.window_s for name, s in result.cpu.items()}

@@ -1,4 +1,4 @@
-"""The pub/sub fan-out (gateway/live_fanout.py) on standalone Redis and on a real cluster.
+"""The pub/sub fan-out (gateway/fanout.py) on standalone Redis and on a real cluster.
 
 Producers append with the one-call script (store/live.py); connections open, get their
 history and live entries exactly once, in order, whatever they missed and however the
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tokenbridge.gateway.client_connection import ClientConnection
-from tokenbridge.gateway.live_fanout import SessionFanout
+from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.resume import iter_history
 from tokenbridge.store.client import command_client, is_cluster
 from tokenbridge.store.live import AppendCommand, append_events, send_append
@@ -235,3 +235,25 @@ async def test_a_lost_write_gives_the_session_a_new_epoch(redis: Any, keys: Keys
     await redis.hset(keys.generations(writer.sid), writer.gen, "running 1")  # lost 2..3
     await writer.tokens(1)
     assert await redis.hget(keys.meta(writer.sid), "epoch") != epoch
+
+
+async def test_a_message_after_a_gap_makes_the_feed_reread_the_stream(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    """(Replaces the XREAD readers' seq-jump check.) Entries written but never announced,
+    then a batch whose ``prev_id`` is past what the feed delivered: the feed reads the stream
+    from its cursor, and the connection gets everything once, in order."""
+    writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+    await writer.tokens(2)
+    conn = ClientConnection(writer.sid, "sse", 1000)
+    got = asyncio.create_task(texts(fanout, conn, None, 7))
+    await until(lambda: conn.events_sent >= 2)
+    for seq in (3, 4):  # not announced: as if the message was lost
+        fields = {"v": "1", "kind": "token", "gen": writer.gen, "seq": str(seq), "ts": "1",
+                  "text": f"t{seq}"}  # fmt: skip
+        await redis.xadd(keys.events(writer.sid), fields)
+    writer.seq, writer.state = 4, "running 2"
+    repairs = fanout.stats.repairs
+    await writer.tokens(3)
+    assert await got == expected(1, 7)
+    assert fanout.stats.repairs == repairs + 1

@@ -14,7 +14,7 @@ import pytest
 
 from tests.servers import RedisServer
 from tokenbridge.gateway.client_connection import ClientConnection
-from tokenbridge.gateway.live_fanout import SessionFanout
+from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.store.client import command_client
 from tokenbridge.store.live import APPEND_SCRIPT
 from tokenbridge.store.scripts import Scripts

@@ -18,7 +18,7 @@ from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer_service import group_status
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
 from tokenbridge.settings import load_settings
-from tokenbridge.store.client import REDIS_DOWN_ERRORS, command_client
+from tokenbridge.store.client import REDIS_DOWN_ERRORS, close_client, command_client
 from tokenbridge.wire.keys import Keys
 
 dlq_app = typer.Typer(help="List, replay and purge dead-lettered entries.", no_args_is_help=True)
@@ -36,7 +36,7 @@ async def _redis() -> AsyncIterator[tuple[Any, Keys]]:
             "TOKENBRIDGE_REDIS_URL is not set: admin commands work on the Redis the service "
             "uses (`tokenbridge serve` prints its embedded server's URL)"
         )
-    redis = command_client(url, 4, settings.redis_socket_timeout_s)
+    redis = command_client(url, 4, settings.redis_socket_timeout_s, cluster=settings.redis_cluster)
     try:
         await redis.ping()
     except REDIS_DOWN_ERRORS as exc:
@@ -44,8 +44,7 @@ async def _redis() -> AsyncIterator[tuple[Any, Keys]]:
     try:
         yield redis, Keys(settings.key_prefix)
     finally:
-        await redis.aclose()
-        await redis.connection_pool.disconnect()
+        await close_client(redis)
 
 
 def _run(make: Callable[[Any, Keys], Awaitable[T]]) -> T:

@@ -13,7 +13,7 @@ from rich.table import Table
 from tokenbridge.cli.app import app
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
 from tokenbridge.settings import Settings, load_settings
-from tokenbridge.store.client import REDIS_DOWN_ERRORS, command_client
+from tokenbridge.store.client import REDIS_DOWN_ERRORS, close_client, command_client
 from tokenbridge.store.stats import (
     read_pipeline_status,
     read_processor_stats,
@@ -44,7 +44,7 @@ async def _collect(settings: Settings, session: str | None) -> dict[str, Any]:
             "TOKENBRIDGE_REDIS_URL is not set: stats are read from the Redis the service uses "
             "(`tokenbridge serve` prints its embedded server's URL)"
         )
-    redis = command_client(url, 4, settings.redis_socket_timeout_s)
+    redis = command_client(url, 4, settings.redis_socket_timeout_s, cluster=settings.redis_cluster)
     keys = Keys(settings.key_prefix)
     try:
         try:
@@ -61,8 +61,7 @@ async def _collect(settings: Settings, session: str | None) -> dict[str, Any]:
         body["pipeline"] = await read_pipeline_status(redis, keys, settings.pipeline_shards)
         return body
     finally:
-        await redis.aclose()
-        await redis.connection_pool.disconnect()
+        await close_client(redis)
 
 
 def _cell(value: Any) -> str:

@@ -28,7 +28,8 @@ from redis.asyncio import Redis
 from tokenbridge.exceptions import ModelError
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel, Delta, Finish
-from tokenbridge.store.resp import XaddTemplate, pack, pack_xadd, round_trip
+from tokenbridge.store.live import AppendCommand, send_append
+from tokenbridge.store.resp import XaddTemplate
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.events import SCHEMA, WIRE_VERSION, Event, now_ms
 from tokenbridge.wire.keys import Keys
@@ -67,19 +68,21 @@ class _Writer:
         self.cancel = cancel
         self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=p.max_pending)
         self.writes = 0
-        self.events_key = p.keys.events(job.session_id).encode()
-        self.gens_key = p.keys.generations(job.session_id).encode()
-        self.meta_key = p.keys.meta(job.session_id).encode()
+        sid = job.session_id
         self.gen = job.generation_id.encode()
-        # Every token entry shares its leading fields: only seq, ts and text are packed per
-        # token (the token's fields, as wire/events.py declares them).
-        self.token_xadd = XaddTemplate(
-            self.events_key,
+        self.state = b""  # what the previous batch wrote to :gens (the failover check)
+        # One script call per batch appends and publishes (store/live.py). Every token entry
+        # shares its leading fields: only seq, ts and text are packed per token (the token's
+        # fields, as wire/events.py declares them).
+        self.append = AppendCommand(
+            tuple(k.encode() for k in (p.keys.events(sid), p.keys.meta(sid),  # type: ignore[arg-type]
+                                       p.keys.generations(sid), p.keys.live(sid))),
+            self.gen,
             p.stream_max_len,
             [(b"v", WIRE_VERSION.encode()), (b"kind", b"token"), (b"gen", self.gen)],
             TOKEN_VALUES,
-        )
-        self.cancel_field = b"cancel:" + self.gen
+        )  # fmt: skip
+        self.pipeline_key = b""
         # One pipeline entry per batch, for the processors (wire/pipeline.py).
         self.pipeline: tuple[XaddTemplate, XaddTemplate, bytes] | None = None
         self.pipeline_pending: list[Event] = []
@@ -90,17 +93,17 @@ class _Writer:
                 p.keys, job.session_id, job.generation_id, job.model, digest, p.pipeline_shards
             )
             key, fields = header.key.encode(), header.fields()
+            self.pipeline_key = key
             self.pipeline = (
                 XaddTemplate(key, p.pipeline_max_len, fields, (b"events",)),
                 XaddTemplate(key, p.pipeline_max_len, fields, (b"prompt_sha256", b"events")),
                 digest.encode(),
             )
 
-    def _xadd(self, event: Event) -> bytes:
+    def _event(self, event: Event) -> tuple[bytes, int]:
         if event.kind == "token":
-            return self.token_xadd.pack(b"%d" % event.seq, b"%d" % event.ts, event.text.encode())
-        fields = [(k.encode(), v.encode()) for k, v in event.to_fields().items()]
-        return pack_xadd(self.events_key, self.producer.stream_max_len, fields)
+            return self.append.token(b"%d" % event.seq, b"%d" % event.ts, event.text.encode())
+        return AppendCommand.event([(k.encode(), v.encode()) for k, v in event.to_fields().items()])
 
     def _pipeline_entry(self, batch: list[Event], terminal: bool) -> bytes | None:
         """The pipeline entry to write with this round trip, if one is due.
@@ -139,25 +142,28 @@ class _Writer:
             last = batch[-1]
             terminal = last.kind in ("end", "error")
             state = b"%b %d" % (b"done" if terminal else b"running", last.seq)
-            commands = [self._xadd(event) for event in batch]
+            events = [self._event(event) for event in batch]
             pipeline_xadd = self._pipeline_entry(batch, terminal)
-            if pipeline_xadd is not None:  # before the HSET of the same round trip
-                commands.append(pipeline_xadd)
-            cancel_reply = len(commands) + 1
-            commands.append(pack(b"HSET", self.gens_key, self.gen, state))
-            commands.append(pack(b"HGET", self.gens_key, self.cancel_field))
-            if terminal or self.writes == 0:
-                # The first write creates the keys: bound their life at once (a crashed
-                # worker must not leave them forever); the last one starts the retention.
-                seconds = p.retention_s if terminal else p.max_generation_s
-                ttl = str(seconds).encode()
-                for key in (self.events_key, self.gens_key, self.meta_key):
-                    commands.append(pack(b"EXPIRE", key, ttl))
-            replies = await round_trip(p.redis, commands)
+            # The pipeline entry first: a `running <seq>` record implies its entries exist.
+            before = [] if pipeline_xadd is None else [(self.pipeline_key, pipeline_xadd)]
+            # The first write creates the keys: bound their life at once (a crashed worker
+            # must not leave them forever); the last one starts the retention.
+            ttl = p.retention_s if terminal else p.max_generation_s if not self.writes else None
+            command = self.append.pack(
+                events, state, self.state, ttl, secrets.token_hex(4).encode(), p.max_generation_s
+            )
+            _, result = await send_append(p.redis, before, self.append, command)
+            self.state = state
             self.writes += 1
+            if result.lost:
+                log.warning(
+                    "earlier writes lost (failover?): new epoch session=%s generation=%s",
+                    self.job.session_id,
+                    self.job.generation_id,
+                )
             if terminal:
                 return
-            if replies[cancel_reply] is not None and not self.cancel.is_set():
+            if result.cancel and not self.cancel.is_set():
                 log.info("generation cancel seen generation=%s", self.job.generation_id)
                 self.cancel.set()
 

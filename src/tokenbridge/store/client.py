@@ -32,6 +32,7 @@ __all__ = [
     "Backoff",
     "blocking_client",
     "blocking_pool",
+    "close_client",
     "cluster_url",
     "command_client",
     "is_busygroup",
@@ -80,6 +81,13 @@ def cluster_url(url: str, cluster: bool = False) -> tuple[str, bool]:
 
 def is_cluster(redis: Any) -> bool:
     return isinstance(redis, RedisCluster)
+
+
+async def close_client(redis: Any) -> None:
+    """Close a client from :func:`command_client` and its connections (either kind)."""
+    await redis.aclose()
+    if not is_cluster(redis):  # a cluster client closes its node pools itself
+        await redis.connection_pool.disconnect()
 
 
 def is_moved(exc: BaseException) -> bool:

@@ -150,7 +150,11 @@ class _Link:
                 channel = reply[1]
                 if channel == self.probe_channel:
                     continue
-                owner.on_message(channel, reply[2])
+                try:
+                    owner.on_message(channel, reply[2])
+                except Exception:  # one bad message must not end the connection's loop
+                    log.exception("subscriber dropped a message channel=%r", channel)
+                    owner.on_resubscribed(channel)  # its session re-reads the stream
             elif kind == b"ssubscribe":
                 self._confirmed(reply[1])
             elif kind == b"sunsubscribe":
