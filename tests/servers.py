@@ -10,12 +10,14 @@ either in the test's event loop (:class:`Gateway`) or as a separate process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,29 @@ import uvicorn
 from tokenbridge.gateway.app import create_app
 from tokenbridge.gateway.websocket import uvicorn_options
 from tokenbridge.settings import Settings
+from tokenbridge.store.client import close_client, command_client
 from tokenbridge.store.embedded import EmbeddedRedis
 
-__all__ = ["Gateway", "GatewayProcess", "RedisCluster", "RedisServer", "free_port"]
+__all__ = [
+    "Gateway",
+    "GatewayProcess",
+    "RedisCluster",
+    "RedisServer",
+    "free_port",
+    "redis_client",
+]
 
 RedisServer = EmbeddedRedis
+
+
+@contextlib.asynccontextmanager
+async def redis_client(url: str | None) -> AsyncIterator[Any]:
+    """A command client for ``url`` (standalone or ``redis+cluster://``), closed on exit."""
+    client = command_client(url or "", 8, 10)
+    try:
+        yield client
+    finally:
+        await close_client(client)
 
 
 def free_port() -> int:

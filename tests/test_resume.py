@@ -7,10 +7,9 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from tests.conftest import BOTH
-from tests.servers import Gateway, GatewayProcess
+from tests.servers import Gateway, GatewayProcess, redis_client
 from tests.sse_client import SSEEvent, read_events
 from tests.test_token_path import collect_until_end, start
 from tokenbridge.settings import Settings
@@ -96,8 +95,8 @@ async def test_later_generations_of_a_session_follow_on_one_stream(
     assert_complete(events, second["generation_id"], 7)
 
 
-async def _redis(settings: Settings) -> aioredis.Redis:
-    return aioredis.Redis.from_url(settings.redis_url_value() or "")
+def _redis(settings: Settings) -> Any:
+    return redis_client(settings.redis_url_value())
 
 
 async def test_resume_past_trimmed_history_gets_a_gap_event(settings_factory: Any) -> None:
@@ -111,7 +110,7 @@ async def test_resume_past_trimmed_history_gets_a_gap_event(settings_factory: An
             early = await collect_until_end(http, url, gen, limit=3)
             await collect_until_end(http, url, gen)  # the generation has ended
             # Trim hard so that the entries right after `early[-1]` are gone.
-            client = await _redis(settings)
+            client = _redis(settings)
             async with client:
                 await client.xtrim(
                     Keys(settings.key_prefix).events(started["session_id"]), 5, approximate=False
@@ -133,7 +132,7 @@ async def test_resume_after_expiry_gets_a_gap_event(
     async with asyncio.timeout(30):
         events = await collect_until_end(http, url, gen)
         keys = Keys(settings.key_prefix)
-        client = await _redis(settings)
+        client = _redis(settings)
         async with client:  # what retention does, right now
             await client.delete(
                 keys.events(started["session_id"]), keys.meta(started["session_id"])
@@ -186,7 +185,7 @@ async def test_many_clients_use_a_bounded_number_of_redis_connections(
         async with asyncio.timeout(90):
             tasks = [asyncio.create_task(client(s)) for s in sessions for _ in range(per_session)]
             await all_in.wait()
-            redis = await _redis(settings)
+            redis = _redis(settings)
             async with redis:
                 clients_before = await redis.client_list()
                 for s in sessions:
@@ -218,7 +217,7 @@ async def test_stream_renewed_under_a_live_connection_switches_epoch_without_gap
         async for ev in read_events(http, first["events_url"]):
             events.append(ev)
             if ev.event == "end" and ev.data["generation_id"] == first["generation_id"]:
-                client = await _redis(settings)
+                client = _redis(settings)
                 async with client:  # what retention does
                     await client.delete(keys.events(sid), keys.meta(sid), keys.generations(sid))
                 second = await start(http, session_id=sid, params={"max_tokens": 4, "rate": 0})
