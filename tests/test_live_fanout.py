@@ -257,3 +257,14 @@ async def test_a_message_after_a_gap_makes_the_feed_reread_the_stream(
     await writer.tokens(3)
     assert await got == expected(1, 7)
     assert fanout.stats.repairs == repairs + 1
+
+
+async def test_a_batch_sent_again_is_written_once(redis: Any, keys: Keys) -> None:
+    """A retry after a lost reply (a failover): the script knows the batch by its state."""
+    writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+    await writer.tokens(2)
+    writer.seq, state = 0, writer.state
+    writer.state = ""
+    await writer.tokens(2)  # the same batch again: same state, same events
+    assert writer.state == state
+    assert await redis.xlen(keys.events(writer.sid)) == 2

@@ -3,8 +3,13 @@
 local events, meta, gens, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local gen = ARGV[2]
 local epoch = redis.call('HGET', meta, 'epoch')
+local record = redis.call('HGET', gens, gen)
+if record == ARGV[3] then
+  -- this very batch was written already (a retry whose first reply was lost)
+  return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied'}
+end
 local lost = 0
-if ARGV[4] ~= '' and redis.call('HGET', gens, gen) ~= ARGV[4] then
+if ARGV[4] ~= '' and record ~= ARGV[4] then
   epoch = false
   lost = 1
 end

@@ -28,7 +28,8 @@ from redis.asyncio import Redis
 from tokenbridge.exceptions import ModelError
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel, Delta, Finish
-from tokenbridge.store.live import AppendCommand, send_append
+from tokenbridge.store.client import Backoff
+from tokenbridge.store.live import APPEND_RETRY_ERRORS, AppendCommand, AppendResult, send_append
 from tokenbridge.store.resp import XaddTemplate
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.events import SCHEMA, WIRE_VERSION, Event, now_ms
@@ -40,6 +41,7 @@ __all__ = ["GenerationResult", "Producer"]
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 4096
+_RETRY_S = 20.0  # a failover takes a few node timeouts
 _PIPELINE_EVENTS = 256  # pipeline entry: at most this many events ...
 _PIPELINE_S = 0.5  # ... or this old (the terminal event flushes at once)
 # The fields a token entry packs per token, after v, kind and gen (wire/events.py SCHEMA).
@@ -132,6 +134,27 @@ class _Writer:
             return with_prompt.pack(digest, body)
         return plain.pack(body)
 
+    async def _send(self, before: list[tuple[bytes, bytes]], command: bytes) -> AppendResult:
+        """Send the batch; through a failover (a primary dies, its replica takes over) or
+        a restart, again with backoff for up to ``_RETRY_S``: a batch that made it before
+        the reply was lost is recognised by the script and not written twice."""
+        deadline = time.monotonic() + _RETRY_S
+        backoff = Backoff(base_s=0.1, cap_s=1.0)
+        while True:
+            try:
+                return (await send_append(self.producer.redis, before, self.append, command))[1]
+            except APPEND_RETRY_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    raise
+                delay = backoff.next()
+                log.warning(
+                    "append failed generation=%s (%s); again in %.2fs",
+                    self.job.generation_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
     async def run(self) -> None:
         """Write until a terminal event is written."""
         p = self.producer
@@ -152,7 +175,7 @@ class _Writer:
             command = self.append.pack(
                 events, state, self.state, ttl, secrets.token_hex(4).encode(), p.max_generation_s
             )
-            _, result = await send_append(p.redis, before, self.append, command)
+            result = await self._send(before, command)
             self.state = state
             self.writes += 1
             if result.lost:

@@ -17,8 +17,11 @@ from the stream. ``epoch`` tells a renewed stream apart.
 The failover check: the producer passes the ``:gens`` record its previous batch wrote. If the
 record differs, that batch is gone (an asynchronous failover lost it): the script then gives the
 session a new epoch, so every client resuming across the loss gets a ``gap`` event rather than a
-silent hole. An empty message (``SPUBLISH <channel> ""``) means "read the stream": producers that
-only ``XADD`` (docs/wire-format.md) announce their writes that way.
+silent hole. A batch whose state is already the record was written before (a retry after a
+lost reply): the script does nothing and answers ``applied``.
+
+An empty message (``SPUBLISH <channel> ""``) means "read the stream": producers that only
+``XADD`` (docs/wire-format.md) announce their writes that way.
 """
 
 from __future__ import annotations
@@ -29,12 +32,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import hiredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ClusterDownError, NoScriptError, ResponseError, TryAgainError
 
-from tokenbridge.store.client import is_cluster, is_moved, is_noscript, node_connection
+from tokenbridge.store.client import (
+    REDIS_DOWN_ERRORS,
+    is_cluster,
+    is_moved,
+    is_noscript,
+    node_connection,
+)
 from tokenbridge.store.resp import arg, pack
 
 __all__ = [
+    "APPEND_RETRY_ERRORS",
     "APPEND_SCRIPT",
     "APPEND_SHA",
     "AppendCommand",
@@ -50,8 +60,13 @@ APPEND_SCRIPT = """
 local events, meta, gens, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local gen = ARGV[2]
 local epoch = redis.call('HGET', meta, 'epoch')
+local record = redis.call('HGET', gens, gen)
+if record == ARGV[3] then
+  -- this very batch was written already (a retry whose first reply was lost)
+  return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied'}
+end
 local lost = 0
-if ARGV[4] ~= '' and redis.call('HGET', gens, gen) ~= ARGV[4] then
+if ARGV[4] ~= '' and record ~= ARGV[4] then
   epoch = false
   lost = 1
 end
@@ -93,6 +108,14 @@ if ARGV[5] ~= '' then
 end
 return {cancel, epoch, lost, id}
 """
+
+APPEND_RETRY_ERRORS: tuple[type[BaseException], ...] = (
+    *REDIS_DOWN_ERRORS,
+    ClusterDownError,
+    TryAgainError,
+)
+"""Errors after which a batch may be sent again (a failover, a node restarting): the
+script recognises a batch it already wrote by the state it records."""
 
 APPEND_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest().encode()
 
