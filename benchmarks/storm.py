@@ -56,7 +56,7 @@ def _keys(bench: Bench, sid: str) -> tuple[str, str, str, str]:
 
 async def _append(bench: Bench, ids: Sequence[str], first: int, last: int) -> None:
     """Tokens ``first..last`` (``0``: the ``start``) of every session, appended and published
-    as the producer does (one script call per session; ``store/live.py``), 200 at once."""
+    as the producer does (one script call per session; ``store/live.py``), 32 at once."""
     ms = str(int(time.time() * 1000))
 
     async def one(sid: str) -> None:
@@ -71,8 +71,8 @@ async def _append(bench: Bench, ids: Sequence[str], first: int, last: int) -> No
             expected_state=expected, ttl_s=3600, new_epoch=_EPOCH,
         )  # fmt: skip
 
-    for at in range(0, len(ids), 200):
-        await asyncio.gather(*(one(sid) for sid in ids[at : at + 200]))
+    for at in range(0, len(ids), 32):
+        await asyncio.gather(*(one(sid) for sid in ids[at : at + 32]))
 
 
 async def _write_sessions(bench: Bench, ids: Sequence[str]) -> None:

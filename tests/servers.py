@@ -169,6 +169,49 @@ class RedisCluster:
             ports = {int(row[2][1]) for row in client.execute_command("CLUSTER SLOTS")}
         return [node for node in self.nodes if node.port in ports]
 
+    def node_id(self, node: RedisServer) -> str:
+        with self._client(node) as client:
+            return str(client.execute_command("CLUSTER MYID"))
+
+    def replica_of(self, primary: RedisServer) -> RedisServer:
+        primary_id = self.node_id(primary)
+        for node in self.live_nodes():
+            with self._client(node) as client:
+                info = client.info("replication")
+                if info.get("role") == "slave" and info.get("master_port") == primary.port:
+                    return node
+        raise RuntimeError(f"no live replica of {primary_id}")
+
+    def failover(self, primary: RedisServer, timeout_s: float = 30) -> RedisServer:
+        """``CLUSTER FAILOVER`` on the primary's replica (no data lost); the new primary."""
+        replica = self.replica_of(primary)
+        with self._client(replica) as client:
+            client.execute_command("CLUSTER FAILOVER")
+        deadline = time.monotonic() + timeout_s
+        while self._info(replica, "replication").get("role") != "master":
+            if time.monotonic() > deadline:
+                raise RuntimeError("failover did not happen")
+            time.sleep(0.05)
+        self.wait_ok(timeout_s)
+        return replica
+
+    def move_slot_of(self, key: str, to: RedisServer) -> None:
+        """Migrate ``key``'s slot, with its keys, to the primary ``to`` (as a reshard does:
+        IMPORTING / MIGRATING, MIGRATE the keys, then SETSLOT NODE everywhere)."""
+        source = self.primary_for(key)
+        with self._client(source) as src, self._client(to) as dst:
+            slot = int(src.execute_command("CLUSTER KEYSLOT", key))
+            src_id, dst_id = self.node_id(source), self.node_id(to)
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+            for node in self.live_nodes():
+                with self._client(node) as client:
+                    if self._info(node, "replication").get("role") == "master":
+                        client.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        self.wait_ok()
+
     def kill_primary(self, node: RedisServer, timeout_s: float = 30) -> None:
         """SIGKILL a primary; return once its replica has taken over and the cluster is ok."""
         node.kill()

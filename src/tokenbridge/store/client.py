@@ -92,6 +92,8 @@ async def close_client(redis: Any) -> None:
 
 def is_moved(exc: BaseException) -> bool:
     """A slot answered by another node (``MOVED``/``ASK``): the topology changed."""
+    if isinstance(exc, redis_exc.AskError):  # MovedError is one too
+        return True
     return isinstance(exc, redis_exc.ResponseError) and str(exc).startswith(("MOVED", "ASK"))
 
 

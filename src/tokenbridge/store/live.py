@@ -26,13 +26,21 @@ An empty message (``SPUBLISH <channel> ""``) means "read the stream": producers 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import hiredis
-from redis.exceptions import ClusterDownError, NoScriptError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 
 from tokenbridge.store.client import (
     REDIS_DOWN_ERRORS,
@@ -304,8 +312,16 @@ async def send_append(
             if isinstance(replies[-1], Exception):
                 raise replies[-1]
             return replies[:-1], AppendResult.from_reply(replies[-1])
-    first = [await _routed(redis, key, packed, script=False) for key, packed in before]
-    return first, AppendResult.from_reply(await _routed(redis, append.events_key, command, True))
+    try:
+        first = [await _routed(redis, key, packed, script=False) for key, packed in before]
+        reply = await _routed(redis, append.events_key, command, True)
+    except REDIS_DOWN_ERRORS:
+        # A node went away: reload the slot map, so that the caller's next try goes to the
+        # replica that takes over (once it has).
+        with contextlib.suppress(*REDIS_DOWN_ERRORS, ResponseError):
+            await redis.nodes_manager.initialize()
+        raise
+    return first, AppendResult.from_reply(reply)
 
 
 async def _reply(conn: Any) -> Any:
@@ -343,10 +359,8 @@ async def _routed(redis: Any, key: bytes, command: bytes, script: bool) -> Any:
             if isinstance(reply, Exception):
                 raise reply
             return reply
-        kind, _slot, address = str(reply).split()[:3]
-        host, _, port = address.rpartition(":")
-        if kind == "ASK":
-            asking = (host, int(port))
+        if isinstance(reply, AskError) and not isinstance(reply, MovedError):
+            asking = (reply.host, int(reply.port))
         else:
             asking = None
             await redis.nodes_manager.initialize()
