@@ -36,12 +36,12 @@ async def request_cancel(
         return "finished"
     # Two commands, not a pipeline: on Redis Cluster, PUBLISH has no key to route a pipeline
     # by (any node relays it to the whole cluster).
-    await redis.hset(gens, f"cancel:{generation_id}", 1)
+    await redis.hset(gens, Keys.cancel_field(generation_id), 1)
     await redis.publish(keys.cancel_channel, generation_id)
     return "cancelling"
 
 
 async def cancel_requested(redis: Redis, keys: Keys, session_id: str, generation_id: str) -> bool:
     """Was a cancel asked for before the generation started?"""
-    flag: Any = await redis.hget(keys.generations(session_id), f"cancel:{generation_id}")
+    flag: Any = await redis.hget(keys.generations(session_id), Keys.cancel_field(generation_id))
     return flag is not None
