@@ -192,13 +192,15 @@ class SessionFanout:
         except _SUBSCRIBE_ERRORS as exc:
             if not feed.ready.done():
                 feed.ready.set_exception(exc)
-            self._drop(feed)
+            self._drop(feed, f"subscribe failed: {exc}")
             return
         self.stats.subscribed += 1
         if not feed.ready.done():
             feed.ready.set_result(None)
 
-    def _drop(self, feed: _Feed) -> None:
+    def _drop(self, feed: _Feed, reason: str) -> None:
+        if reason != "idle":
+            log.warning("session feed dropped session=%s (%s)", feed.session_id, reason)
         if self._feeds.get(feed.session_id) is feed:
             del self._feeds[feed.session_id]
             self._by_channel.pop(feed.channel, None)
@@ -394,7 +396,7 @@ class SessionFanout:
                         return
         except REDIS_DOWN_ERRORS as exc:
             log.warning("repair failed session=%s (%s); clients resume", feed.session_id, exc)
-            self._drop(feed)
+            self._drop(feed, f"repair failed: {exc}")
         finally:
             feed.repairing = False
 
@@ -449,7 +451,7 @@ class SessionFanout:
                 feed = next(iter(self._idle.values()))
                 if feed.idle_since > deadline and not self._stopping.is_set():
                     break
-                self._drop(feed)
+                self._drop(feed, "idle")
 
     def stop(self) -> None:
         """Ask :meth:`run` to return: feeds dropped, subscriber stopped."""

@@ -49,6 +49,12 @@ REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     redis_exc.BusyLoadingError,
     ConnectionError,
     OSError,
+    # A cluster whose topology is changing (a failover, a reshard): retried the same way.
+    redis_exc.ClusterDownError,
+    redis_exc.TryAgainError,
+    redis_exc.AskError,  # and MovedError: redis-py followed redirections until it gave up
+    redis_exc.ReadOnlyError,  # a primary just turned replica
+    redis_exc.RedisClusterException,  # e.g. no node reachable while the slot map reloads
 )
 """Errors that mean "Redis is not reachable right now": loops back off and retry on these."""
 
@@ -145,7 +151,15 @@ class _BoundedCluster(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self._slots:
-            return await super().execute_command(*args, **kwargs)
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except redis_exc.ResponseError as exc:
+                if str(exc).startswith("UNBLOCKED"):
+                    # A blocking read on a primary that just became a replica (failover):
+                    # "Redis is not reachable right now" for the loops (MOVED then reloads
+                    # the slot map).
+                    raise redis_exc.ConnectionError(str(exc)) from exc
+                raise
 
 
 def _cluster_client(

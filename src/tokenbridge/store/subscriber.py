@@ -59,6 +59,10 @@ class _Link:
         self.to_subscribe: dict[bytes, int] = {}  # channel -> slot
         self.to_unsubscribe: set[bytes] = set()
         self.sent: deque[list[bytes]] = deque()  # SSUBSCRIBEs awaiting confirmation
+        # Set when nothing is awaiting confirmation: the next SSUBSCRIBE waits for it, so
+        # that the channels asked for meanwhile go out together (a storm: few commands).
+        self.settled = asyncio.Event()
+        self.settled.set()
         self.flush = asyncio.Event()
         self.heard = asyncio.Event()  # any message since the last probe
         self.probe_channel = b""
@@ -91,6 +95,7 @@ class _Link:
                 await self.conn.connect()
                 backoff.reset()
                 self.sent.clear()
+                self.settled.set()
                 self.to_unsubscribe.clear()
                 for channel in self.channels:
                     self.to_subscribe[channel] = owner.slot_of(channel)
@@ -120,6 +125,7 @@ class _Link:
         assert self.conn is not None
         while True:
             await self.flush.wait()
+            await self.settled.wait()
             self.flush.clear()
             if self.to_unsubscribe:
                 gone = sorted(self.to_unsubscribe)
@@ -129,6 +135,7 @@ class _Link:
             if self.to_subscribe:
                 wanted = list(self.to_subscribe)
                 self.to_subscribe.clear()
+                self.settled.clear()
                 for group in self.owner.by_slot(wanted):
                     self.sent.append(group)
                     await self.conn.send_packed_command(_pack(b"SSUBSCRIBE", group), False)
@@ -141,6 +148,8 @@ class _Link:
                 reply: Any = await self.conn.read_response(timeout=None)
             except ResponseError as exc:  # MOVED: an SSUBSCRIBE went to the wrong node
                 group = self.sent.popleft() if self.sent else []
+                if not self.sent:
+                    self.settled.set()
                 log.info("subscriber node=%s refused %d channels: %s", self.name, len(group), exc)
                 owner.reroute(self, group)
                 continue
@@ -168,6 +177,8 @@ class _Link:
             group = self.sent[0]
             if group and group[-1] == channel:
                 self.sent.popleft()
+                if not self.sent:
+                    self.settled.set()
         if channel in self.channels:
             self.owner.confirmed(channel)
 
@@ -259,7 +270,7 @@ class ShardSubscriber:
     def _link_for(self, channel: bytes) -> _Link:
         name, make = self._node_for(channel)
         link = self._links.get(name)
-        if link is None:
+        if link is None or link.retired:
             link = _Link(self, name, make)
             link.probe_channel = self.probe_channel_like(channel)
             self._links[name] = link
@@ -283,6 +294,9 @@ class ShardSubscriber:
         finally:
             if self._links.get(link.name) is link:
                 del self._links[link.name]
+            left = [c for c in link.channels if self._link_of.get(c) is link]
+            if left and not self.stopping.is_set():
+                self.reroute(link, left)  # added while it was ending: not stranded
 
     async def subscribe(self, channel: bytes) -> None:
         """Subscribe ``channel`` (queued, batched); returns once Redis confirmed it."""
@@ -328,6 +342,7 @@ class ShardSubscriber:
         task.add_done_callback(self._tasks.discard)
 
     async def _reroute(self, channels: list[bytes]) -> None:
+        await asyncio.sleep(0.05)  # the cluster's nodes learn a move a moment apart
         await self.refresh_topology()
         for channel in channels:
             if channel not in self._link_of:
