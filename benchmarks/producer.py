@@ -30,6 +30,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 import hiredis
@@ -41,6 +42,8 @@ from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.producer.producer import Producer
 from tokenbridge.settings import load_settings
 from tokenbridge.store.client import command_client
+from tokenbridge.store.live import APPEND_SCRIPT, AppendCommand
+from tokenbridge.store.resp import pack
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.keys import Keys, new_generation_id
 
@@ -111,13 +114,6 @@ async def run_fast(session_id: str, tokens: int) -> dict[str, Any]:
     }
 
 
-def _resp(*parts: bytes) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-    return b"".join(out)
-
-
 class _Link(asyncio.Protocol):
     """A pipelined RESP connection that counts replies; errors are kept, not raised."""
 
@@ -164,6 +160,9 @@ async def _open_link(url: str) -> _Link:
     host_port = url.split("://", 1)[1].split("/", 1)[0]
     host, port = host_port.rsplit(":", 1)
     _, link = await asyncio.get_running_loop().create_connection(_Link, host, int(port))
+    link.send(pack(b"SCRIPT", b"LOAD", APPEND_SCRIPT.encode()))  # then EVALSHA finds it
+    await link.until(1)
+    link.replies = 0
     return link
 
 
@@ -171,6 +170,23 @@ async def _ready_then_go() -> None:
     """Say ready, then wait for the bench's go (a line on stdin)."""
     print(READY, flush=True)
     await asyncio.to_thread(sys.stdin.readline)
+
+
+def _fields(
+    gen: bytes, seq: int, tokens: int, wall_ns: int, text: bytes | None
+) -> list[tuple[bytes, bytes]]:
+    """Event ``seq``: 0 is ``start``, 1..tokens are tokens, tokens + 1 is ``end``. A token's
+    text is ``text``, else ``wall_ns`` (the send time, for latency)."""
+    ts = b"%d" % (wall_ns // 1_000_000)
+    head = [(b"v", b"1")]
+    if seq == 0:
+        kind = [(b"kind", b"start"), (b"gen", gen), (b"seq", b"0"), (b"ts", ts)]
+        return [*head, *kind, (b"model", b"bench")]
+    if seq <= tokens:
+        kind = [(b"kind", b"token"), (b"gen", gen), (b"seq", b"%d" % seq), (b"ts", ts)]
+        return [*head, *kind, (b"text", text if text is not None else b"%d" % wall_ns)]
+    kind = [(b"kind", b"end"), (b"gen", gen), (b"seq", b"%d" % seq), (b"ts", ts)]
+    return [*head, *kind, (b"reason", b"stop"), (b"tokens", b"%d" % tokens)]
 
 
 def _event(
@@ -182,22 +198,28 @@ def _event(
     text: bytes | None = None,
     maxlen: int | None = None,
 ) -> bytes:
-    """XADD of event ``seq``: 0 is ``start``, 1..tokens are tokens, tokens + 1 is ``end``.
+    """One event, appended and published as every producer does (the append script)."""
+    return _append(key, gen, [seq], tokens, wall_ns, text, maxlen)
 
-    A token's text is ``text``, else ``wall_ns`` (the send time, for latency).
-    """
-    ts = b"%d" % (wall_ns // 1_000_000)
-    trim = (b"MAXLEN", b"~", b"%d" % maxlen) if maxlen is not None else ()
-    head = (b"XADD", key, *trim, b"*", b"v", b"1")
-    fields: tuple[bytes, ...]
-    if seq == 0:
-        fields = (b"kind", b"start", b"gen", gen, b"seq", b"0", b"ts", ts, b"model", b"bench")
-        return _resp(*head, *fields)
-    if seq <= tokens:
-        fields = (b"kind", b"token", b"gen", gen, b"seq", b"%d" % seq, b"ts", ts)
-        return _resp(*head, *fields, b"text", text if text is not None else b"%d" % wall_ns)
-    fields = (b"kind", b"end", b"gen", gen, b"seq", b"%d" % seq, b"ts", ts)
-    return _resp(*head, *fields, b"reason", b"stop", b"tokens", b"%d" % tokens)
+
+def _append(
+    key: bytes,
+    gen: bytes,
+    seqs: Sequence[int],
+    tokens: int,
+    wall_ns: int,
+    text: bytes | None = None,
+    maxlen: int | None = None,
+) -> bytes:
+    """The events ``seqs`` of one session in one call of the append script (store/live.py);
+    its failover check is off (a benchmark writes on)."""
+    base = key.removesuffix(b"events")
+    command = AppendCommand(
+        (key, base + b"meta", base + b"gens", base + b"live"), gen, maxlen or 100_000, [], []
+    )
+    events = [AppendCommand.event(_fields(gen, seq, tokens, wall_ns, text)) for seq in seqs]
+    state = b"%s %d" % (b"done" if seqs[-1] > tokens else b"running", seqs[-1])
+    return command.pack(events, state, b"", None, b"b0000001", 3600)
 
 
 async def run_raw(session_id: str, tokens: int, batch: int = 500) -> dict[str, Any]:
@@ -216,12 +238,9 @@ async def run_raw(session_id: str, tokens: int, batch: int = 500) -> dict[str, A
     for first in range(0, tokens + 2, batch):
         now = time.time_ns()
         seqs = range(first, min(first + batch, tokens + 2))
-        commands = [
-            _event(key, gen, seq, tokens, now, b" token", settings.stream_max_len) for seq in seqs
-        ]
-        link.send(b"".join(commands))
-        sent += len(commands)
-        await link.until(sent - 20 * batch)  # bounded: Redis and the socket set the pace
+        link.send(_append(key, gen, seqs, tokens, now, b" token", settings.stream_max_len))
+        sent += 1
+        await link.until(sent - 20)  # bounded: Redis and the socket set the pace
     await link.until(sent)
     duration = loop.time() - started
     cpu = time.process_time() - cpu
@@ -229,7 +248,7 @@ async def run_raw(session_id: str, tokens: int, batch: int = 500) -> dict[str, A
     link.transport.close()
     return {
         "tokens": tokens,
-        "writes": -(-sent // batch),
+        "writes": sent,
         "replies": link.replies,
         "errors": link.errors,
         "duration_s": duration,
