@@ -41,7 +41,7 @@ from tokenbridge.producer.models.base import GenerationParams
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.producer.producer import Producer
 from tokenbridge.settings import load_settings
-from tokenbridge.store.client import command_client
+from tokenbridge.store.client import close_client, command_client
 from tokenbridge.store.live import APPEND_SCRIPT, AppendCommand
 from tokenbridge.store.resp import pack
 from tokenbridge.store.scripts import Scripts
@@ -69,13 +69,20 @@ def spread_session_ids(tag: str, sessions: int) -> list[str]:
     return [f"bench-{tag}-spread-{i}" for i in range(sessions)]
 
 
-async def run_fast(session_id: str, tokens: int) -> dict[str, Any]:
-    """One generation of ``tokens`` demo tokens, unpaced, with the settings' defaults."""
+async def run_fast(session_id: str, tokens: int, sessions: int = 0) -> dict[str, Any]:
+    """One generation of ``tokens`` demo tokens, unpaced, with the settings' defaults; with
+    ``sessions``, one such generation in each of the spread sessions of tag ``session_id``
+    at once (standalone or cluster: the real Producer routes by slot)."""
     settings = load_settings()
     url = settings.redis_url_value()
     if url is None:
         raise SystemExit("TOKENBRIDGE_REDIS_URL is not set")
-    redis = command_client(url, settings.redis_max_connections, settings.redis_socket_timeout_s)
+    redis = command_client(
+        url,
+        settings.redis_max_connections,
+        settings.redis_socket_timeout_s,
+        cluster=settings.redis_cluster,
+    )
     try:
         producer = Producer(
             redis,
@@ -89,26 +96,31 @@ async def run_fast(session_id: str, tokens: int) -> dict[str, Any]:
             pipeline_shards=settings.pipeline_shards if settings.pipeline_enabled else 0,
             pipeline_max_len=settings.pipeline_max_len,
         )
-        job = GenerationJob(
-            generation_id=new_generation_id(),
-            session_id=session_id,
-            model="demo",
-            messages=[Message(role="user", content="benchmark")],
-            params=GenerationParams(max_tokens=tokens, rate=0.0),
-        )
+        ids = spread_session_ids(session_id, sessions) if sessions else [session_id]
+        jobs = [
+            GenerationJob(
+                generation_id=new_generation_id(),
+                session_id=sid,
+                model="demo",
+                messages=[Message(role="user", content="benchmark")],
+                params=GenerationParams(max_tokens=tokens, rate=0.0),
+            )
+            for sid in ids
+        ]
         await redis.ping()
         await _ready_then_go()
         cpu = time.process_time()
-        result = await producer.run(job, DemoModel())
+        started = time.monotonic()
+        results = await asyncio.gather(*(producer.run(job, DemoModel()) for job in jobs))
+        result = results[0]
         cpu = time.process_time() - cpu
     finally:
-        await redis.aclose()
-        await redis.connection_pool.disconnect()
+        await close_client(redis)
     return {
         "outcome": result.outcome,
-        "tokens": result.tokens,
-        "writes": result.writes,
-        "duration_s": result.duration_s,
+        "tokens": sum(r.tokens for r in results),
+        "writes": sum(r.writes for r in results),
+        "duration_s": time.monotonic() - started,
         "cpu_s": cpu,
         "stream_max_len": settings.stream_max_len,
     }
@@ -352,6 +364,7 @@ def _main() -> None:
         one = modes.add_parser(mode, help=help_text)
         one.add_argument("--session", required=True)
         one.add_argument("--tokens", type=int, required=True)
+        one.add_argument("--sessions", type=int, default=0, help="fast: over N spread sessions")
     spread = modes.add_parser("spread", help="pipelined plain XADDs into many sessions")
     spread.add_argument("--tag", required=True)
     spread.add_argument("--sessions", type=int, required=True)
@@ -363,7 +376,7 @@ def _main() -> None:
     paced.add_argument("--duration", type=float, required=True)
     args = parser.parse_args()
     if args.mode == "fast":
-        work = run_fast(args.session, args.tokens)
+        work = run_fast(args.session, args.tokens, args.sessions)
     elif args.mode == "raw":
         work = run_raw(args.session, args.tokens)
     elif args.mode == "spread":
