@@ -7,12 +7,14 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from tests.conftest import BOTH
-from tests.servers import Gateway, GatewayProcess, redis_client
+from tests.servers import Gateway, GatewayProcess
 from tests.sse_client import SSEEvent, read_events
 from tests.test_token_path import collect_until_end, start
 from tokenbridge.settings import Settings
+from tokenbridge.store.client import cluster_url
 from tokenbridge.wire.keys import Keys
 
 
@@ -96,7 +98,9 @@ async def test_later_generations_of_a_session_follow_on_one_stream(
 
 
 def _redis(settings: Settings) -> Any:
-    return redis_client(settings.redis_url_value())
+    """A client that ``async with`` closes, for standalone Redis or the cluster."""
+    url, cluster = cluster_url(settings.redis_url_value() or "")
+    return aioredis.RedisCluster.from_url(url) if cluster else aioredis.Redis.from_url(url)
 
 
 async def test_resume_past_trimmed_history_gets_a_gap_event(settings_factory: Any) -> None:
