@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks.connections import Transport, idle_connections, many_sessions
+from benchmarks.openai_chat import openai_chat
 from benchmarks.processes import GatewayProcess, machine_info, new_runner, raise_open_files_limit
 from benchmarks.report import print_report
 from benchmarks.scenarios import (
@@ -48,6 +49,7 @@ SCENARIOS = (
     "storm",
     "storm-fresh",
     "sessions-fast",
+    "openai-chat",
 )
 
 
@@ -72,6 +74,8 @@ class Options:
     storm_clients: tuple[int, ...] = (1000, 2500, 5000)
     storm_missed: int = 4
     cluster: bool = False
+    openai_tokens: int = 8_000
+    openai_rounds: int = 10
 
 
 def _parse(argv: Sequence[str] | None) -> Options:
@@ -122,6 +126,13 @@ def _parse(argv: Sequence[str] | None) -> Options:
         action="store_true",
         help="run on a Redis Cluster (3 primaries + 3 replicas) instead of one Redis",
     )
+    parser.add_argument(
+        "--openai-tokens",
+        type=int,
+        default=8000,
+        help="openai-chat: tokens per generation (8,000: under stream_max_len)",
+    )
+    parser.add_argument("--openai-rounds", type=int, help="openai-chat: rounds (10; quick 3)")
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -150,6 +161,8 @@ def _parse(argv: Sequence[str] | None) -> Options:
         else ((500,) if quick else (1000, 2500, 5000)),
         storm_missed=args.storm_missed,
         cluster=args.cluster,
+        openai_tokens=args.openai_tokens,
+        openai_rounds=args.openai_rounds or (3 if quick else 10),
     )
 
 
@@ -200,6 +213,10 @@ async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult
             options.spread_sessions,
             options.spread_tokens,
             options.timeout_s,
+        )
+    if name == "openai-chat":
+        return await openai_chat(
+            bench, options.openai_tokens, options.openai_rounds, options.timeout_s
         )
     if name == "pipeline":
         return await pipeline(

@@ -233,7 +233,11 @@ async def status(request: Request) -> Response:
         },
         "worker": None
         if worker is None
-        else {"name": worker.name, "generations_done": worker.generations_done},
+        else {
+            "name": worker.name,
+            "generations_done": worker.generations_done,
+            "generations_abandoned": worker.generations_abandoned,
+        },
         "consumers": runtime.consumers.status(),
         "groups": await runtime.consumers.group_status(runtime.keys.jobs),
         "dead_letters": await runtime.dead_letters.count(),
@@ -274,5 +278,8 @@ async def metrics(request: Request) -> Response:
     """Prometheus exposition of this process's counters (API key, like /v1/status)."""
     gateway = _gateway(request)
     await key_principal(gateway.auth, request)
-    body = render_metrics(gateway.connections, gateway.fanout.stats, _runtime(request).consumers)
+    runtime = _runtime(request)
+    body = render_metrics(
+        gateway.connections, gateway.fanout.stats, runtime.consumers, runtime.worker
+    )
     return Response(body, media_type=METRICS_CONTENT_TYPE)
