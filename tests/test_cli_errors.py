@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import signal
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.model_server import HttpError, ModelServer
 from tests.servers import GatewayProcess, RedisServer, free_port
 from tests.test_cli import clean_env, fresh_prefix, lines, redis_pid_on, run_cli
 from tokenbridge.client import AsyncTokenBridgeClient
@@ -202,3 +204,23 @@ async def test_signals_always_end_serve(signals: list[signal.Signals]) -> None:
     assert code in (0, 1), output
     assert "Traceback" not in output
     assert redis_pid_on(redis_port) is None  # stopped, even on a forced exit
+
+
+async def test_generate_error_event_is_one_line(redis_server: RedisServer) -> None:
+    with ModelServer(HttpError(400, "no such model")) as provider:
+        models = {"gpt": provider.model_config().model_dump(exclude_none=True)}
+        env = {"TOKENBRIDGE_REDIS_URL": redis_server.url, "TOKENBRIDGE_KEY_PREFIX": fresh_prefix(),
+               "TOKENBRIDGE_MODELS": json.dumps(models)}  # fmt: skip
+        gateway = GatewayProcess(env)
+        gateway.start()
+        try:
+            await gateway.wait_ready()
+            args = ["generate", "hi", "--model", "gpt", "--url", gateway.url]
+            code, _, err = await run_cli(*args, env=clean_env())
+        finally:
+            gateway.stop()
+    assert code == 1, err
+    assert "Traceback" not in err and "RuntimeError" not in err, err
+    [error] = [line for line in lines(err) if line.startswith("error ")]
+    assert error.startswith("error provider_http_4xx: model 'gpt'"), err
+    assert str(provider.port) not in err and "127.0.0.1" not in err

@@ -73,12 +73,14 @@ class ModelError(TokenBridgeError):
     """A model call failed; ``code`` becomes the ``error`` event's code.
 
     ``retryable``: worth another try before the first token (connection refused, timeout,
-    HTTP 429 or 5xx); ``retry_after_s``: the provider's ``Retry-After``, when it sent one.
+    HTTP 429 or 5xx); ``retry_after_s``: the provider's ``Retry-After``, when it sent one;
+    ``detail``: the provider's own error message, when it sent one.
     """
 
     code = "model_error"
     retryable = False
     retry_after_s: float | None = None
+    detail: str | None = None
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)

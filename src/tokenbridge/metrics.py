@@ -35,6 +35,7 @@ class TokenBridgeCollector(Collector):
         yield from self._connections()
         yield from self._fanout()
         yield from self._consumers()
+        yield from self._providers()
 
     def _connections(self) -> Iterator[Any]:
         stats = self.connections.stats()
@@ -88,6 +89,30 @@ class TokenBridgeCollector(Collector):
         for row in rows:
             inflight.add_metric([row["stream"], row["group"], row["consumer"]], row["inflight"])
         yield inflight
+
+    def _providers(self) -> Iterator[Any]:
+        """Retries, fallbacks and failures of model calls (producer/models/retry.py)."""
+        labels = ["model"]
+        retries = CounterMetricFamily(
+            "tokenbridge_provider_retries",
+            "Model calls retried before their first token",
+            labels=labels,
+        )
+        fallbacks = CounterMetricFamily(
+            "tokenbridge_provider_fallbacks", "Generations moved to a fallback model", labels=labels
+        )
+        failures = CounterMetricFamily("tokenbridge_provider_failures",
+                                       "Generations ended by a provider error",
+                                       labels=["model", "code"])  # fmt: skip
+        for name, model in self.runtime.models.items():
+            stats = getattr(model, "stats", None)
+            if stats is None:
+                continue
+            retries.add_metric([name], stats.retried)
+            fallbacks.add_metric([name], stats.fell_back)
+            for code, count in stats.failed.items():
+                failures.add_metric([name, code], count)
+        yield from (retries, fallbacks, failures)
 
 
 def render(runtime: Runtime, connections: ConnectionManager) -> bytes:

@@ -28,7 +28,7 @@ from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.processors.cache import ResponseCache
 from tokenbridge.processors.rate_limit import RateLimiter
 from tokenbridge.processors.stream_processor import StreamProcessor
-from tokenbridge.producer.models import build_model
+from tokenbridge.producer.models import build_models
 from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
 from tokenbridge.producer.worker import GenerationWorker
@@ -89,9 +89,7 @@ class Runtime:
             pipeline_shards=settings.pipeline_shards if settings.pipeline_enabled else 0,
             pipeline_max_len=settings.pipeline_max_len,
         )
-        self.models: dict[str, ChatModel] = {
-            name: build_model(name, config) for name, config in settings.models.items()
-        }
+        self.models: dict[str, ChatModel] = build_models(settings)
         self.fanout: SessionFanout | None = None
         if gateway:
             self.fanout = SessionFanout(
