@@ -42,11 +42,11 @@ def generate(
         if api_key:
             raise ConfigurationError(
                 f"--api-key / TOKENBRIDGE_API_KEY: {url} refused the key ({exc}); "
-                "use a key this server knows (`tokenbridge admin keys create` makes one)"
+                "use a key this server knows (`tokenbridge keys create` makes one)"
             ) from None
         raise ConfigurationError(
             f"{url} needs an API key: pass --api-key or set TOKENBRIDGE_API_KEY (serve "
-            "prints one at its first start; `tokenbridge admin keys create` makes another)"
+            "prints one at its first start; `tokenbridge keys create` makes another)"
         ) from None
     except APIConnectionError as exc:
         raise APIConnectionError(f"--url / TOKENBRIDGE_URL: {exc}") from None
