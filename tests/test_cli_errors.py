@@ -224,3 +224,27 @@ async def test_generate_error_event_is_one_line(redis_server: RedisServer) -> No
     [error] = [line for line in lines(err) if line.startswith("error ")]
     assert error.startswith("error provider_http_4xx: model 'gpt'"), err
     assert str(provider.port) not in err and "127.0.0.1" not in err
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]],
+                         ids=["sigterm", "two-sigints"])  # fmt: skip
+async def test_signals_always_end_worker(
+    redis_server: RedisServer, signals: list[signal.Signals]
+) -> None:
+    env = clean_env(TOKENBRIDGE_REDIS_URL=redis_server.url, TOKENBRIDGE_KEY_PREFIX=fresh_prefix(),
+                    TOKENBRIDGE_SHUTDOWN_DRAIN_S="1")  # fmt: skip
+    worker = GatewayProcess(env, args=["worker"])
+    worker.env = env
+    worker.start()
+    process = worker.process
+    assert process is not None and process.stdout is not None
+    try:
+        await worker.wait_ready(marker=b"tokenbridge worker")
+        for sig in signals:
+            process.send_signal(sig)
+        code = await asyncio.to_thread(process.wait, 10)  # bounded: drain_s + close grace
+        output = (await asyncio.to_thread(process.stdout.read)).decode()
+    finally:
+        worker.stop(signal.SIGKILL)
+    assert code in (0, 1), output
+    assert "Traceback" not in output
