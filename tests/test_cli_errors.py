@@ -11,9 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.model_server import HttpError, ModelServer
 from tests.servers import GatewayProcess, RedisServer, free_port
@@ -248,3 +250,31 @@ async def test_signals_always_end_worker(
         worker.stop(signal.SIGKILL)
     assert code in (0, 1), output
     assert "Traceback" not in output
+
+
+@pytest.fixture(scope="module")
+def acl_redis() -> Iterator[RedisServer]:
+    """A Redis with two users short of permissions tokenbridge needs."""
+    with RedisServer() as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.execute_command("ACL", "SETUSER", "noname", "on", ">pw", "+ping", "~*")
+        admin.execute_command(
+            "ACL", "SETUSER", "noset", "on", ">pw", "+ping", "+client|setname", "+hello", "~*"
+        )
+        admin.close()
+        yield server
+
+
+@pytest.mark.parametrize(("user", "expected"), [
+    ("noname", ["TOKENBRIDGE_REDIS_URL", "client|setname", "ACL SETUSER"]),
+    ("noset", ["TOKENBRIDGE_REDIS_URL", "NoPermissionError", "'set'"]),
+], ids=["refused-at-probe", "refused-during-startup"])  # fmt: skip
+async def test_a_redis_user_without_permissions_is_one_line(
+    acl_redis: RedisServer, user: str, expected: list[str]
+) -> None:
+    url = f"redis://{user}:pw@127.0.0.1:{acl_redis.port}/0"
+    env = clean_env(TOKENBRIDGE_REDIS_URL=url, TOKENBRIDGE_API_KEYS="k" * 32)
+    args = ["serve", "--port", str(free_port()), "--log-level", "warning"]
+    code, out, err = await run_cli(*args, env=env)
+    assert_one_line(code, out, err, *expected)
+    assert "pw@" not in err

@@ -86,7 +86,12 @@ def probe_redis(settings: Settings) -> None:
         return
     timeout = min(5.0, settings.redis_socket_timeout_s)
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            client_name="tokenbridge-probe",  # CLIENT SETNAME, as every connection of ours
+        )
     except ValueError as exc:
         raise ConfigurationError(
             f"TOKENBRIDGE_REDIS_URL={safe_redis_url(url)}: not a Redis URL ({exc}); "
@@ -98,6 +103,12 @@ def probe_redis(settings: Settings) -> None:
         raise RedisUnavailable(
             f"Redis at TOKENBRIDGE_REDIS_URL ({safe_redis_url(url)}) refused the credentials: "
             f"{str(exc).rstrip('.')}. Put the right user and password in the URL"
+        ) from None
+    except redis_exc.NoPermissionError as exc:
+        raise ConfigurationError(
+            f"TOKENBRIDGE_REDIS_URL ({safe_redis_url(url)}): the Redis user may not run a "
+            f"command tokenbridge needs ({str(exc).rstrip('.')}); grant it, e.g. "
+            "ACL SETUSER <user> +@all ~* &*"
         ) from None
     except (redis_exc.RedisError, OSError) as exc:
         raise RedisUnavailable(

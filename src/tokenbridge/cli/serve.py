@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,12 +13,13 @@ from typing import Any
 import typer
 import uvicorn
 from pydantic import SecretStr
+from redis import exceptions as redis_exc
 from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
 from tokenbridge.cli import app
 from tokenbridge.cli.process import CLOSE_GRACE_S, StopSignals, bind_socket, probe_redis
-from tokenbridge.exceptions import ConfigurationError, TokenBridgeError
+from tokenbridge.exceptions import ConfigurationError, RedisUnavailable, TokenBridgeError
 from tokenbridge.logs import configure_logging
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings, load_settings
@@ -114,6 +116,11 @@ class _StartupErrors:
     def __init__(self, app: Starlette) -> None:
         self.app = app
         self.error: BaseException | None = None
+        # uvicorn adds "Application startup failed. Exiting.": the CLI's line says it all.
+        logging.getLogger("uvicorn.error").addFilter(self._quiet)
+
+    def _quiet(self, record: logging.LogRecord) -> bool:
+        return self.error is None or not record.getMessage().startswith("Application startup")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
@@ -123,14 +130,25 @@ class _StartupErrors:
         async def quiet(message: Message) -> None:
             # Starlette sends this from inside its `except` block: the error is in flight.
             failed = sys.exc_info()[1]
-            if message["type"] == "lifespan.startup.failed" and isinstance(
-                failed, TokenBridgeError
-            ):
-                self.error = failed
-                message = {"type": "lifespan.startup.failed", "message": ""}
+            if message["type"] == "lifespan.startup.failed" and failed is not None:
+                self.error = _one_line(failed)
+                if self.error is not None:
+                    message = {"type": "lifespan.startup.failed", "message": ""}
             await send(message)
 
         await self.app(scope, receive, quiet)
+
+
+def _one_line(exc: BaseException) -> TokenBridgeError | None:
+    """The expected error a failed startup is, if it is one (else uvicorn logs a traceback)."""
+    if isinstance(exc, TokenBridgeError):
+        return exc
+    if isinstance(exc, redis_exc.RedisError):  # e.g. an ACL user without a needed command
+        return RedisUnavailable(
+            f"Redis at TOKENBRIDGE_REDIS_URL refused a command during startup: "
+            f"{type(exc).__name__}: {str(exc).rstrip('.')}"
+        )
+    return None
 
 
 def _loopback_unless_keys(settings: Settings) -> None:
