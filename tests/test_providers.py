@@ -181,3 +181,17 @@ async def test_serve_config_file_runs_a_generation_and_warns_of_an_unset_key(
     stderr = await _serve_then_generate(["--config", str(config)], {}, "fake")
     warnings = [line for line in stderr.splitlines() if "TB_TEST_KEY_NOT_SET" in line]
     assert len(warnings) == 1 and "WARNING" in warnings[0], stderr
+
+
+async def test_a_retry_after_beyond_the_cap_ends_the_retries(
+    model_server: ModelServer, settings_factory: Any
+) -> None:
+    model_server.reply = HttpError(429, "quota", headers=(("Retry-After", "120"),))
+    settings = settings_factory(
+        models={"gpt": model_server.model_config()}, provider_retry_max_wait_s=5, **FAST_RETRIES
+    )
+    async with Gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        events = await run_generation(http, "gpt")
+    assert events[-1].event == "error"
+    assert events[-1].data["code"] == "provider_rate_limited"
+    assert len(model_server.requests) == 1  # waiting 120 s would hold the generation hostage
