@@ -17,6 +17,7 @@ PUBLIC = [
     "ClientConnection",
     "ConfigurationError",
     "ConnectionManager",
+    "ConsumerOptions",
     "Delivery",
     "Delta",
     "Draining",

@@ -15,7 +15,10 @@ from tests.servers import Gateway
 from tests.sse_client import SSEEvent, read_events
 from tokenbridge.exceptions import InvalidEntry, InvalidRequest
 from tokenbridge.gateway.frames import format_event_id, parse_entry_id, parse_event_id
-from tokenbridge.wire.events import Event, decode_entry
+from tokenbridge.producer.jobs import GenerationJob, Message
+from tokenbridge.producer.producer import Producer, _Writer
+from tokenbridge.store.resp import pack_xadd
+from tokenbridge.wire.events import SCHEMA, Event, decode_entry, event_from_data
 from tokenbridge.wire.keys import Keys, new_generation_id, new_session_id, validate_id
 
 TS = 1_700_000_000_123
@@ -247,3 +250,53 @@ async def test_garbage_entries_are_skipped_by_sse(
         assert await fanout_invalid(http) == before + 2
     finally:
         await redis.aclose()
+
+
+TOOL_CALLS = [
+    Event("tool_call", "g_1", 1, ts=TS, index=0, call_id="call_1", name="get", arguments=""),
+    Event("tool_call", "g_1", 2, ts=TS, index=0, arguments='{"city":"Paris"}'),
+    Event("end", "g_1", 3, ts=TS, reason="tool_calls", tokens=0),
+    Event("end", "g_1", 3, ts=TS, reason="abandoned", tokens=4),
+]
+
+
+@pytest.mark.parametrize("event", TOOL_CALLS, ids=lambda e: f"{e.kind}-{e.seq}-{e.reason}")
+def test_tool_call_events_round_trip_in_redis_and_pipeline_json(event: Event) -> None:
+    assert decode_entry(as_redis(event.to_fields())) == event
+    assert event_from_data({"kind": event.kind, **event.to_data()}, "g_1") == event
+
+
+def test_tool_call_fields_are_declared_once() -> None:
+    first = Event("tool_call", "g_1", 1, ts=TS, index=2, call_id="c", name="f", arguments="{")
+    assert first.to_fields() == {
+        "v": "1", "kind": "tool_call", "gen": "g_1", "seq": "1", "ts": str(TS),
+        "index": "2", "call_id": "c", "name": "f", "arguments": "{",
+    }  # fmt: skip
+    later = Event("tool_call", "g_1", 2, ts=TS, index=2, arguments="}")
+    assert later.to_data() == {
+        "generation_id": "g_1", "seq": 2, "ts": TS, "index": 2, "arguments": "}"
+    }  # fmt: skip
+    assert [s.name for s in SCHEMA["tool_call"]] == ["index", "call_id", "name", "arguments"]
+    with pytest.raises(InvalidEntry):
+        decode_entry(as_redis({**first.to_fields(), "index": "-1"}))
+
+
+@pytest.mark.parametrize("text", ["plain", "héllo\r\nwörld", ""])
+def test_producer_token_template_packs_what_the_general_xadd_packs(text: str) -> None:
+    producer = Producer(
+        None,  # type: ignore[arg-type]  # packing only: no Redis call
+        None,  # type: ignore[arg-type]
+        Keys("tb"),
+        stream_max_len=10_000,
+        retention_s=60,
+        max_generation_s=60,
+        max_pending=10,
+    )
+    job = GenerationJob(
+        generation_id="g_1", session_id="s_1", model="demo",
+        messages=[Message(role="user", content="hi")],
+    )  # fmt: skip
+    writer = _Writer(producer, job, asyncio.Event())
+    event = Event("token", "g_1", 3, ts=TS, text=text)
+    fields = [(k.encode(), v.encode()) for k, v in event.to_fields().items()]
+    assert writer._xadd(event) == pack_xadd(b"tb:{s_1}:events", 10_000, fields)

@@ -44,6 +44,7 @@ from tokenbridge.exceptions import (
     ServerError,
     TokenBridgeError,
 )
+from tokenbridge.sse_parser import iter_sse, parse_sse
 
 __all__ = ["AsyncTokenBridgeClient", "GenerationStarted", "StreamEvent", "TokenBridgeClient"]
 
@@ -66,31 +67,6 @@ class StreamEvent:
     event: str
     data: dict[str, Any]
     id: str | None
-
-
-class _EventParser:
-    """Server-sent events from lines: :meth:`feed` one line, get an event when one ends."""
-
-    def __init__(self) -> None:
-        self.event, self.data = "message", ""
-        self.id: str | None = None
-
-    def feed(self, line: str) -> StreamEvent | None:
-        if line == "":
-            done = StreamEvent(self.event, json.loads(self.data), self.id) if self.data else None
-            self.event, self.data, self.id = "message", "", None
-            return done
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            self.event = value
-        elif name == "data":
-            self.data = value if not self.data else f"{self.data}\n{value}"
-        elif name == "id":
-            self.id = value
-        return None
 
 
 class _Resume:
@@ -268,10 +244,8 @@ class TokenBridgeClient(_Options):
             if response.status_code != 200:
                 response.read()
                 raise _error_from(response)
-            parser = _EventParser()
-            for line in response.iter_lines():
-                if (event := parser.feed(line)) is not None:
-                    yield event
+            for message in iter_sse(response.iter_lines()):
+                yield StreamEvent(message.event, json.loads(message.data), message.id)
 
 
 class AsyncTokenBridgeClient(_Options):
@@ -353,10 +327,9 @@ class AsyncTokenBridgeClient(_Options):
             if response.status_code != 200:
                 await response.aread()
                 raise _error_from(response)
-            parser = _EventParser()
-            async for line in response.aiter_lines():
-                if (event := parser.feed(line)) is not None:
-                    yield event
+            async with contextlib.aclosing(parse_sse(response.aiter_lines())) as messages:
+                async for message in messages:
+                    yield StreamEvent(message.event, json.loads(message.data), message.id)
 
 
 def _error_from(response: httpx.Response) -> TokenBridgeError:

@@ -8,7 +8,7 @@ Served at ``GET /metrics`` (text exposition format; an API key is needed, like `
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,8 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
     from tokenbridge.gateway.connection_manager import ConnectionManager
-    from tokenbridge.runtime import Runtime
 
 __all__ = ["CONTENT_TYPE", "TokenBridgeCollector", "render"]
 
@@ -25,11 +25,19 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class TokenBridgeCollector(Collector):
-    """Reads the runtime's and the connection manager's counters on every scrape."""
+    """Reads the connection manager's, the fan-out's and the consumers' counters per scrape."""
 
-    def __init__(self, runtime: Runtime, connections: ConnectionManager) -> None:
-        self.runtime = runtime
+    def __init__(
+        self,
+        connections: ConnectionManager,
+        fanout_stats: object | None,
+        consumers: StreamConsumerService,
+        models: Mapping[str, object] | None = None,
+    ) -> None:
         self.connections = connections
+        self.fanout_stats = fanout_stats
+        self.consumers = consumers
+        self.models = models or {}
 
     def collect(self) -> Iterator[Any]:
         yield from self._connections()
@@ -63,17 +71,16 @@ class TokenBridgeCollector(Collector):
         )  # fmt: skip
 
     def _fanout(self) -> Iterator[Any]:
-        fanout = self.runtime.fanout
-        if fanout is None:
+        if self.fanout_stats is None:
             return
-        for name, value in vars(fanout.stats).items():
+        for name, value in vars(self.fanout_stats).items():
             yield CounterMetricFamily(
                 f"tokenbridge_fanout_{name}", f"Fan-out readers: entries/batches {name}",
                 value=value,
             )  # fmt: skip
 
     def _consumers(self) -> Iterator[Any]:
-        rows = self.runtime.consumers.status()
+        rows = self.consumers.status()
         for field in ("read", "acked", "failed", "reclaimed", "dead_lettered", "trimmed"):
             family = CounterMetricFamily(
                 f"tokenbridge_consumer_{field}", f"Stream consumer entries {field}",
@@ -104,7 +111,7 @@ class TokenBridgeCollector(Collector):
         failures = CounterMetricFamily("tokenbridge_provider_failures",
                                        "Generations ended by a provider error",
                                        labels=["model", "code"])  # fmt: skip
-        for name, model in self.runtime.models.items():
+        for name, model in self.models.items():
             stats = getattr(model, "stats", None)
             if stats is None:
                 continue
@@ -115,9 +122,14 @@ class TokenBridgeCollector(Collector):
         yield from (retries, fallbacks, failures)
 
 
-def render(runtime: Runtime, connections: ConnectionManager) -> bytes:
-    """The exposition text for one scrape."""
+def render(
+    connections: ConnectionManager,
+    fanout_stats: object | None,
+    consumers: StreamConsumerService,
+    models: Mapping[str, object] | None = None,
+) -> bytes:
+    """The exposition text for one scrape; ``models``: the runtime's (provider counters)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TokenBridgeCollector(runtime, connections))
+    registry.register(TokenBridgeCollector(connections, fanout_stats, consumers, models))
     output: bytes = generate_latest(registry)
     return output

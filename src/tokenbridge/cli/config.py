@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from tokenbridge.cli import app
+from tokenbridge.cli.app import app
 from tokenbridge.cli.serve import CONFIG_OPTION, MODEL_OPTION
 from tokenbridge.settings import Settings, load_settings
 from tokenbridge.settings_sources import masked, read_config_file
@@ -24,7 +24,11 @@ def show_config(
     """Print the settings serve and worker would use (secrets masked) and their sources."""
     settings = load_settings(config, model or ())
     from_file = set(read_config_file(config, Settings.model_fields)) if config else set()
-    values = {name: masked(getattr(settings, name)) for name in Settings.model_fields}
+    values = {
+        name: masked(getattr(settings, name))
+        for name, field in Settings.model_fields.items()
+        if not field.deprecated  # old names: their value is under the new one
+    }
     if as_json:
         print(json.dumps(values, indent=2, sort_keys=True))
         return

@@ -17,7 +17,7 @@ from redis import exceptions as redis_exc
 from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
-from tokenbridge.cli import app
+from tokenbridge.cli.app import app
 from tokenbridge.cli.process import CLOSE_GRACE_S, StopSignals, bind_socket, probe_redis
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable, TokenBridgeError
 from tokenbridge.logs import configure_logging
@@ -78,10 +78,10 @@ class _Server(uvicorn.Server):
 
     async def _credentials(self) -> str | None:
         """Closed by default: with no API key anywhere, make one and show it once."""
-        runtime = getattr(self.app.state, "runtime", None)
-        if runtime is None or runtime.auth.disabled:
+        gateway = getattr(self.app.state, "gateway", None)
+        if gateway is None or gateway.auth.disabled:
             return None
-        auth = runtime.auth
+        auth = gateway.auth
         if not await auth.has_keys():
             key_id, key = await auth.create_key("default")
             print(f"API key {key_id} (shown once, keep it): {key}", flush=True)
@@ -139,15 +139,21 @@ class _StartupErrors:
         await self.app(scope, receive, quiet)
 
 
-def _one_line(exc: BaseException) -> TokenBridgeError | None:
-    """The expected error a failed startup is, if it is one (else uvicorn logs a traceback)."""
-    if isinstance(exc, TokenBridgeError):
-        return exc
-    if isinstance(exc, redis_exc.RedisError):  # e.g. an ACL user without a needed command
-        return RedisUnavailable(
-            f"Redis at TOKENBRIDGE_REDIS_URL refused a command during startup: "
-            f"{type(exc).__name__}: {str(exc).rstrip('.')}"
-        )
+def _one_line(exc: BaseException | None) -> TokenBridgeError | None:
+    """The expected error a failed startup is, if it is one (else uvicorn logs a traceback).
+
+    The error may be the context of the one raised last (a cancellation while closing)."""
+    for _ in range(5):
+        if exc is None:
+            return None
+        if isinstance(exc, TokenBridgeError):
+            return exc
+        if isinstance(exc, redis_exc.RedisError):  # e.g. an ACL user without a needed command
+            return RedisUnavailable(
+                f"Redis at TOKENBRIDGE_REDIS_URL refused a command during startup: "
+                f"{type(exc).__name__}: {str(exc).rstrip('.')}"
+            )
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
@@ -275,9 +281,7 @@ async def _run_worker(settings: Settings, generations: bool, processors: bool) -
     signals = StopSignals(settings.shutdown_drain_s + CLOSE_GRACE_S, graceful)
     signals.install()
     try:
-        async with Runtime(
-            settings, gateway=False, worker=generations, processors=processors
-        ) as runtime:
+        async with Runtime(settings, worker=generations, processors=processors) as runtime:
             part = runtime.worker or runtime.processor
             assert part is not None
             print(f"tokenbridge worker {part.name} ready", flush=True)

@@ -15,20 +15,23 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.websockets import WebSocket
 
 from tokenbridge.exceptions import InvalidRequest
+from tokenbridge.gateway import encodings
 from tokenbridge.gateway.auth import COOKIE_NAME, Principal, key_principal, reader_principal
-from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.gateway.encodings.base import StreamContext
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.gateway.sse import EventStreamResponse
+from tokenbridge.gateway.state import Gateway
+from tokenbridge.gateway.submit import GenerationSpec
 from tokenbridge.gateway.websocket import serve_websocket
 from tokenbridge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tokenbridge.metrics import render as render_metrics
 from tokenbridge.producer.cancel import request_cancel
-from tokenbridge.producer.jobs import GenerationJob, Message, submit_job
+from tokenbridge.producer.jobs import Message
 from tokenbridge.producer.models.base import GenerationParams
 from tokenbridge.producer.worker import live_workers
 from tokenbridge.runtime import Runtime
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
-from tokenbridge.wire.keys import ID_PATTERN, new_generation_id, new_session_id, validate_id
+from tokenbridge.wire.keys import ID_PATTERN, validate_id
 
 __all__ = ["GenerationRequest", "error_response"]
 
@@ -57,6 +60,9 @@ class GenerationRequest(BaseModel):
     messages: list[Message] | None = Field(default=None, min_length=1)
     session_id: str | None = Field(default=None, pattern=ID_PATTERN.pattern)
     params: GenerationParams = Field(default_factory=GenerationParams)
+    background: bool = Field(
+        default=False, description="Never cancel it as abandoned when no client reads it."
+    )
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerationRequest:
@@ -70,9 +76,9 @@ class GenerationRequest(BaseModel):
         return [Message(role="user", content=self.prompt or "")]
 
 
-def _connections(request: Request) -> ConnectionManager:
-    manager: ConnectionManager = request.state.connections
-    return manager
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.state.gateway
+    return gateway
 
 
 def _runtime(request: Request) -> Runtime:
@@ -108,84 +114,48 @@ def _validation_message(exc: ValidationError) -> str:
 
 async def create_generation(request: Request) -> Response:
     """Queue a generation on the job stream and answer at once (202)."""
-    runtime = _runtime(request)
-    _connections(request).ensure_accepting()  # 503 `draining` once this process shuts down
-    principal = await key_principal(runtime.auth, request, unsafe=True)
-    settings = runtime.settings
+    gateway = _gateway(request)
+    gateway.connections.ensure_accepting()  # 503 `draining` once this process shuts down
+    principal = await key_principal(gateway.auth, request, unsafe=True)
     payload = await _json_body(request)
     try:
         body = GenerationRequest.model_validate(payload)
     except ValidationError as exc:
         raise InvalidRequest("invalid_request", _validation_message(exc), 422) from None
-    if body.model not in runtime.models:
-        known = ", ".join(sorted(runtime.models))
-        raise InvalidRequest("unknown_model", f"unknown model {body.model!r}; known: {known}", 404)
-    messages = body.chat_messages()
-    if len(messages) > settings.max_messages:
-        raise InvalidRequest("too_many_messages", f"at most {settings.max_messages} messages", 413)
-    if sum(len(m.content) for m in messages) > settings.max_prompt_chars:
-        raise InvalidRequest(
-            "prompt_too_large", f"prompt over {settings.max_prompt_chars} characters", 413
-        )
-    if (body.params.max_tokens or 0) > settings.max_tokens_limit:
-        raise InvalidRequest(
-            "max_tokens_too_large", f"params.max_tokens over {settings.max_tokens_limit}", 422
-        )
-    await runtime.admit(principal.identity, body.model)
-    job = GenerationJob(
-        generation_id=new_generation_id(),
-        session_id=body.session_id or new_session_id(),
+    spec = GenerationSpec(
         model=body.model,
-        messages=messages,
+        messages=body.chat_messages(),
         params=body.params,
-        identity=principal.identity,
+        session_id=body.session_id,
+        background=body.background,
     )
-    lookup_ttl_s = settings.stream_max_generation_s + settings.stream_retention_s
-    await submit_job(runtime.redis, runtime.keys, job, settings.jobs_max_len, lookup_ttl_s)
-    token = runtime.auth.subscribe_token(job.session_id)
-    return JSONResponse(
-        {
-            "session_id": job.session_id,
-            "generation_id": job.generation_id,
-            "token": token,
-            "token_expires_in_s": runtime.auth.token_ttl_s,
-            "events_url": f"/v1/sessions/{job.session_id}/events?token={token}",
-            "ws_url": f"/v1/sessions/{job.session_id}/ws?token={token}",
-        },
-        status_code=202,
-    )
+    submission = await gateway.submit(principal.identity, spec)
+    return JSONResponse(submission.to_json(), status_code=202)
 
 
 async def session_events(request: Request) -> Response:
     """SSE stream of a session, resuming after ``Last-Event-ID`` / ``?last_event_id=``."""
-    runtime = _runtime(request)
+    gateway = _gateway(request)
     session_id = validate_id(request.path_params["session_id"], "session_id")
-    await reader_principal(runtime.auth, request, session_id)
+    await reader_principal(gateway.auth, request, session_id)
     last = parse_last_event_id(
         request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     )
-    manager: ConnectionManager = request.state.connections
-    assert runtime.fanout is not None
     address = request.client.host if request.client else None
-    conn = manager.create_connection(session_id, "sse", address)
-    return EventStreamResponse(  # type: ignore[return-value]  # a raw ASGI app
-        conn,
-        runtime.fanout,
-        last,
-        heartbeat_s=runtime.settings.sse_heartbeat_s,
-        retry_ms=runtime.settings.sse_retry_ms,
-        history_batch=runtime.settings.history_batch,
-        on_close=manager.remove_connection,
-        idle_timeout_s=runtime.settings.connection_idle_timeout_s,
+    stream = gateway.open_stream(session_id, "sse", address)
+    context = StreamContext(
+        session_id, resumed=last is not None, retry_ms=gateway.stream_options.retry_ms
     )
+    encoder = encodings.get("native_sse").open(context)
+    return EventStreamResponse(stream, encoder, last)  # type: ignore[return-value]  # raw ASGI
 
 
 async def cancel_generation(request: Request) -> Response:
     """Cancel a generation, wherever it runs: 202 while it stops, 409 if it already ended."""
-    runtime = _runtime(request)
-    await key_principal(runtime.auth, request, unsafe=True)
+    gateway = _gateway(request)
+    await key_principal(gateway.auth, request, unsafe=True)
     generation_id = validate_id(request.path_params["generation_id"], "generation_id")
-    outcome = await request_cancel(runtime.redis, runtime.keys, generation_id)
+    outcome = await request_cancel(gateway.redis, gateway.keys, generation_id)
     if outcome == "not_found":
         raise InvalidRequest("generation_not_found", f"no generation {generation_id}", 404)
     if outcome == "finished":
@@ -195,36 +165,32 @@ async def cancel_generation(request: Request) -> Response:
 
 async def session_websocket(websocket: WebSocket) -> None:
     """WebSocket stream of a session (same events and ids as SSE) with resume and cancel."""
-    runtime: Runtime = websocket.state.runtime
-    manager: ConnectionManager = websocket.state.connections
-    assert runtime.fanout is not None
+    gateway: Gateway = websocket.state.gateway
 
     async def cancel(session_id: str, generation_id: str) -> bool:
-        outcome = await request_cancel(runtime.redis, runtime.keys, generation_id, session_id)
+        outcome = await request_cancel(gateway.redis, gateway.keys, generation_id, session_id)
         return outcome != "not_found"
 
     async def authorize(session_id: str) -> None:
-        await reader_principal(runtime.auth, websocket, session_id)
+        await reader_principal(gateway.auth, websocket, session_id)
 
     await serve_websocket(
         websocket,
-        runtime.fanout,
-        manager,
+        gateway.fanout,
+        gateway.connections,
         cancel,
         authorize,
-        heartbeat_s=runtime.settings.sse_heartbeat_s,
-        history_batch=runtime.settings.history_batch,
-        idle_timeout_s=runtime.settings.connection_idle_timeout_s,
-        max_message_bytes=runtime.settings.limits_max_websocket_message_bytes,
+        gateway.stream_options,
+        max_message_bytes=gateway.settings.limits_max_websocket_message_bytes,
     )
 
 
 async def list_models(request: Request) -> Response:
-    runtime = _runtime(request)
-    await key_principal(runtime.auth, request)
+    gateway = _gateway(request)
+    await key_principal(gateway.auth, request)
     data = [
         {"id": name, "adapter": config.adapter}
-        for name, config in sorted(runtime.settings.models.items())
+        for name, config in sorted(gateway.settings.models.items())
     ]
     return JSONResponse({"object": "list", "data": data})
 
@@ -237,13 +203,13 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Readiness: Redis answers and at least one generation worker sent a heartbeat lately;
     503 ``draining`` once this process shuts down (load balancers stop sending it clients)."""
-    runtime = _runtime(request)
-    if _connections(request).draining:
+    gateway = _gateway(request)
+    if gateway.connections.draining:
         return error_response("draining", "this gateway is shutting down", 503)
     try:
-        await runtime.redis.ping()
-        window_ms = int(max(15.0, runtime.settings.worker_heartbeat_s * 3) * 1000)
-        workers = await live_workers(runtime.redis, runtime.keys, window_ms)
+        await gateway.redis.ping()
+        window_ms = int(max(15.0, gateway.settings.consumer_heartbeat_s * 3) * 1000)
+        workers = await live_workers(gateway.redis, gateway.keys, window_ms)
     except REDIS_DOWN_ERRORS as exc:
         return error_response("redis_unavailable", f"redis does not answer: {exc}", 503)
     if workers == 0:
@@ -253,16 +219,13 @@ async def readyz(request: Request) -> Response:
 
 async def status(request: Request) -> Response:
     """This process's fan-out, connections and worker, for people and dashboards."""
-    runtime = _runtime(request)
-    await key_principal(runtime.auth, request)
-    manager: ConnectionManager = request.state.connections
-    fanout = runtime.fanout
+    gateway, runtime = _gateway(request), _runtime(request)
+    await key_principal(gateway.auth, request)
+    fanout = gateway.fanout
     worker = runtime.worker
     body: dict[str, Any] = {
-        "connections": manager.stats(),
-        "fanout": None
-        if fanout is None
-        else {
+        "connections": gateway.connections.stats(),
+        "fanout": {
             "node_id": fanout.node_id,
             "readers": fanout.reader_count,
             "sessions": fanout.session_count,
@@ -279,10 +242,9 @@ async def status(request: Request) -> Response:
 
 
 def _console_response(request: Request, principal: Principal, response: Response) -> Response:
-    runtime = _runtime(request)
     response.set_cookie(
         COOKIE_NAME,
-        runtime.auth.console_cookie(principal),
+        _gateway(request).auth.console_cookie(principal),
         max_age=12 * 3600,
         httponly=True,
         samesite="strict",
@@ -293,25 +255,27 @@ def _console_response(request: Request, principal: Principal, response: Response
 
 async def login(request: Request) -> Response:
     """Exchange an API key for the console cookie (the page at / uses it)."""
-    runtime = _runtime(request)
+    auth = _gateway(request).auth
     payload = await _json_body(request)
     key = payload.get("api_key") if isinstance(payload, dict) else None
     if not isinstance(key, str) or len(key) > 200:
         raise InvalidRequest("invalid_request", 'send {"api_key": "tbk_..."}', 422)
-    principal = await runtime.auth.check_key(key)
+    principal = await auth.check_key(key)
     return _console_response(request, principal, JSONResponse({"status": "ok"}))
 
 
 async def login_link(request: Request, code: str) -> Response:
     """``/?login=<code>``: a one-time link from `tokenbridge serve`; sets the cookie."""
-    runtime = _runtime(request)
-    principal = await runtime.auth.use_login_code(code[:200])
+    principal = await _gateway(request).auth.use_login_code(code[:200])
     return _console_response(request, principal, RedirectResponse("/", status_code=303))
 
 
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of this process's counters (API key, like /v1/status)."""
+    gateway = _gateway(request)
+    await key_principal(gateway.auth, request)
     runtime = _runtime(request)
-    await key_principal(runtime.auth, request)
-    body = render_metrics(runtime, request.state.connections)
+    body = render_metrics(
+        gateway.connections, gateway.fanout.stats, runtime.consumers, runtime.models
+    )
     return Response(body, media_type=METRICS_CONTENT_TYPE)

@@ -1,21 +1,22 @@
-"""Frames: an event encoded once for every connection that receives it.
+"""Frames: an event decoded once for every connection that receives it.
 
-The fan-out reader decodes an entry once and wraps it in a :class:`Frame`; its SSE bytes are
-built on first use and shared by every connection. A :class:`Batch` is the frames of one
-session from one read, with their SSE bytes joined once, so that a connection past its resume
-seam writes a whole batch with one ``send``.
+The fan-out reader decodes an entry once and wraps it in a :class:`Frame`; a stateless
+encoding (``gateway/encodings/``) builds its chunk on first use and every connection shares it.
+A :class:`Batch` is the frames of one session from one read, with each encoding's chunks joined
+once, so that a connection past its resume seam writes a whole batch with one ``send``.
 """
 
 from __future__ import annotations
 
-import json
-from functools import cached_property
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from tokenbridge.wire.events import Event
 from tokenbridge.wire.keys import ID_PATTERN
 
-__all__ = ["Batch", "Frame", "format_event_id", "parse_entry_id", "parse_event_id", "sse_message"]
+__all__ = ["Batch", "Frame", "format_event_id", "parse_entry_id", "parse_event_id"]
+
+_T = TypeVar("_T")
 
 
 _MAX_U64 = 2**64 - 1
@@ -45,33 +46,24 @@ def parse_event_id(event_id: str) -> tuple[str, str]:
     return epoch, entry_id
 
 
-def sse_message(event: str, data: dict[str, Any], event_id: str | None = None) -> bytes:
-    """One SSE message; ``data`` is JSON on one line (JSON escapes every newline)."""
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def _plain(text: str) -> bool:
-    """Text that JSON would copy unchanged between quotes (no escaping needed)."""
-    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
-
-
 class Frame:
-    """One event of one session, with its ids; encodings are computed once, on first use.
+    """One event of one session, with its ids; each encoding's chunk is computed once, on first
+    use, and shared by every connection (:meth:`encoded`).
 
     (Plain slots and ``None`` checks rather than ``functools.cached_property``, which takes a
     lock per access on Python 3.11: this object is on the per-token path.)
     """
 
-    __slots__ = ("_json", "_key", "_sse", "entry_id", "epoch", "event")
+    __slots__ = ("_chunk", "_encoded", "_key", "_name", "entry_id", "epoch", "event")
 
     def __init__(self, entry_id: str, epoch: str, event: Event) -> None:
         self.entry_id = entry_id
         self.epoch = epoch
         self.event = event
         self._key: tuple[int, int] | None = None
-        self._sse: bytes | None = None
-        self._json: str | None = None
+        self._name: str | None = None  # the first encoding asked for, and its chunk ...
+        self._chunk: Any = None
+        self._encoded: dict[str, Any] | None = None  # ... and any other
 
     @property
     def key(self) -> tuple[int, int]:
@@ -84,42 +76,41 @@ class Frame:
     def event_id(self) -> str:
         return format_event_id(self.epoch, self.entry_id)
 
-    @property
-    def sse(self) -> bytes:
-        if self._sse is None:
-            self._sse = self._encode_sse()
-        return self._sse
+    def encoded(self, name: str, encode: Callable[[Frame], _T]) -> _T:
+        """``encode(self)``, computed once per encoding ``name`` (stateless encodings only).
 
-    def _encode_sse(self) -> bytes:
-        event = self.event
-        if event.kind == "token":  # the hot path: only the text needs JSON escaping
-            text = event.text
-            quoted = f'"{text}"' if _plain(text) else json.dumps(text)
-            return (
-                f"id: {self.epoch}:{self.entry_id}\nevent: token\n"
-                f'data: {{"generation_id":"{event.generation_id}","seq":{event.seq},'
-                f'"ts":{event.ts},"text":{quoted}}}\n\n'
-            ).encode()
-        return sse_message(event.kind, event.to_data(), self.event_id)
+        One slot for the first encoding (a process usually serves one per session), a dict
+        for more: no dict per token on the common path."""
+        if self._name == name:
+            chunk: _T = self._chunk
+            return chunk
+        if self._name is None:
+            self._name, self._chunk = name, encode(self)
+            return self._chunk  # type: ignore[no-any-return]
+        return _more(self, name, encode)
 
-    @property
-    def json(self) -> str:
-        """The WebSocket frame: the same event and id as SSE."""
-        if self._json is None:
-            self._json = json.dumps(
-                {"id": self.event_id, "event": self.event.kind, "data": self.event.to_data()},
-                separators=(",", ":"),
-            )
-        return self._json
+
+def _more(frame: Any, name: str, encode: Callable[[Any], _T]) -> _T:
+    cache = frame._encoded
+    if cache is None:
+        cache = frame._encoded = {}
+    elif name in cache:
+        value: _T = cache[name]
+        return value
+    value = cache[name] = encode(frame)
+    return value
 
 
 class Batch:
     """Consecutive frames of one session, in stream order."""
 
-    __slots__ = ("__dict__", "frames")
+    __slots__ = ("_chunk", "_encoded", "_name", "frames")
 
     def __init__(self, frames: list[Frame]) -> None:
         self.frames = frames
+        self._name: str | None = None
+        self._chunk: Any = None
+        self._encoded: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -132,16 +123,15 @@ class Batch:
     def last_key(self) -> tuple[int, int]:
         return self.frames[-1].key
 
-    @cached_property
-    def sse(self) -> bytes:
-        return b"".join(frame.sse for frame in self.frames)
-
-    @cached_property
-    def json(self) -> str:
-        """The WebSocket message: one event as an object, several as an array of them."""
-        if len(self.frames) == 1:
-            return self.frames[0].json
-        return "[" + ",".join(frame.json for frame in self.frames) + "]"
+    def encoded(self, name: str, encode: Callable[[Batch], _T]) -> _T:
+        """``encode(self)``, computed once per encoding ``name`` (as :meth:`Frame.encoded`)."""
+        if self._name == name:
+            chunk: _T = self._chunk
+            return chunk
+        if self._name is None:
+            self._name, self._chunk = name, encode(self)
+            return self._chunk  # type: ignore[no-any-return]
+        return _more(self, name, encode)
 
     def after(self, key: tuple[int, int]) -> Batch:
         """The frames strictly after ``key`` (the resume seam): this batch if all are."""

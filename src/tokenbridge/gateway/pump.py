@@ -1,12 +1,13 @@
 """pump: the transport-neutral life of one connection: resume, history, live, close.
 
-Both transports (SSE, WebSocket) run :func:`pump` with a :class:`Sink` that frames and writes.
-Order: subscribe to live events, decide where to resume (``gap`` if history was lost), replay
-history, then live events until the connection closes. Each write carries everything queued
-for the connection (coalesced); batches are cut after what the client already has, which
-makes the seam between history and live events exact.
+Every transport (SSE, WebSocket) and every encoding (``gateway/encodings/``) runs :func:`pump`
+with the connection's :class:`~tokenbridge.gateway.encodings.Encoder` (what to write) and a
+:class:`Transport` (how to write it). Order: subscribe to live events, decide where to resume
+(``gap`` if history was lost), replay history, then live events until the connection closes.
+Each write carries everything queued for the connection (coalesced); batches are cut after what
+the client already has, which makes the seam between history and live events exact.
 
-Timers: the wait for the next batch is bounded by the next heartbeat and, when
+Timers: the wait for the next batch is bounded by the next keep-alive and, when
 ``idle_timeout_s`` is set, by the idle deadline, so the idle check costs no task or timer of
 its own. Every write goes through :meth:`ClientConnection.write`, so a close (slow client,
 shutdown) aborts a write stuck on a client that stopped reading; the closing write that
@@ -18,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 from tokenbridge.gateway.client_connection import ClientConnection
+from tokenbridge.gateway.encodings.base import Chunk, Encoder
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.frames import Batch
 from tokenbridge.gateway.resume import iter_history, plan_resume
 
-__all__ = ["CLOSING_TIMEOUT_S", "Sink", "pump"]
+__all__ = ["CLOSING_TIMEOUT_S", "Transport", "pump"]
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +36,22 @@ CLOSING_TIMEOUT_S = 5.0
 WebSocket close frame) may wait for a client that does not read; then the socket is dropped."""
 
 
-class Sink(Protocol):
-    """How one transport writes to its client."""
+class Transport(Protocol):
+    """How one transport writes an encoder's chunks to its client."""
 
-    async def preamble(self, gap: dict[str, Any] | None) -> None:
-        """First write: transport hints, and the ``gap`` event if history was lost."""
+    async def send(self, chunk: Chunk) -> int:
+        """Write one chunk; returns its size."""
 
-    async def write(self, batches: list[Batch]) -> int:
-        """Write these (non-empty, already cut) batches at once; returns the bytes written."""
-
-    async def heartbeat(self) -> None:
-        """Nothing to send for a while: keep proxies and the client's timers happy."""
-
-    async def closing(self, reason: str) -> None:
-        """The server closes the connection for ``reason`` (not called when the client left)."""
+    async def finish(self, chunk: Chunk | None) -> None:
+        """The server ends the stream, with these last bytes if any (not when the client left)."""
 
 
 async def pump(
     conn: ClientConnection,
     fanout: SessionFanout,
     last_event_id: tuple[str, str] | None,
-    sink: Sink,
+    encoder: Encoder,
+    transport: Transport,
     *,
     heartbeat_s: float,
     history_batch: int,
@@ -62,14 +59,15 @@ async def pump(
 ) -> None:
     """Serve ``conn`` until it is closed; the caller unsubscribes it afterwards.
 
-    The server's close reason (not ``client_gone``) is written by :meth:`Sink.closing`,
-    bounded by ``CLOSING_TIMEOUT_S``.
+    The server's close reason (not ``client_gone``) goes out through :meth:`Encoder.closing`
+    and :meth:`Transport.finish`, bounded by ``CLOSING_TIMEOUT_S``. An encoder that sets
+    ``finished`` ends the stream with reason ``done`` after that write.
     """
-    await _start(conn, fanout, last_event_id, sink, history_batch)
+    await _start(conn, fanout, last_event_id, encoder, transport, history_batch)
     # Live events until the connection is closed. Kept in this frame rather than a helper's:
     # every idle connection holds the frames it waits in (one less is ~300 bytes less).
     next_heartbeat = time.monotonic() + heartbeat_s
-    while True:
+    while not conn.closed:
         now = time.monotonic()
         wait_s = next_heartbeat - now
         if idle_timeout_s:
@@ -82,16 +80,18 @@ async def pump(
         if batches is None:
             break
         if batches:
-            await _write(conn, sink, batches)
+            await _write(conn, encoder, transport, batches)
             next_heartbeat = time.monotonic() + heartbeat_s
         elif time.monotonic() >= next_heartbeat:
-            await conn.write(sink.heartbeat())
+            chunk = encoder.keepalive()
+            if chunk is not None:
+                await conn.write(transport.send(chunk))
             next_heartbeat = time.monotonic() + heartbeat_s
     reason = conn.closed_reason
     if reason is not None and reason != "client_gone":
         try:
             async with asyncio.timeout(CLOSING_TIMEOUT_S):
-                await sink.closing(reason)
+                await transport.finish(encoder.closing(reason))
         except TimeoutError:
             log.info("client did not read its close session=%s reason=%s", conn.session_id, reason)
 
@@ -100,15 +100,21 @@ async def _start(
     conn: ClientConnection,
     fanout: SessionFanout,
     last_event_id: tuple[str, str] | None,
-    sink: Sink,
+    encoder: Encoder,
+    transport: Transport,
     history_batch: int,
 ) -> None:
     """Subscribe, decide where to resume, write the preamble and the history."""
     state = await fanout.subscribe(conn)
     plan = plan_resume(state, last_event_id)
+    head = encoder.preamble()
     if plan.gap is not None:
         log.info("resume gap session=%s reason=%s", conn.session_id, plan.gap["reason"])
-    await conn.write(sink.preamble(plan.gap))
+        gap = encoder.gap(plan.gap)
+        if gap is not None:
+            head = gap if head is None else head + gap  # type: ignore[operator]  # same type
+    if head is not None:
+        await conn.write(transport.send(head))
     async for batch in iter_history(
         fanout.redis,
         fanout.keys.events(conn.session_id),
@@ -120,19 +126,26 @@ async def _start(
     ):
         if conn.closed:
             break
-        await _write(conn, sink, [batch])
+        await _write(conn, encoder, transport, [batch])
 
 
-async def _write(conn: ClientConnection, sink: Sink, batches: list[Batch]) -> None:
+async def _write(
+    conn: ClientConnection, encoder: Encoder, transport: Transport, batches: list[Batch]
+) -> None:
     cut = []
     for batch in batches:
         unsent = conn.unsent(batch)
         if unsent.frames:
             cut.append(unsent)
             conn.mark_sent(unsent, 0)
-    if cut:
-        nbytes = await conn.write(sink.write(cut))
+    if not cut:
+        return
+    chunk = encoder.encode(cut)
+    if chunk is not None:
+        nbytes = await conn.write(transport.send(chunk))
         if nbytes is None:  # aborted by a close: none of it was written
             conn.events_sent -= sum(len(b) for b in cut)
         else:
             conn.bytes_sent += nbytes
+    if encoder.finished:
+        conn.close("done")

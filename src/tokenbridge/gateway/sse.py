@@ -1,11 +1,13 @@
-"""SSE transport: framing, Last-Event-ID resume, heartbeats and clean close.
+"""SSE transport: a session streamed through any ``sse`` encoding, with clean close.
 
-:class:`EventStreamResponse` is a raw ASGI response. It races the connection's :func:`pump`
-against the client's disconnect in one task group (as sse-starlette does): whichever ends
-first ends the other. A connection cut by the server gets a final ``: closed <reason>`` comment
-(``slow_client``, ``idle``, ``shutdown``, ...), sent with the end of the response; a client that
-does not read it within ``CLOSING_TIMEOUT_S`` has its socket dropped instead. ``retry:``
-carries jitter so that a mass reconnect (a deploy) spreads over time.
+:class:`EventStreamResponse` is a raw ASGI response. It races the connection's pump
+(:meth:`SessionStream.run`) against the client's disconnect (as sse-starlette does): whichever
+ends first ends the other. A connection cut by the server gets its encoding's closing bytes
+(native: ``: closed <reason>``: ``slow_client``, ``idle``, ``shutdown``, ...), sent with the end
+of the response; a client that does not read them within ``CLOSING_TIMEOUT_S`` has its socket
+dropped instead. The native encoding's ``retry:`` carries jitter so that a mass reconnect (a
+deploy) spreads over time. The OpenAI-compatible routes use this same response with their
+own encoders.
 """
 
 from __future__ import annotations
@@ -13,128 +15,89 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-from collections.abc import Callable
-from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
-from tokenbridge.gateway.client_connection import ClientConnection
-from tokenbridge.gateway.fanout import SessionFanout
-from tokenbridge.gateway.frames import Batch, sse_message
-from tokenbridge.gateway.pump import pump
+from tokenbridge.gateway.encodings.base import Chunk, Encoder
+from tokenbridge.gateway.streaming import SessionStream
 
 __all__ = ["EventStreamResponse"]
 
 log = logging.getLogger(__name__)
 
-_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache, no-transform"),
-    (b"x-accel-buffering", b"no"),
-    (b"connection", b"keep-alive"),
-]
+
+def _headers(media_type: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", f"{media_type}; charset=utf-8".encode()),
+        (b"cache-control", b"no-cache, no-transform"),
+        (b"x-accel-buffering", b"no"),
+        (b"connection", b"keep-alive"),
+    ]
 
 
-class _SSESink:
-    __slots__ = ("finished", "retry_ms", "send")
+_NATIVE_HEADERS = _headers("text/event-stream")
 
-    def __init__(self, send: Send, retry_ms: int) -> None:
-        self.send = send
-        self.retry_ms = retry_ms
+
+class _SSEWriter:
+    """The pump's :class:`~tokenbridge.gateway.pump.Transport` for an SSE response."""
+
+    __slots__ = ("asgi_send", "finished")
+
+    def __init__(self, asgi_send: Send) -> None:
+        self.asgi_send = asgi_send
         self.finished = False  # the response's last chunk was sent
 
-    async def _body(self, body: bytes) -> None:
-        await self.send({"type": "http.response.body", "body": body, "more_body": True})
+    async def send(self, chunk: Chunk) -> int:
+        assert isinstance(chunk, bytes), "an sse encoding must return bytes"
+        await self.asgi_send({"type": "http.response.body", "body": chunk, "more_body": True})
+        return len(chunk)
 
-    async def preamble(self, gap: dict[str, Any] | None) -> None:
-        retry = int(self.retry_ms * random.uniform(1.0, 1.5))
-        body = f"retry: {retry}\n\n".encode()
-        if gap is not None:
-            body += sse_message("gap", gap)
-        await self._body(body)
-
-    async def write(self, batches: list[Batch]) -> int:
-        body = batches[0].sse if len(batches) == 1 else b"".join(b.sse for b in batches)
-        await self._body(body)
-        return len(body)
-
-    async def heartbeat(self) -> None:
-        await self._body(b": ping\n\n")
-
-    async def closing(self, reason: str) -> None:
-        body = f": closed {reason}\n\n".encode()
+    async def finish(self, chunk: Chunk | None) -> None:
+        body = chunk if isinstance(chunk, bytes) else b""
         with contextlib.suppress(OSError):
-            await self.send({"type": "http.response.body", "body": body, "more_body": False})
+            await self.asgi_send({"type": "http.response.body", "body": body, "more_body": False})
         self.finished = True
 
 
 class EventStreamResponse:
     """Stream one session to one client over SSE, from its resume point, until it leaves."""
 
-    __slots__ = (
-        "conn",
-        "fanout",
-        "heartbeat_s",
-        "history_batch",
-        "idle_timeout_s",
-        "last_event_id",
-        "on_close",
-        "retry_ms",
-    )
+    __slots__ = ("encoder", "headers", "last_event_id", "stream")
 
     def __init__(
         self,
-        conn: ClientConnection,
-        fanout: SessionFanout,
+        stream: SessionStream,
+        encoder: Encoder,
         last_event_id: tuple[str, str] | None,
-        heartbeat_s: float,
-        retry_ms: int,
-        history_batch: int,
-        on_close: Callable[[ClientConnection], None] | None = None,
-        idle_timeout_s: float = 0.0,
+        media_type: str = "text/event-stream",
     ) -> None:
-        self.conn = conn
-        self.fanout = fanout
+        self.stream = stream
+        self.encoder = encoder
         self.last_event_id = last_event_id
-        self.heartbeat_s = heartbeat_s
-        self.retry_ms = retry_ms
-        self.history_batch = history_batch
-        self.on_close = on_close
-        self.idle_timeout_s = idle_timeout_s
+        native = media_type == "text/event-stream"
+        self.headers = _NATIVE_HEADERS if native else _headers(media_type)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-        sink = _SSESink(send, self.retry_ms)
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        writer = _SSEWriter(send)
+        conn = self.stream.conn
         # One plain task rather than a TaskGroup (a few hundred bytes less per connection):
         # the watcher only closes the connection, which makes the pump return.
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
         try:
-            await pump(
-                self.conn,
-                self.fanout,
-                self.last_event_id,
-                sink,
-                heartbeat_s=self.heartbeat_s,
-                history_batch=self.history_batch,
-                idle_timeout_s=self.idle_timeout_s,
-            )
-        except OSError:
-            self.conn.close("client_gone")  # the socket broke under a write
+            async with self.stream:
+                try:
+                    await self.stream.run(self.encoder, writer, self.last_event_id)
+                except OSError:
+                    conn.close("client_gone")  # the socket broke under a write
         finally:
-            self.conn.close("done")  # if the pump failed; else it is closed already
             watcher.cancel()
             await asyncio.wait([watcher])  # never raises; its error, if any, surfaces below
-            self.fanout.unsubscribe(self.conn)
-            if self.on_close is not None:
-                self.on_close(self.conn)
-            log.debug(
-                "sse closed session=%s reason=%s", self.conn.session_id, self.conn.closed_reason
-            )
+            log.debug("sse closed session=%s reason=%s", conn.session_id, conn.closed_reason)
         error = None if watcher.cancelled() else watcher.exception()
         if error is not None:
             raise error
-        if sink.finished or self.conn.closed_reason not in ("done", "client_gone"):
+        if writer.finished or conn.closed_reason not in ("done", "client_gone"):
             return  # finished, or a client that did not read its close: uvicorn drops it
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -146,4 +109,4 @@ class EventStreamResponse:
                 if message["type"] == "http.disconnect":
                     return
         finally:  # the client left (or receive failed): the pump returns
-            self.conn.close("client_gone")
+            self.stream.conn.close("client_gone")

@@ -22,17 +22,20 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
+from tokenbridge.gateway import encodings
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.gateway.encodings.base import Chunk, Encoding, StreamContext
 from tokenbridge.gateway.fanout import SessionFanout
-from tokenbridge.gateway.frames import Batch
-from tokenbridge.gateway.pump import CLOSING_TIMEOUT_S, pump
+from tokenbridge.gateway.pump import CLOSING_TIMEOUT_S
 from tokenbridge.gateway.resume import parse_last_event_id
+from tokenbridge.gateway.streaming import SessionStream, StreamOptions
 from tokenbridge.settings import Settings
 from tokenbridge.wire.keys import validate_id
 
@@ -66,35 +69,32 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-class _WSSink:
+class _WSWriter:
+    """The pump's :class:`~tokenbridge.gateway.pump.Transport` for a WebSocket."""
+
+    __slots__ = ("websocket",)
+
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
 
-    async def preamble(self, gap: dict[str, Any] | None) -> None:
-        if gap is not None:
-            message = {"id": None, "event": "gap", "data": gap}
-            await self.websocket.send_text(json.dumps(message, separators=(",", ":")))
+    async def send(self, chunk: Chunk) -> int:
+        assert isinstance(chunk, str), "a websocket encoding must return str"
+        await self.websocket.send_text(chunk)
+        return len(chunk)
 
-    async def write(self, batches: list[Batch]) -> int:
-        if len(batches) == 1:
-            text = batches[0].json
-        else:
-            text = "[" + ",".join(f.json for b in batches for f in b.frames) + "]"
-        await self.websocket.send_text(text)
-        return len(text)
-
-    async def heartbeat(self) -> None:
-        await self.websocket.send_text('{"type":"ping"}')
-
-    async def closing(self, reason: str) -> None:
-        pass  # the close frame carries the reason
+    async def finish(self, chunk: Chunk | None) -> None:
+        if isinstance(chunk, str):  # the close frame that follows carries the reason
+            await self.websocket.send_text(chunk)
 
 
-class _Command(Exception):
-    """A client message that restarts the stream (resume)."""
+@dataclass(slots=True)
+class _Commands:
+    """What the client's messages decided: a resume point, or a close code and reason."""
 
-    def __init__(self, last: tuple[str, str] | None) -> None:
-        self.last = last
+    resume: bool = False
+    last: tuple[str, str] | None = None
+    close_code: int | None = None
+    close_reason: str | None = None
 
 
 async def serve_websocket(
@@ -103,13 +103,13 @@ async def serve_websocket(
     manager: ConnectionManager,
     cancel: Canceller,
     authorize: Authorizer,
+    options: StreamOptions,
     *,
-    heartbeat_s: float,
-    history_batch: int,
-    idle_timeout_s: float = 0.0,
     max_message_bytes: int = 4096,
+    encoding: Encoding | None = None,
 ) -> None:
-    """Serve one WebSocket until either side closes it."""
+    """Serve one WebSocket until either side closes it (``encoding``: ``websocket`` if None)."""
+    encoding = encoding or encodings.get("websocket")
     await websocket.accept()
     try:
         session_id = validate_id(websocket.path_params["session_id"], "session_id")
@@ -122,58 +122,46 @@ async def serve_websocket(
     while True:
         try:
             address = websocket.client.host if websocket.client else None
-            conn = manager.create_connection(session_id, "websocket", address)
+            stream = SessionStream(fanout, manager, options, session_id, "websocket", address)
         except LimitExceeded as exc:
             await websocket.close(1013, reason=f"{exc.code}: {exc}"[:120])
             return
         except Draining as exc:
             await websocket.close(1012, reason=f"{exc.code}: {exc}"[:120])
             return
-        resume = asyncio.Event()
-        state: dict[str, Any] = {}
-        try:
-            async with asyncio.TaskGroup() as group:
-                reader = group.create_task(
-                    _read_commands(websocket, conn, cancel, resume, state, max_message_bytes)
-                )
-                try:
-                    await pump(
-                        conn,
-                        fanout,
-                        last,
-                        _WSSink(websocket),
-                        heartbeat_s=heartbeat_s,
-                        history_batch=history_batch,
-                        idle_timeout_s=idle_timeout_s,
+        commands = _Commands()
+        encoder = encoding.open(StreamContext(session_id, resumed=last is not None))
+        async with stream as conn:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    reader = group.create_task(
+                        _read_commands(websocket, conn, cancel, commands, max_message_bytes)
                     )
-                finally:
-                    reader.cancel()
-        except (WebSocketDisconnect, OSError):
-            conn.close("client_gone")
-        finally:
-            conn.close("done")
-            fanout.unsubscribe(conn)
-            manager.remove_connection(conn)
-        if resume.is_set():
-            last = state["last"]
+                    try:
+                        await stream.run(encoder, _WSWriter(websocket), last)
+                    finally:
+                        reader.cancel()
+            except (WebSocketDisconnect, OSError):
+                conn.close("client_gone")
+        if commands.resume:
+            last = commands.last
             continue
         reason = conn.closed_reason or "done"
-        close_code = state.get("close_code") or _CLOSE_CODES.get(reason, 1000)
+        close_code = commands.close_code or _CLOSE_CODES.get(reason, 1000)
         break
     if reason != "client_gone":
         # Bounded: a client that stopped reading never lets the close frame out; after
         # CLOSING_TIMEOUT_S, returning makes uvicorn drop the socket.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSING_TIMEOUT_S):
-                await websocket.close(close_code, reason=state.get("close_reason", reason)[:120])
+                await websocket.close(close_code, reason=(commands.close_reason or reason)[:120])
 
 
 async def _read_commands(
     websocket: WebSocket,
     conn: ClientConnection,
     cancel: Canceller,
-    resume: asyncio.Event,
-    state: dict[str, Any],
+    commands: _Commands,
     max_message_bytes: int,
 ) -> None:
     """Handle client messages until the connection closes (closing it on a bad message)."""
@@ -184,7 +172,7 @@ async def _read_commands(
             conn.close("client_gone")
             return
         if len(text) > max_message_bytes or len(text.encode()) > max_message_bytes:
-            state.update(close_code=1009, close_reason="message_too_big")
+            commands.close_code, commands.close_reason = 1009, "message_too_big"
             conn.close("message_too_big")
             return
         try:
@@ -193,8 +181,8 @@ async def _read_commands(
             if kind == "ping":
                 await websocket.send_text('{"type":"pong"}')
             elif kind == "resume":
-                state["last"] = parse_last_event_id(message.get("last_event_id"))
-                resume.set()
+                commands.last = parse_last_event_id(message.get("last_event_id"))
+                commands.resume = True
                 conn.close("resume")
                 return
             elif kind == "cancel":
@@ -207,6 +195,6 @@ async def _read_commands(
                 raise InvalidRequest("unknown_message", f"unknown message type {kind!r}")
         except (ValueError, KeyError, TypeError, InvalidRequest) as exc:
             code = exc.code if isinstance(exc, InvalidRequest) else "invalid_message"
-            state.update(close_code=1008, close_reason=code)
+            commands.close_code, commands.close_reason = 1008, code
             conn.close(code)
             return

@@ -7,26 +7,81 @@ worker is reclaimed by another (see ``producer/worker.py``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 from redis.asyncio import Redis
 
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.producer.models.base import ChatRequest, GenerationParams
+from tokenbridge.text import as_text
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import ID_PATTERN, Keys
 
-__all__ = ["GenerationJob", "Message", "submit_job"]
+__all__ = ["FunctionCall", "GenerationJob", "Message", "ToolCall", "submit_job"]
 
 
-class Message(BaseModel):
-    """One chat message."""
+class FunctionCall(BaseModel):
+    """The function an assistant message calls: its name and JSON arguments text."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    role: str = Field(pattern=r"^(system|user|assistant)$")
-    content: str
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str = Field(max_length=1_000_000)
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message (OpenAI chat format)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    """One chat message (OpenAI chat format; content-part arrays are flattened by the route).
+
+    ``tool`` messages answer the call ``tool_call_id`` names; ``assistant`` messages may carry
+    ``tool_calls`` and no content.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: str = Field(pattern=r"^(system|developer|user|assistant|tool)$")
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    name: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_tool_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Unset tool fields are left out, so that a plain message dumps as ``{role, content}``
+        everywhere (adapters, prompt digests, cache keys, the job JSON) as it always did."""
+        data = handler(self)
+        for name in ("tool_calls", "tool_call_id", "name"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message as adapters and digests see it."""
+        data: dict[str, Any] = self.model_dump()
+        return data
+
+    @property
+    def text_length(self) -> int:
+        """Characters of content and tool-call arguments (the prompt size limit counts them)."""
+        calls = sum(len(c.function.arguments) for c in self.tool_calls or ())
+        return len(self.content or "") + calls
 
 
 class GenerationJob(BaseModel):
@@ -42,6 +97,8 @@ class GenerationJob(BaseModel):
     submitted_ms: int = Field(default_factory=now_ms)
     # Who asked (API key id, or client address without auth): token budgets charge it.
     identity: str | None = Field(default=None, max_length=256)
+    # A background generation is never cancelled as abandoned (no client reading it).
+    background: bool = False
 
     def to_fields(self) -> dict[str, str]:
         return {"job": self.model_dump_json(exclude_none=True)}
@@ -60,7 +117,7 @@ class GenerationJob(BaseModel):
             ) from None
 
     def chat_request(self) -> ChatRequest:
-        messages: list[dict[str, Any]] = [m.model_dump() for m in self.messages]
+        messages: list[dict[str, Any]] = [m.to_dict() for m in self.messages]
         return ChatRequest(messages=messages, params=self.params)
 
 
@@ -72,4 +129,4 @@ async def submit_job(
         pipe.set(keys.generation(job.generation_id), job.session_id, ex=lookup_ttl_s)
         pipe.xadd(keys.jobs, job.to_fields(), maxlen=max_len, approximate=True)  # type: ignore[arg-type]
         _, entry_id = await pipe.execute()
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return as_text(entry_id)

@@ -1,18 +1,23 @@
-"""Stream entries: the events of a generation and their Redis field encoding.
+"""Stream entries: the events of a generation, declared once, and their Redis field encoding.
 
 One entry per event in the session stream, flat string fields so that any language can
 produce with a plain ``XADD`` (docs/wire-format.md is the contract)::
 
     XADD tb:{s_1}:events MAXLEN ~ 10000 * v 1 kind token gen g_1 seq 3 ts 1700000000123 text "lo"
 
-:func:`decode_entry` is the one reader of that format; it raises :class:`InvalidEntry` (and
-nothing else) for an entry that breaks it, so that every loop can report and skip it.
+:data:`SCHEMA` declares every kind and its fields once; the Redis fields (:meth:`Event.to_fields`),
+the client JSON (:meth:`Event.to_data`), the pipeline JSON (``wire/pipeline.py``) and the
+readers (:func:`decode_entry`, :func:`event_from_data`) are derived from it. Encodings for
+clients (``gateway/encodings/``) start from :meth:`Event.to_data`. :func:`decode_entry` raises
+:class:`InvalidEntry` (and nothing else) for an entry that breaks the format, so that every loop
+can report and skip it.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,20 +25,72 @@ from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.wire.keys import ID_PATTERN
 
 __all__ = [
+    "END_REASONS",
     "KINDS",
+    "SCHEMA",
+    "TERMINAL_KINDS",
     "WIRE_VERSION",
     "Event",
     "EventKind",
+    "FieldSpec",
     "decode_entry",
+    "event_from_data",
     "now_ms",
 ]
 
 WIRE_VERSION = "1"
-EventKind = Literal["start", "token", "end", "error"]
-KINDS: frozenset[str] = frozenset({"start", "token", "end", "error"})
+EventKind = Literal["start", "token", "tool_call", "end", "error"]
+FieldType = Literal["str", "int", "bool", "usage"]
 _MAX_TEXT = 1_000_000
-_END_REASONS = frozenset({"stop", "length", "cancelled"})
 
+END_REASONS: frozenset[str] = frozenset(
+    {"stop", "length", "cancelled", "tool_calls", "content_filter", "abandoned"}
+)
+"""``end.reason``: the model finished, hit ``max_tokens``, was cancelled, stopped to call tools,
+was filtered, or no client read the stream for ``orphan_grace_s`` (abandoned)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One per-kind field: its wire name (Redis field, JSON key and :class:`Event` attribute).
+
+    ``required``: a reader rejects the entry without it. ``omit_default``: not written when it
+    holds its default (``cached`` false, ``usage`` None, ``call_id``/``name`` after the
+    first fragment of a call). ``choices``: the only values a reader accepts.
+    """
+
+    name: str
+    type: FieldType = "str"
+    required: bool = True
+    omit_default: bool = False
+    choices: frozenset[str] | None = None
+
+
+SCHEMA: dict[str, tuple[FieldSpec, ...]] = {
+    "start": (
+        FieldSpec("model", required=False),
+        FieldSpec("cached", "bool", required=False, omit_default=True),
+    ),
+    "token": (FieldSpec("text"),),
+    "tool_call": (
+        FieldSpec("index", "int"),
+        FieldSpec("call_id", required=False, omit_default=True),
+        FieldSpec("name", required=False, omit_default=True),
+        FieldSpec("arguments"),
+    ),
+    "end": (
+        FieldSpec("reason", choices=END_REASONS),
+        FieldSpec("tokens", "int"),
+        FieldSpec("usage", "usage", required=False, omit_default=True),
+    ),
+    "error": (FieldSpec("code"), FieldSpec("message", required=False)),
+}
+"""Every kind and its own fields, besides the common ``v kind gen seq ts``."""
+
+KINDS: frozenset[str] = frozenset(SCHEMA)
+DEFAULTS: dict[str, Any] = {"str": "", "int": 0, "bool": False, "usage": None}
+"""A field's value when its kind does not set it (``omit_default`` compares with it)."""
+TERMINAL_KINDS: frozenset[str] = frozenset({"end", "error"})
 
 _VALID_IDS: set[str] = set()  # generation ids already checked against ID_PATTERN
 
@@ -48,7 +105,7 @@ class Event:
     """One event of a generation.
 
     ``seq`` counts 0, 1, 2 ... per generation (``start`` is 0). Fields that do not apply to a
-    kind are left at their defaults and are not written to Redis.
+    kind (see :data:`SCHEMA`) are left at their defaults and are not written.
     """
 
     kind: EventKind
@@ -63,53 +120,48 @@ class Event:
     code: str = ""
     message: str = ""
     cached: bool = False
+    index: int = 0
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
 
-    def to_fields(self) -> dict[str, str | int]:
-        """The Redis fields of this event (for XADD)."""
-        fields: dict[str, str | int] = {
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_KINDS
+
+    def to_fields(self) -> dict[str, str]:
+        """The Redis fields of this event, in order (for XADD; ``store/`` packs them)."""
+        fields = {
             "v": WIRE_VERSION,
             "kind": self.kind,
             "gen": self.generation_id,
-            "seq": self.seq,
-            "ts": self.ts,
+            "seq": str(self.seq),
+            "ts": str(self.ts),
         }
-        if self.kind == "token":
-            fields["text"] = self.text
-        elif self.kind == "start":
-            fields["model"] = self.model
-            if self.cached:
-                fields["cached"] = 1
-        elif self.kind == "end":
-            fields["reason"] = self.reason
-            fields["tokens"] = self.tokens
-            if self.usage is not None:
-                fields["usage"] = json.dumps(self.usage, separators=(",", ":"))
-        else:
-            fields["code"] = self.code
-            fields["message"] = self.message
+        for spec in SCHEMA[self.kind]:
+            value = getattr(self, spec.name)
+            if spec.omit_default and value == DEFAULTS[spec.type]:
+                continue
+            if spec.type == "usage":
+                fields[spec.name] = json.dumps(value, separators=(",", ":"))
+            elif spec.type == "bool":
+                fields[spec.name] = "1" if value else "0"
+            else:
+                fields[spec.name] = str(value)
         return fields
 
     def to_data(self) -> dict[str, Any]:
         """The JSON payload clients see (SSE ``data:``, WebSocket frames)."""
         data: dict[str, Any] = {"generation_id": self.generation_id, "seq": self.seq, "ts": self.ts}
-        if self.kind == "token":
-            data["text"] = self.text
-        elif self.kind == "start":
-            data["model"] = self.model
-            if self.cached:
-                data["cached"] = True
-        elif self.kind == "end":
-            data["reason"] = self.reason
-            data["tokens"] = self.tokens
-            if self.usage is not None:
-                data["usage"] = self.usage
-        else:
-            data["code"] = self.code
-            data["message"] = self.message
+        for spec in SCHEMA[self.kind]:
+            value = getattr(self, spec.name)
+            if spec.omit_default and value == DEFAULTS[spec.type]:
+                continue
+            data[spec.name] = value
         return data
 
 
-def _text(fields: dict[bytes, bytes], name: bytes, required: bool = True) -> str:
+def _text(fields: Mapping[bytes, bytes], name: bytes, required: bool = True) -> str:
     raw = fields.get(name)
     if raw is None:
         if required:
@@ -123,7 +175,7 @@ def _text(fields: dict[bytes, bytes], name: bytes, required: bool = True) -> str
         raise InvalidEntry(f"field {name.decode()!r} is not UTF-8") from None
 
 
-def _int(fields: dict[bytes, bytes], name: bytes, required: bool = True) -> int:
+def _int(fields: Mapping[bytes, bytes], name: bytes, required: bool = True) -> int:
     raw = fields.get(name)
     if raw is None:
         if required:
@@ -134,14 +186,7 @@ def _int(fields: dict[bytes, bytes], name: bytes, required: bool = True) -> int:
     return int(raw)
 
 
-def _usage(fields: dict[bytes, bytes]) -> dict[str, int] | None:
-    raw = fields.get(b"usage")
-    if raw is None:
-        return None
-    try:
-        usage = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidEntry("field 'usage' is not JSON") from None
+def _check_usage(usage: Any) -> dict[str, int]:
     if not isinstance(usage, dict) or not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
         for k, v in usage.items()
@@ -150,10 +195,38 @@ def _usage(fields: dict[bytes, bytes]) -> dict[str, int] | None:
     return usage
 
 
+def _usage(fields: Mapping[bytes, bytes], name: bytes) -> dict[str, int] | None:
+    raw = fields.get(name)
+    if raw is None:
+        return None
+    try:
+        usage = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidEntry("field 'usage' is not JSON") from None
+    return _check_usage(usage)
+
+
+def _field_value(spec: FieldSpec, fields: Mapping[bytes, bytes], name: bytes) -> Any:
+    if spec.type == "str":
+        value: Any = _text(fields, name, spec.required)
+        if spec.choices is not None and value not in spec.choices:
+            raise InvalidEntry(f"unknown {spec.name} {value[:40]!r}")
+        return value
+    if spec.type == "int":
+        return _int(fields, name, spec.required)
+    if spec.type == "bool":
+        return fields.get(name) in (b"1", b"true")
+    return _usage(fields, name)
+
+
+# Each kind's fields as (attribute, Redis field name as bytes, spec): precomputed for decode.
+_DECODE = {
+    kind: tuple((s.name, s.name.encode(), s) for s in specs) for kind, specs in SCHEMA.items()
+}
 _GEN_IDS: dict[bytes, str] = {}  # raw generation ids already checked, decoded
 
 
-def _token(fields: dict[bytes, bytes]) -> Event | None:
+def _token(fields: Mapping[bytes, bytes]) -> Event | None:
     """The hot path: a well-formed token entry, or None to take the general path."""
     gen = _GEN_IDS.get(fields.get(b"gen", b""))
     seq, ts, text = fields.get(b"seq"), fields.get(b"ts"), fields.get(b"text")
@@ -172,7 +245,20 @@ def _token(fields: dict[bytes, bytes]) -> Event | None:
         return None
 
 
-def decode_entry(fields: dict[bytes, bytes]) -> Event:
+def _generation_id(fields: Mapping[bytes, bytes]) -> str:
+    generation_id = _text(fields, b"gen")
+    if generation_id not in _VALID_IDS:
+        if not ID_PATTERN.fullmatch(generation_id):
+            raise InvalidEntry(f"invalid generation id {generation_id[:80]!r}")
+        if len(_VALID_IDS) >= 4096:  # bounded: generation ids repeat for a while, then stop
+            _VALID_IDS.clear()
+            _GEN_IDS.clear()
+        _VALID_IDS.add(generation_id)
+        _GEN_IDS[fields[b"gen"]] = generation_id
+    return generation_id
+
+
+def decode_entry(fields: Mapping[bytes, bytes]) -> Event:
     """Decode the fields of one stream entry; raise :class:`InvalidEntry` if they break the format.
 
     Unknown extra fields are ignored (forward compatibility); a different ``v`` is rejected.
@@ -189,33 +275,51 @@ def decode_entry(fields: dict[bytes, bytes]) -> Event:
     kind = _text(fields, b"kind")
     if kind not in KINDS:
         raise InvalidEntry(f"unknown kind {kind!r}")
-    generation_id = _text(fields, b"gen")
-    if generation_id not in _VALID_IDS:
-        if not ID_PATTERN.fullmatch(generation_id):
-            raise InvalidEntry(f"invalid generation id {generation_id[:80]!r}")
-        if len(_VALID_IDS) >= 4096:  # bounded: generation ids repeat for a while, then stop
-            _VALID_IDS.clear()
-            _GEN_IDS.clear()
-        _VALID_IDS.add(generation_id)
-        _GEN_IDS[fields[b"gen"]] = generation_id
     event = Event(
         kind=kind,  # type: ignore[arg-type]  # checked against KINDS above
-        generation_id=generation_id,
+        generation_id=_generation_id(fields),
         seq=_int(fields, b"seq"),
         ts=_int(fields, b"ts"),
     )
-    if kind == "token":
-        event.text = _text(fields, b"text")
-    elif kind == "start":
-        event.model = _text(fields, b"model", required=False)
-        event.cached = fields.get(b"cached") in (b"1", b"true")
-    elif kind == "end":
-        event.reason = _text(fields, b"reason")
-        if event.reason not in _END_REASONS:
-            raise InvalidEntry(f"unknown end reason {event.reason[:40]!r}")
-        event.tokens = _int(fields, b"tokens")
-        event.usage = _usage(fields)
-    else:
-        event.code = _text(fields, b"code")
-        event.message = _text(fields, b"message", required=False)
+    for attr, name, spec in _DECODE[kind]:
+        setattr(event, attr, _field_value(spec, fields, name))
     return event
+
+
+def event_from_data(item: Any, generation_id: str) -> Event:
+    """An event from its JSON object (``{"kind", "seq", "ts", <kind's fields>}``, as in the
+    pipeline entries); raises :class:`InvalidEntry` if it breaks :data:`SCHEMA`."""
+    if not isinstance(item, dict):
+        raise InvalidEntry("an event must be a JSON object")
+    kind = item.get("kind")
+    if kind not in KINDS:
+        raise InvalidEntry(f"unknown kind {str(kind)[:40]!r}")
+    event = Event(kind, generation_id, _json_int(item, "seq"), _json_int(item, "ts"))
+    for spec in SCHEMA[kind]:
+        setattr(event, spec.name, _json_value(spec, item))
+    return event
+
+
+def _json_int(item: Mapping[str, Any], name: str) -> int:
+    value = item.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidEntry(f"event field {name!r} must be a non-negative integer")
+    return value
+
+
+def _json_value(spec: FieldSpec, item: Mapping[str, Any]) -> Any:
+    if spec.name not in item and not spec.required:
+        return DEFAULTS[spec.type]
+    if spec.type == "int":
+        return _json_int(item, spec.name)
+    if spec.type == "bool":
+        return item.get(spec.name) is True
+    if spec.type == "usage":
+        usage = item.get(spec.name)
+        return None if usage is None else _check_usage(usage)
+    value = item.get(spec.name)
+    if not isinstance(value, str):
+        raise InvalidEntry(f"event field {spec.name!r} must be a string")
+    if spec.choices is not None and value not in spec.choices:
+        raise InvalidEntry(f"unknown {spec.name} {value[:40]!r}")
+    return value

@@ -31,15 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenbridge.exceptions import InvalidEntry
-from tokenbridge.store.resp import arg
-from tokenbridge.wire.events import KINDS, Event
+from tokenbridge.wire.events import Event, event_from_data
 from tokenbridge.wire.keys import ID_PATTERN, Keys
 
-__all__ = ["PipelineBatch", "PipelineFeed", "prompt_digest", "shard_of"]
+__all__ = ["PipelineBatch", "PipelineHeader", "events_json", "prompt_digest", "shard_of"]
 
 _MAX_EVENTS = 100_000
 _MAX_MODEL = 256
-_END_REASONS = frozenset({"stop", "length", "cancelled"})
 
 
 def shard_of(session_id: str, shards: int) -> int:
@@ -64,36 +62,40 @@ def _event_json(event: Event) -> str:
     return json.dumps({"kind": event.kind, **data}, separators=(",", ":"))
 
 
-class PipelineFeed:
-    """Packs the pipeline ``XADD`` of one generation's batches (constant parts packed once)."""
+@dataclass(frozen=True, slots=True)
+class PipelineHeader:
+    """The fields every pipeline entry of one generation starts with, and its stream.
 
-    __slots__ = ("_head", "_prompt", "key")
+    The producer packs them once per generation (``store/resp.py``); each entry adds
+    ``events`` (:func:`events_json`) and, with the ``start`` event, ``prompt_sha256``.
+    """
 
-    def __init__(
-        self,
-        keys: Keys,
-        session_id: str,
-        generation_id: str,
-        model: str,
-        prompt_sha256: str,
+    key: str
+    session_id: str
+    generation_id: str
+    model: str
+    prompt_sha256: str
+
+    @classmethod
+    def of(
+        cls, keys: Keys, session_id: str, generation_id: str, model: str, prompt_sha256: str,
         shards: int,
-        max_len: int,
-    ) -> None:
-        self.key = keys.pipeline(shard_of(session_id, shards))
-        head = [b"XADD", self.key.encode(), b"MAXLEN", b"~", b"%d" % max_len, b"*"]
-        head += [b"v", b"1", b"sid", session_id.encode(), b"gen", generation_id.encode()]
-        head += [b"model", model.encode()]
-        self._head = (len(head), b"".join(arg(a) for a in head))
-        self._prompt = arg(b"prompt_sha256") + arg(prompt_sha256.encode())
+    ) -> PipelineHeader:  # fmt: skip
+        key = keys.pipeline(shard_of(session_id, shards))
+        return cls(key, session_id, generation_id, model, prompt_sha256)
 
-    def xadd(self, events: Sequence[Event]) -> bytes:
-        """The RESP bytes of the one pipeline entry carrying ``events``."""
-        body = ("[" + ",".join(_event_json(e) for e in events) + "]").encode()
-        n, head = self._head
-        with_start = any(e.kind == "start" for e in events)
-        extra = self._prompt if with_start else b""
-        count = n + 2 + (2 if with_start else 0)
-        return b"*%d\r\n%b%b%b%b" % (count, head, extra, arg(b"events"), arg(body))
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"v", b"1"),
+            (b"sid", self.session_id.encode()),
+            (b"gen", self.generation_id.encode()),
+            (b"model", self.model.encode()),
+        ]
+
+
+def events_json(events: Sequence[Event]) -> bytes:
+    """The ``events`` field of a pipeline entry: the events as a JSON array."""
+    return ("[" + ",".join(_event_json(e) for e in events) + "]").encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +162,7 @@ class PipelineBatch:
             raise InvalidEntry("field 'events' is not JSON") from None
         if not isinstance(raw, list) or not raw or len(raw) > _MAX_EVENTS:
             raise InvalidEntry(f"field 'events' must be a list of 1-{_MAX_EVENTS} events")
-        events = tuple(_event(item, generation_id) for item in raw)
+        events = tuple(event_from_data(item, generation_id) for item in raw)
         for before, after in itertools.pairwise(events):
             if after.seq != before.seq + 1:
                 raise InvalidEntry("events of a pipeline entry must have consecutive seq")
@@ -184,47 +186,3 @@ def _id(fields: Mapping[bytes, bytes], name: bytes) -> str:
     if not ID_PATTERN.fullmatch(value):
         raise InvalidEntry(f"invalid {name.decode()} {value[:80]!r}")
     return value
-
-
-def _int(item: Mapping[str, Any], name: str) -> int:
-    value = item.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidEntry(f"event field {name!r} must be a non-negative integer")
-    return value
-
-
-def _text(item: Mapping[str, Any], name: str, required: bool = False) -> str:
-    value = item.get(name, None if required else "")
-    if not isinstance(value, str):
-        raise InvalidEntry(f"event field {name!r} must be a string")
-    return value
-
-
-def _event(item: Any, generation_id: str) -> Event:
-    if not isinstance(item, dict):
-        raise InvalidEntry("an event must be a JSON object")
-    kind = item.get("kind")
-    if kind not in KINDS:
-        raise InvalidEntry(f"unknown kind {str(kind)[:40]!r}")
-    event = Event(kind, generation_id, _int(item, "seq"), _int(item, "ts"))
-    if kind == "token":
-        event.text = _text(item, "text", required=True)
-    elif kind == "start":
-        event.model = _text(item, "model")
-        event.cached = item.get("cached") is True
-    elif kind == "end":
-        event.reason = _text(item, "reason", required=True)
-        if event.reason not in _END_REASONS:
-            raise InvalidEntry(f"unknown end reason {event.reason[:40]!r}")
-        event.tokens = _int(item, "tokens")
-        usage = item.get("usage")
-        if usage is not None:
-            if not isinstance(usage, dict) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in usage.values()
-            ):
-                raise InvalidEntry("event field 'usage' must be an object of integers")
-            event.usage = usage
-    else:
-        event.code = _text(item, "code", required=True)
-        event.message = _text(item, "message")
-    return event

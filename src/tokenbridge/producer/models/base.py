@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -54,13 +54,25 @@ class GenerationParams(BaseModel):
         default=None,
         description="false: never answer from the response cache nor fill it (never sent on).",
     )
+    user: str | None = Field(default=None, max_length=256, description="End-user id.")
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, max_length=128, description="OpenAI function tools the model may call."
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description='"none", "auto", "required" or a named function.'
+    )
+    parallel_tool_calls: bool | None = Field(default=None, description="Several calls at once.")
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="OpenAI response_format (text, json_object, json_schema)."
+    )
 
 
 @dataclass(slots=True)
 class ChatRequest:
-    """A chat to complete: ``messages`` are ``{"role": ..., "content": ...}`` dicts."""
+    """A chat to complete: ``messages`` are OpenAI chat-format dicts (``role``, ``content``,
+    and for tool use ``tool_calls`` / ``tool_call_id`` / ``name``)."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     params: GenerationParams = field(default_factory=GenerationParams)
 
 
