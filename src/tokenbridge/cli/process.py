@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -99,6 +100,12 @@ def probe_redis(settings: Settings) -> None:
         ) from None
     try:
         client.ping()
+        _try_writes(client, settings.key_prefix)
+    except redis_exc.ReadOnlyError:
+        raise ConfigurationError(
+            f"TOKENBRIDGE_REDIS_URL ({safe_redis_url(url)}) is a read-only replica; point it "
+            "at the primary"
+        ) from None
     except redis_exc.AuthenticationError as exc:
         raise RedisUnavailable(
             f"Redis at TOKENBRIDGE_REDIS_URL ({safe_redis_url(url)}) refused the credentials: "
@@ -118,6 +125,30 @@ def probe_redis(settings: Settings) -> None:
         ) from None
     finally:
         client.close()
+
+
+def _try_writes(client: redis.Redis, prefix: str) -> None:
+    """The kinds of command a start runs (SET, HSET, XADD, ZADD, EVAL, EXPIRE, DEL), on
+    throw-away keys of one hash slot: a user short of a permission fails here, in one line,
+    not in several loops at once. A cluster node that does not own the slot is let be."""
+    tag = f"{prefix}:probe:{{{secrets.token_hex(6)}}}"
+    keys = [f"{tag}:{kind}" for kind in ("string", "hash", "stream", "zset")]
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.set(keys[0], "1", nx=True, ex=10)
+            pipe.hset(keys[1], "f", "1")
+            pipe.xadd(keys[2], {"f": "1"}, maxlen=1)
+            pipe.zadd(keys[3], {"m": 1})
+            for key in keys[1:]:
+                pipe.expire(key, 10)
+            pipe.eval("return 1", 0)
+            pipe.delete(*keys)
+            pipe.execute()
+    except redis_exc.ResponseError as exc:
+        if isinstance(exc, redis_exc.NoPermissionError | redis_exc.ReadOnlyError):
+            raise
+        if not str(exc).startswith(("MOVED", "ASK", "CROSSSLOT")):
+            raise
 
 
 class StopSignals:
