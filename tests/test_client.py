@@ -50,26 +50,33 @@ class CuttingProxy:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
-        for task in self.tasks:
+        for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        cutting = self.cuts_left > 0
-        self.cuts_left -= 1
-        upstream = asyncio.create_task(self._pipe(reader, up_writer, None))
+        up_writer: asyncio.StreamWriter | None = None
+        upstream: asyncio.Task[None] | None = None
         try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+            cutting = self.cuts_left > 0
+            self.cuts_left -= 1
+            upstream = asyncio.create_task(self._pipe(reader, up_writer, None))
             await self._pipe(up_reader, writer, self.after_bytes if cutting else None)
         finally:
-            upstream.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await upstream
+            if upstream is not None:
+                upstream.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await upstream
             for w in (writer, up_writer):
-                w.close()
+                if w is not None:
+                    w.close()
+                    with contextlib.suppress(ConnectionError):
+                        await w.wait_closed()
             self.tasks.discard(task)
 
     async def _pipe(
