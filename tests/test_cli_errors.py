@@ -278,3 +278,36 @@ async def test_a_redis_user_without_permissions_is_one_line(
     code, out, err = await run_cli(*args, env=env)
     assert_one_line(code, out, err, *expected)
     assert "pw@" not in err
+
+
+WEDGED = """
+import sys, threading, time
+from tokenbridge.cli.process import StopSignals
+signals = StopSignals(0.5, lambda sig: None)  # a graceful stop that never finishes
+signals.cleanups.append(lambda: print("cleanup ran", flush=True))
+signals.install()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+async def test_a_stop_that_never_finishes_is_forced_after_the_deadline() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WEDGED, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(10):
+            assert await process.stdout.readline() == b"ready\n"
+            process.send_signal(signal.SIGTERM)
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+    assert process.returncode == 1
+    assert out == b"cleanup ran\n"
+    assert lines(err.decode()) == [
+        "tokenbridge: did not stop within 0.5 s (TOKENBRIDGE_SHUTDOWN_DRAIN_S + close); "
+        "stopped at once"
+    ]

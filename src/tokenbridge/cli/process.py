@@ -186,7 +186,7 @@ class StopSignals:
         timer = threading.Timer(
             self.deadline_s,
             self.force,
-            args=(f"did not stop within {self.deadline_s:.0f} s "
+            args=(f"did not stop within {self.deadline_s:g} s "
                   "(TOKENBRIDGE_SHUTDOWN_DRAIN_S + close); stopped at once",),
         )  # fmt: skip
         timer.daemon = True
