@@ -110,12 +110,14 @@ def public_error(model: str, error: ModelError, tried: list[str], retries: int) 
     if len(tried) > 1:
         extra.append("tried " + ", ".join(repr(name) for name in tried))
     more = f"; {', '.join(extra)}" if extra else ""
-    public = type(error)(
+    message = (
         f"model {model!r}: {what} ({type(error).__name__} {error.code}{more}); "
-        "the server log has the details",
-        code=error.code,
+        "the server log has the details"
     )
-    return public
+    try:
+        return type(error)(message, code=error.code)
+    except TypeError:  # a subclass with its own constructor: the base class says the same
+        return ModelError(message, code=error.code)
 
 
 class ResilientModel:
