@@ -32,9 +32,10 @@ from redis.asyncio import Redis
 
 from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
-from tokenbridge.producer.cancel import cancel_requested
+from tokenbridge.producer.cancel import CancelSignal, cancel_requested
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel
+from tokenbridge.producer.orphans import OrphanWatch
 from tokenbridge.producer.producer import Producer
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
 from tokenbridge.text import as_text
@@ -74,6 +75,7 @@ class GenerationWorker:
         claim_idle_ms: int,
         heartbeat_s: float,
         max_deliveries: int = 5,
+        orphan_grace_s: float = 0.0,
     ) -> None:
         self.redis = redis
         self.service = service
@@ -83,6 +85,11 @@ class GenerationWorker:
         self.heartbeat_s = heartbeat_s
         self.name = _worker_name()
         self.generations_done = 0
+        self.generations_abandoned = 0
+        # Cancels, as abandoned, what no client reads (orphan_grace_s; 0: never).
+        self.orphans: OrphanWatch | None = None
+        if orphan_grace_s > 0:
+            self.orphans = OrphanWatch(redis, keys, orphan_grace_s, heartbeat_s)
         self._options = ConsumerOptions(
             concurrency=concurrency,
             block_ms=block_ms,
@@ -98,11 +105,12 @@ class GenerationWorker:
         self.before_model: list[Callable[[GenerationJob], Awaitable[None]]] = []
         self.cached = 0
         self._stopping = asyncio.Event()
-        self._running: dict[str, asyncio.Event] = {}  # generation id -> its cancel event
+        self._running: dict[str, CancelSignal] = {}  # generation id -> its cancel signal
 
     def __repr__(self) -> str:
         return (
             f"<GenerationWorker {self.name} done={self.generations_done} cached={self.cached} "
+            f"abandoned={self.generations_abandoned} "
             f"{self.consumer!r}>"
         )
 
@@ -123,6 +131,8 @@ class GenerationWorker:
                     group.create_task(self._heartbeat()),
                     group.create_task(self._listen_for_cancels()),
                 ]
+                if self.orphans is not None:
+                    helpers.append(group.create_task(self.orphans.run()))
                 try:
                     await self._stopping.wait()
                 finally:
@@ -161,7 +171,7 @@ class GenerationWorker:
                 async for message in pubsub.listen():
                     event = self._running.get(as_text(message.get("data")))
                     if event is not None:
-                        event.set()
+                        event.cancel()
             except REDIS_DOWN_ERRORS as exc:
                 log.debug("cancel listener: redis unavailable (%s)", exc)
                 await asyncio.sleep(backoff.next())
@@ -213,12 +223,17 @@ class GenerationWorker:
             job.model,
             self.name,
         )
-        cancel = self._running[gid] = asyncio.Event()
+        cancel = self._running[gid] = CancelSignal()
+        if self.orphans is not None:
+            self.orphans.watch(job, cancel)
         try:
             result = await self.producer.run(job, model, cancel)
         finally:
             self._running.pop(gid, None)
+            if self.orphans is not None:
+                self.orphans.forget(gid)
         self.generations_done += 1
+        self.generations_abandoned += result.outcome == "abandoned"
         log.info(
             "generation finished generation=%s outcome=%s tokens=%d writes=%d duration_s=%.3f",
             result.generation_id,

@@ -18,6 +18,7 @@ from tokenbridge.producer.models.base import (
     Delta,
     Finish,
     GenerationParams,
+    ToolCallDelta,
 )
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.producer.models.openai import OpenAIChatModel
@@ -34,6 +35,7 @@ __all__ = [
     "GenerationParams",
     "OpenAIChatModel",
     "ResilientModel",
+    "ToolCallDelta",
     "build_model",
     "build_models",
 ]

@@ -29,7 +29,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from tokenbridge.exceptions import ModelError
-from tokenbridge.producer.models.base import ChatModel, ChatRequest, Delta, Finish
+from tokenbridge.producer.models.base import ChatModel, ChatRequest, Delta, Finish, ToolCallDelta
+
+ModelItem = Delta | ToolCallDelta | Finish
 
 __all__ = ["ProviderStats", "ResilientModel", "RetryPolicy", "public_error", "scrub"]
 
@@ -137,7 +139,7 @@ class ResilientModel:
         """Close this model's own adapter; each fallback is closed by its own wrapper."""
         await self.chain[0][1].aclose()
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[Delta | Finish, None]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ModelItem, None]:
         """The first model of the chain that gets to its first token streams the answer."""
         tried: list[str] = []
         retries = 0
