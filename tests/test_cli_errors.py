@@ -164,6 +164,7 @@ async def test_generate_without_a_key_names_the_flag(redis_server: RedisServer) 
 async def _serve_embedded(drain_s: str) -> tuple[GatewayProcess, int]:
     """``serve`` with its embedded Redis; returns it and that Redis's port."""
     gateway = GatewayProcess({})
+    gateway.args.append("--ephemeral")  # a throwaway embedded Redis, no data directory
     gateway.env = clean_env(TOKENBRIDGE_AUTH_DISABLED="true",
                             TOKENBRIDGE_SHUTDOWN_DRAIN_S=drain_s)  # fmt: skip
     gateway.start()

@@ -138,7 +138,7 @@ async def _serve_then_generate(args: list[str], env: dict[str, str], model: str)
     """``tokenbridge serve ARGS`` as a process; one generation of ``model``; its stderr."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tokenbridge", "serve", "--port", str(port), *args],
+        [sys.executable, "-m", "tokenbridge", "serve", "--port", str(port), "--ephemeral", *args],
         env=clean_env(TOKENBRIDGE_AUTH_DISABLED="true", **env),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip

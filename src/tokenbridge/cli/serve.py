@@ -12,12 +12,12 @@ from typing import Any
 
 import typer
 import uvicorn
-from pydantic import SecretStr
 from redis import exceptions as redis_exc
 from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
 from tokenbridge.cli.app import app
+from tokenbridge.cli.local import DataDir, first_key, start_embedded
 from tokenbridge.cli.process import CLOSE_GRACE_S, StopSignals, bind_socket, probe_redis
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable, TokenBridgeError
 from tokenbridge.logs import configure_logging
@@ -60,6 +60,7 @@ class _Server(uvicorn.Server):
         self.startup_error: BaseException | None = None
         self.stop_signals = StopSignals(drain_s + CLOSE_GRACE_S, self._graceful)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.data_dir: DataDir | None = None
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -82,9 +83,9 @@ class _Server(uvicorn.Server):
         if gateway is None or gateway.auth.disabled:
             return None
         auth = gateway.auth
-        if not await auth.has_keys():
-            key_id, key = await auth.create_key("default")
-            print(f"API key {key_id} (shown once, keep it): {key}", flush=True)
+        await first_key(auth, self.data_dir)  # cli/local.py: made once, kept in the data dir
+        if self.data_dir is not None:
+            self.data_dir.save_url(self.public_url)
         code: str = await auth.login_code()
         return code
 
@@ -168,16 +169,6 @@ def _loopback_unless_keys(settings: Settings) -> None:
         )
 
 
-def _with_redis(
-    settings: Settings, stack: contextlib.ExitStack
-) -> tuple[Settings, EmbeddedRedis | None]:
-    if settings.redis_url is not None:
-        return settings, None
-    server = stack.enter_context(EmbeddedRedis())
-    print(f"embedded redis: {server.binary} {server.version} at {server.url}", flush=True)
-    return settings.model_copy(update={"redis_url": SecretStr(server.url)}), server
-
-
 @app.command()
 def serve(
     host: str | None = typer.Option(None, help="Bind address (TOKENBRIDGE_HOST)."),
@@ -194,6 +185,15 @@ def serve(
     model: list[str] | None = MODEL_OPTION,
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
     log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
+    data_dir: str | None = typer.Option(
+        None,
+        "--data-dir",
+        help="Keep the embedded Redis's data here (TOKENBRIDGE_DATA_DIR; default: the "
+        "platform's user data directory).",
+    ),
+    ephemeral: bool = typer.Option(
+        False, "--ephemeral", help="Embedded Redis in a temporary directory: nothing is kept."
+    ),
 ) -> None:
     """Run the gateway and a generation worker; with no Redis configured, an embedded one."""
     overrides: dict[str, Any] = {}
@@ -215,7 +215,10 @@ def serve(
 
     with contextlib.ExitStack() as stack:
         stack.callback(sock.close)
-        settings, embedded = _with_redis(settings, stack)
+        where: DataDir | None = None
+        embedded: EmbeddedRedis | None = None
+        if settings.redis_url is None:  # cli/local.py: persistent unless --ephemeral
+            settings, embedded, where = start_embedded(settings, stack, data_dir, ephemeral)
         application = create_app(settings)
         lifespan = _StartupErrors(application)
         uv_config = uvicorn.Config(
@@ -229,6 +232,7 @@ def serve(
         shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         url = f"http://{shown_host}:{bound}/"
         server = _Server(uv_config, url, application, lifespan, settings.shutdown_drain_s)
+        server.data_dir = where
         if embedded is not None:  # stopped on a forced exit too
             server.stop_signals.cleanups.append(embedded.stop)
         server.run(sockets=[sock])
