@@ -8,7 +8,7 @@ Served at ``GET /metrics`` (text exposition format; an API key is needed, like `
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -40,16 +40,19 @@ class TokenBridgeCollector(Collector):
         fanout_stats: object | None,
         consumers: StreamConsumerService,
         worker: WorkerCounts | None = None,
+        models: Mapping[str, object] | None = None,
     ) -> None:
         self.connections = connections
         self.fanout_stats = fanout_stats
         self.consumers = consumers
         self.worker = worker
+        self.models = models or {}
 
     def collect(self) -> Iterator[Any]:
         yield from self._connections()
         yield from self._fanout()
         yield from self._consumers()
+        yield from self._providers()
         yield from self._worker()
 
     def _worker(self) -> Iterator[Any]:
@@ -118,15 +121,40 @@ class TokenBridgeCollector(Collector):
             inflight.add_metric([row["stream"], row["group"], row["consumer"]], row["inflight"])
         yield inflight
 
+    def _providers(self) -> Iterator[Any]:
+        """Retries, fallbacks and failures of model calls (producer/models/retry.py)."""
+        labels = ["model"]
+        retries = CounterMetricFamily(
+            "tokenbridge_provider_retries",
+            "Model calls retried before their first token",
+            labels=labels,
+        )
+        fallbacks = CounterMetricFamily(
+            "tokenbridge_provider_fallbacks", "Generations moved to a fallback model", labels=labels
+        )
+        failures = CounterMetricFamily("tokenbridge_provider_failures",
+                                       "Generations ended by a provider error",
+                                       labels=["model", "code"])  # fmt: skip
+        for name, model in self.models.items():
+            stats = getattr(model, "stats", None)
+            if stats is None:
+                continue
+            retries.add_metric([name], stats.retried)
+            fallbacks.add_metric([name], stats.fell_back)
+            for code, count in stats.failed.items():
+                failures.add_metric([name, code], count)
+        yield from (retries, fallbacks, failures)
+
 
 def render(
     connections: ConnectionManager,
     fanout_stats: object | None,
     consumers: StreamConsumerService,
     worker: WorkerCounts | None = None,
+    models: Mapping[str, object] | None = None,
 ) -> bytes:
-    """The exposition text for one scrape."""
+    """The exposition text for one scrape; ``models``: the runtime's (provider counters)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TokenBridgeCollector(connections, fanout_stats, consumers, worker))
+    registry.register(TokenBridgeCollector(connections, fanout_stats, consumers, worker, models))
     output: bytes = generate_latest(registry)
     return output

@@ -280,6 +280,10 @@ async def metrics(request: Request) -> Response:
     await key_principal(gateway.auth, request)
     runtime = _runtime(request)
     body = render_metrics(
-        gateway.connections, gateway.fanout.stats, runtime.consumers, runtime.worker
+        gateway.connections,
+        gateway.fanout.stats,
+        runtime.consumers,
+        runtime.worker,
+        runtime.models,
     )
     return Response(body, media_type=METRICS_CONTENT_TYPE)

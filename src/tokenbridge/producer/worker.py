@@ -143,7 +143,9 @@ class GenerationWorker:
                 await self.redis.zrem(self.keys.workers, self.name)
 
     async def _heartbeat(self) -> None:
-        while True:
+        # Ends on the stop flag, not only on cancellation: on Python 3.11 a cancel that lands
+        # while redis-py finishes a command can be lost, and the loop would run on forever.
+        while not self._stopping.is_set():
             try:
                 now = now_ms()
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -153,7 +155,9 @@ class GenerationWorker:
                     await pipe.execute()
             except REDIS_DOWN_ERRORS as exc:
                 log.debug("worker heartbeat failed (%s)", exc)
-            await asyncio.sleep(self.heartbeat_s)  # a timer: liveness is periodic by nature
+            with contextlib.suppress(TimeoutError):  # a timer: liveness is periodic by nature
+                async with asyncio.timeout(self.heartbeat_s):
+                    await self._stopping.wait()
 
     async def _listen_for_cancels(self) -> None:
         """Cancel notices (pub/sub) stop a running generation at once; missed ones are caught
