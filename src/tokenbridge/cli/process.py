@@ -26,6 +26,7 @@ from redis import exceptions as redis_exc
 
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
 from tokenbridge.settings import Settings
+from tokenbridge.store.client import cluster_url
 
 __all__ = ["CLOSE_GRACE_S", "StopSignals", "bind_socket", "probe_redis", "safe_redis_url"]
 
@@ -86,9 +87,12 @@ def probe_redis(settings: Settings) -> None:
     if url is None:
         return
     timeout = min(5.0, settings.redis_socket_timeout_s)
+    # A cluster is probed through its seed node: PING answers there, and a probe write whose
+    # slot another node owns answers MOVED, which _try_writes lets be.
+    plain_url, _ = cluster_url(url, settings.redis_cluster)
     try:
         client = redis.Redis.from_url(
-            url,
+            plain_url,
             socket_connect_timeout=timeout,
             socket_timeout=timeout,
             client_name="tokenbridge-probe",  # CLIENT SETNAME, as every connection of ours
@@ -96,7 +100,8 @@ def probe_redis(settings: Settings) -> None:
     except ValueError as exc:
         raise ConfigurationError(
             f"TOKENBRIDGE_REDIS_URL={safe_redis_url(url)}: not a Redis URL ({exc}); "
-            "use redis://host:port/db, rediss:// or unix://"
+            "use redis://host:port/db, rediss://, unix://, or redis+cluster://host:port for a "
+            "Redis Cluster"
         ) from None
     try:
         client.ping()
@@ -147,6 +152,8 @@ def _try_writes(client: redis.Redis, prefix: str) -> None:
     except redis_exc.ResponseError as exc:
         if isinstance(exc, redis_exc.NoPermissionError | redis_exc.ReadOnlyError):
             raise
+        if isinstance(exc, redis_exc.AskError):  # MovedError too: another node owns the slot
+            return
         if not str(exc).startswith(("MOVED", "ASK", "CROSSSLOT")):
             raise
 
