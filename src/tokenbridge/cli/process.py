@@ -100,7 +100,8 @@ def probe_redis(settings: Settings) -> None:
         ) from None
     try:
         client.ping()
-        _try_writes(client, settings.key_prefix)
+        if not settings.redis_cluster:  # one node of a cluster may not own the probe's slot
+            _try_writes(client, settings.key_prefix)
     except redis_exc.ReadOnlyError:
         raise ConfigurationError(
             f"TOKENBRIDGE_REDIS_URL ({safe_redis_url(url)}) is a read-only replica; point it "
