@@ -83,8 +83,8 @@ def safe_redis_url(url: str) -> str:
 def probe_redis(settings: Settings) -> None:
     """PING ``TOKENBRIDGE_REDIS_URL`` once, so a wrong URL, password or host fails first."""
     url = settings.redis_url_value()
-    if url is None:
-        return
+    if url is None or settings.redis_cluster or "+cluster://" in url:
+        return  # a cluster: the Runtime's own connect says what is wrong, in one line
     timeout = min(5.0, settings.redis_socket_timeout_s)
     try:
         client = redis.Redis.from_url(
@@ -100,8 +100,7 @@ def probe_redis(settings: Settings) -> None:
         ) from None
     try:
         client.ping()
-        if not settings.redis_cluster:  # one node of a cluster may not own the probe's slot
-            _try_writes(client, settings.key_prefix)
+        _try_writes(client, settings.key_prefix)
     except redis_exc.ReadOnlyError:
         raise ConfigurationError(
             f"TOKENBRIDGE_REDIS_URL ({safe_redis_url(url)}) is a read-only replica; point it "
