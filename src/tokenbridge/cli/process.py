@@ -84,8 +84,8 @@ def safe_redis_url(url: str) -> str:
 def probe_redis(settings: Settings) -> None:
     """PING ``TOKENBRIDGE_REDIS_URL`` once, so a wrong URL, password or host fails first."""
     url = settings.redis_url_value()
-    if url is None or settings.redis_cluster or "+cluster://" in url:
-        return  # a cluster: the Runtime's own connect says what is wrong, in one line
+    if url is None:
+        return
     timeout = min(5.0, settings.redis_socket_timeout_s)
     # A cluster is probed through its seed node: PING answers there, and a probe write whose
     # slot another node owns answers MOVED, which _try_writes lets be.
