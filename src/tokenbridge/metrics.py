@@ -35,6 +35,7 @@ class TokenBridgeCollector(Collector):
         yield from self._connections()
         yield from self._fanout()
         yield from self._consumers()
+        yield from self._pipeline()
 
     def _connections(self) -> Iterator[Any]:
         stats = self.connections.stats()
@@ -88,6 +89,20 @@ class TokenBridgeCollector(Collector):
         for row in rows:
             inflight.add_metric([row["stream"], row["group"], row["consumer"]], row["inflight"])
         yield inflight
+
+    def _pipeline(self) -> Iterator[Any]:
+        processor = self.runtime.processor
+        if processor is None:
+            return
+        trimmer = processor.trimmer
+        yield CounterMetricFamily(
+            "tokenbridge_pipeline_trimmed", "Pipeline entries trimmed after every processor "
+            "was done with them (this process's trims)", value=trimmer.trimmed,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "tokenbridge_pipeline_lost", "Pipeline entries dropped by the length cap before "
+            "the processors were done with them (this process's trims)", value=trimmer.lost,
+        )  # fmt: skip
 
 
 def render(runtime: Runtime, connections: ConnectionManager) -> bytes:

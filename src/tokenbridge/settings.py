@@ -264,8 +264,10 @@ class Settings(BaseSettings):
     pipeline_max_len: int = Field(
         default=100_000,
         ge=100,
-        description="Approximate max entries kept per pipeline stream (XADD MAXLEN ~); an "
-        "entry trimmed before the processors read it is lost to them.",
+        description="Max entries kept per pipeline stream. Entries are trimmed once the "
+        "processors group has acked them; past this cap (processors stalled) the oldest are "
+        "dropped and counted as lost (tokenbridge stats, metrics, a log line). Producers trim "
+        "at twice this as a backstop.",
     )
     run_processors: bool = Field(
         default=True,

@@ -95,6 +95,11 @@ class Keys:
         return f"{self.prefix}:pipeline:{shard}"
 
     @property
+    def pipeline_lost(self) -> str:
+        """Hash: pipeline shard -> entries dropped before the processors were done with them."""
+        return f"{self.prefix}:pipeline:lost"
+
+    @property
     def processor_stats(self) -> str:
         """Hash: StreamProcessor name -> JSON snapshot of its per-processor stats."""
         return f"{self.prefix}:processors"
