@@ -295,9 +295,18 @@ class Settings(BaseSettings):
         description="Dead-letter a pipeline entry once per processor that failed on it "
         "(replaying it re-runs every processor); off: the failure is only counted and logged.",
     )
+    processors_once_ttl_s: int = Field(
+        default=0,
+        ge=0,
+        description="How long the apply-once markers of the processors (analytics, generation "
+        "log, token budgets) are kept: as long as an entry can still be delivered again. 0: "
+        "2 x consumer_max_deliveries x worker_claim_idle_ms (5 min by default), at least 60 s. "
+        "An entry redelivered later (processors down longer than this right after a crash, "
+        "or a dead letter replayed later) may count twice.",
+    )
     analytics_retention_s: int = Field(
         default=7 * 86_400,
-        ge=60,
+        ge=1,
         description="Per-session and per-generation analytics expire this long after their "
         "last update; totals and per-model figures are kept.",
     )
@@ -403,6 +412,12 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one model must be configured")
         return value
+
+    def once_ttl_ms(self) -> int:
+        """Lifetime of apply-once markers (``processors_once_ttl_s``, or derived from it)."""
+        if self.processors_once_ttl_s:
+            return self.processors_once_ttl_s * 1000
+        return max(60_000, 2 * self.consumer_max_deliveries * self.worker_claim_idle_ms)
 
     def redis_url_value(self) -> str | None:
         """The Redis URL in clear, for the store only; never log it."""

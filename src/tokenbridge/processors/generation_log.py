@@ -17,7 +17,8 @@ Sinks:
 
 * default: the capped Redis stream ``<prefix>:log`` (``XADD MAXLEN ~ generation_log_max_len``),
   one entry of flat string fields per generation, written exactly once: one script sets the
-  marker ``{<prefix>:log}:once:<gid>`` (same Cluster slot as ``<prefix>:log``) and appends;
+  marker ``<prefix>:log:once:{<prefix>:log}:<gid>`` (same Cluster slot as ``<prefix>:log``,
+  kept ``processors_once_ttl_s``) and appends;
 * ``generation_log_path``: JSON lines appended to that file (one ``write`` per line; rotate it
   with ``copytruncate`` or by moving it: each record reopens the file). At least once: a crash
   between the write and the ``logged`` marker repeats the record on redelivery; readers dedupe
@@ -48,7 +49,6 @@ __all__ = ["LoggingProcessor", "read_log"]
 log = logging.getLogger(__name__)
 
 _MAX_TEXT = 1_000_000
-_ONCE_TTL_MS = 86_400_000
 
 _BUFFER = """
 local buf = KEYS[1]
@@ -176,7 +176,9 @@ class LoggingProcessor:
     def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
         self.redis = redis
         self.prefix = keys.prefix
-        self.stream = f"{keys.prefix}:log"
+        self.keys = keys
+        self.stream = keys.generation_log
+        self.once_ttl_ms = settings.once_ttl_ms()
         self.max_len = settings.generation_log_max_len
         self.path = settings.generation_log_path
         self.buffer_ttl_ms = (settings.stream_max_generation_s + settings.stream_retention_s) * 1000
@@ -242,8 +244,8 @@ class LoggingProcessor:
             await asyncio.to_thread(_append_line, self.path, line.encode())
         else:
             await self._append(
-                keys=[self.stream, f"{{{self.stream}}}:once:{generation_id}"],
-                args=[_ONCE_TTL_MS, self.max_len, *_flat(record)],
+                keys=[self.stream, self.keys.generation_log_once(generation_id)],
+                args=[self.once_ttl_ms, self.max_len, *_flat(record)],
             )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
@@ -271,5 +273,5 @@ def _append_line(path: str, line: bytes) -> None:
 
 async def read_log(redis: Redis, keys: Keys, count: int = 100) -> list[dict[str, str]]:
     """The newest ``count`` records of the Redis log stream, newest first."""
-    rows: Any = await redis.xrevrange(f"{keys.prefix}:log", "+", "-", count=count)
+    rows: Any = await redis.xrevrange(keys.generation_log, "+", "-", count=count)
     return [{"entry_id": _s(i), **{_s(k): _s(v) for k, v in f.items()}} for i, f in rows]

@@ -109,6 +109,16 @@ class Keys:
         """The dead-letter stream of every consumer group (docs/operations.md)."""
         return f"{self.prefix}:dlq"
 
+    @property
+    def generation_log(self) -> str:
+        """Stream: one record per finished generation (processors/generation_log.py)."""
+        return f"{self.prefix}:log"
+
+    def generation_log_once(self, generation_id: str) -> str:
+        """Marker: the generation was logged. Hash tag ``{<prefix>:log}``: the slot of the
+        log stream (whose name has no braces), so one script can write both."""
+        return f"{self.prefix}:log:once:{{{self.prefix}:log}}:{generation_id}"
+
     def wake(self, node_id: str, reader: int) -> str:
         """Private stream a gateway writes to wake its own blocked fan-out reader."""
         return f"{self.prefix}:wake:{node_id}:{reader}"
