@@ -127,6 +127,20 @@ class Settings(BaseSettings):
         ge=10,
         description="Events queued for one connection before it is cut as a slow client.",
     )
+    connection_max_buffered_bytes: int = Field(
+        default=1_048_576,
+        ge=0,
+        description="Bytes (estimated: token text + ~96 per event) queued or being written for "
+        "one connection before it is cut as a slow client (it resumes from Last-Event-ID); "
+        "0: bounded in events only.",
+    )
+    connection_send_buffer_bytes: int = Field(
+        default=131_072,
+        ge=0,
+        description="SO_SNDBUF of client sockets (set on the listening socket, inherited): "
+        "caps what the kernel holds per client on top of the byte budget; 0: kernel "
+        "autotuning (megabytes on loopback).",
+    )
     history_batch: int = Field(
         default=1000, ge=1, le=100_000, description="XRANGE COUNT when replaying history."
     )

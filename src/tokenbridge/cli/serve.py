@@ -28,9 +28,12 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class _Server(uvicorn.Server):
     """uvicorn, plus: drain our connections first on SIGTERM/SIGINT, and say when serving."""
 
-    def __init__(self, config: uvicorn.Config, url: str, app: Starlette) -> None:
+    def __init__(
+        self, config: uvicorn.Config, url: str, app: Starlette, send_buffer_bytes: int = 0
+    ) -> None:
         super().__init__(config)
         self.app = app
+        self.send_buffer_bytes = send_buffer_bytes
         self.public_url = url
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -39,6 +42,10 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.should_exit:
             return
+        from tokenbridge.gateway.client_connection import cap_send_buffers
+
+        listening = (sock for server in self.servers for sock in server.sockets)
+        cap_send_buffers(listening, self.send_buffer_bytes)  # bounds slow clients in bytes
         login = await self._credentials()
         print(f"tokenbridge serving at {self.public_url}", flush=True)
         if login:
@@ -145,7 +152,8 @@ def serve(
             **uvicorn_options(settings),
         )
         shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-        server = _Server(config, f"http://{shown_host}:{settings.port}/", application)
+        url = f"http://{shown_host}:{settings.port}/"
+        server = _Server(config, url, application, settings.connection_send_buffer_bytes)
         server.run()
         if not server.started:
             sys.exit(1)

@@ -148,6 +148,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
             max_per_session=settings.limits_max_connections_per_session,
             max_per_address=settings.limits_max_connections_per_address,
             idle_timeout_s=settings.connection_idle_timeout_s,
+            max_buffered_bytes=settings.connection_max_buffered_bytes,
         )
         async with Runtime(settings, worker=worker) as runtime:
 
