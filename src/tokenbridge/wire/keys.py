@@ -86,6 +86,12 @@ class Keys:
         return f"{self.prefix}:jobs"
 
     @property
+    def running(self) -> str:
+        """Sorted set: ``<session> <generation>`` -> refresh deadline (ms) of running
+        generations; past it, the sweeper ends them (producer/sweeper.py)."""
+        return f"{self.prefix}:running"
+
+    @property
     def workers(self) -> str:
         """Sorted set: worker name -> last heartbeat (ms); readiness looks here."""
         return f"{self.prefix}:workers"
