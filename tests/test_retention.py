@@ -21,7 +21,7 @@ RETENTION_S = 1
 MAX_GENERATION_S = 10
 # Keys kept whatever the load, each bounded by a setting or by the deployment's size.
 GLOBAL = (
-    r"jobs|workers|dlq|log|processors|pipeline:\d+|pipeline:lost|auth:secret|auth:keys"
+    r"jobs|workers|running|dlq|log|processors|pipeline:\d+|pipeline:lost|auth:secret|auth:keys"
     r"|cache:lru|\{stats\}:total|\{stats\}:models|\{stats\}:model:[^:]+|wake:[0-9a-f]+:\d+"
 )
 

@@ -173,7 +173,7 @@ class _Reader:
                         delay,
                     )
                     await asyncio.sleep(delay)
-                    await self._refresh_after_reconnect()
+                    await self._refresh_after_reconnect(stopping)
         finally:
             if conn is not None:
                 await conn.disconnect()
@@ -248,14 +248,27 @@ class _Reader:
         for conn in list(feed.connections):
             conn.deliver(batch)
 
-    async def _refresh_after_reconnect(self) -> None:
-        """After Redis came back: if a stream's epoch changed, its data was lost; say so."""
+    async def _refresh_after_reconnect(self, stopping: asyncio.Event) -> None:
+        """After Redis came back: if a stream's epoch changed, its data was lost; say so.
+
+        Every session is checked: a failed check is retried with backoff, never skipped (right
+        after a restart pooled connections still point at the old server, and the next read
+        may well succeed, leaving unchecked sessions with no event, gap or close, ever).
+        """
         self.wake_cursor = "$"
-        for feed in list(self.feeds.values()):
+        backoff = Backoff()
+        todo = list(self.feeds.values())
+        while todo and not stopping.is_set():
+            feed = todo[-1]
+            if self.feeds.get(feed.session_id) is not feed:
+                todo.pop()  # unsubscribed meanwhile
+                continue
             try:
                 state = await self.fanout.session_state(feed.session_id)
             except REDIS_DOWN_ERRORS:
-                return  # still down; the next failure brings us back here
+                await asyncio.sleep(backoff.next())
+                continue
+            todo.pop()
             if state.epoch != feed.epoch:
                 log.warning(
                     "session stream lost with redis session=%s old_epoch=%s new_epoch=%s",
