@@ -178,6 +178,8 @@ class PipelineTrimmer:
                 await self.trim_all()
             except REDIS_DOWN_ERRORS as exc:
                 log.debug("pipeline trim skipped (%s)", exc)
+            except Exception as exc:  # a shard in a bad state must not stop the processors
+                log.warning("pipeline trim failed (%r); retrying next time", exc)
 
     async def trim_all(self) -> list[TrimResult]:
         """One pass over every shard."""

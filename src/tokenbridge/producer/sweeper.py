@@ -56,7 +56,7 @@ else
     for i = 1, #f, 2 do t[f[i]] = f[i + 1] end
     if t['gen'] == gid then
       if t['kind'] == 'end' or t['kind'] == 'error' then return -1 end
-      seq = tonumber(t['seq']) + 1
+      seq = (tonumber(t['seq']) or -1) + 1
     end
   end
 end
@@ -129,8 +129,13 @@ class GenerationSweeper:
         for raw in due:
             member = raw.decode() if isinstance(raw, bytes) else str(raw)
             session_id, _, generation_id = member.partition(" ")
-            if generation_id and await self.end_lost(session_id, generation_id) >= 0:
-                ended += 1
+            try:
+                if generation_id and await self.end_lost(session_id, generation_id) >= 0:
+                    ended += 1
+            except REDIS_DOWN_ERRORS:
+                raise
+            except Exception as exc:  # one bad record must not stop the sweeps (or the worker)
+                log.warning("generation sweep failed member=%r error=%r", member, exc)
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await self.redis.zrem(self.keys.running, member)
         return ended
