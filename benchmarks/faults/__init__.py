@@ -17,6 +17,7 @@ from benchmarks.faults.delivery import (
     cross_session,
     gateway_kill,
     hostile_sse,
+    redis_restart_empty,
     slow_client,
 )
 from benchmarks.faults.harness import FaultEnv, Outcome
@@ -57,6 +58,8 @@ SCENARIOS = [
              "U+2028) arrive as the same text, in order", hostile_sse),
     Scenario("cross-session", "a Last-Event-ID of session A used on session B: none of A's "
              "events, B's answer whole", cross_session),
+    Scenario("redis-restart-empty", "Redis SIGKILLed mid-answer, back empty: all 30 clients "
+             "get gap and their stream ends (generation_lost) within 20 s", redis_restart_empty),
     Scenario("soak", "10 generations/s for 60 s, retention 5 s: keys, Redis memory and gateway "
              "RSS level off (last third <= 1.25 x middle third); no key without the prefix or "
              "outliving its TTL; all per-generation keys gone 15 s after", soak, quick=False),

@@ -29,7 +29,7 @@ async def run_scenario(
 ) -> tuple[Outcome, float, str]:
     """Run one scenario on a Redis of its own; (outcome, seconds, redis version)."""
     with EmbeddedRedis() as redis:
-        env = FaultEnv(redis.url)
+        env = FaultEnv(redis.url, server=redis)
         run = partial(soak, duration_s=soak_s) if scenario.run is soak else scenario.run
         started = time.monotonic()
         try:

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import secrets
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import httpx
 from redis.asyncio import Redis
 
 from benchmarks.processes import Child, free_port
+from tokenbridge.store.embedded import EmbeddedRedis
 from tokenbridge.wire.keys import Keys
 
 __all__ = ["Event", "FaultEnv", "Node", "Outcome", "Recorder", "exact", "until"]
@@ -106,9 +108,11 @@ class FaultEnv:
     """One scenario's world: a Redis URL, a fresh key prefix, the processes it started."""
 
     redis_url: str
+    server: EmbeddedRedis | None = None
     prefix: str = field(default_factory=lambda: "f" + secrets.token_hex(4))
     nodes: list[Node] = field(default_factory=list)
     redis: Redis = field(init=False)
+    restarted: list[EmbeddedRedis] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.redis = Redis.from_url(self.redis_url)
@@ -128,10 +132,22 @@ class FaultEnv:
         await node.wait_ready(60)
         return node
 
+    def restart_redis(self) -> None:
+        """SIGKILL the Redis server and start an empty one on the same port (no persistence:
+        everything is lost, as after a crash of a cache-only Redis)."""
+        assert self.server is not None and self.server.pid is not None
+        os.kill(self.server.pid, signal.SIGKILL)
+        self.server.stop()
+        self.server = EmbeddedRedis(port=self.server.port)
+        self.restarted.append(self.server)
+        self.server.start()
+
     async def aclose(self) -> None:
         for node in self.nodes:
             node.kill()
         await self.redis.aclose()
+        for server in self.restarted:
+            server.stop()
 
 
 async def start_generation(

@@ -242,8 +242,11 @@ class GenerationWorker:
         try:
             await self.sweeper.register([(job.session_id, gid)])
             result = await self.producer.run(job, model, cancel)
-        except REDIS_DOWN_ERRORS:
-            if len(self._unfinished) < self._max_unfinished:  # bounded; the index has the rest
+        except Exception as exc:
+            redis_down = isinstance(exc, REDIS_DOWN_ERRORS) or (
+                isinstance(exc, BaseExceptionGroup) and exc.subgroup(REDIS_DOWN_ERRORS)
+            )  # the producer's TaskGroup wraps its writer's error
+            if redis_down and len(self._unfinished) < self._max_unfinished:  # bounded
                 self._unfinished[gid] = job.session_id
             raise
         finally:
