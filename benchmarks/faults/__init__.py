@@ -17,6 +17,7 @@ from benchmarks.faults.delivery import (
     cross_session,
     gateway_kill,
     hostile_sse,
+    partition,
     redis_restart_empty,
     slow_client,
 )
@@ -60,6 +61,8 @@ SCENARIOS = [
              "events, B's answer whole", cross_session),
     Scenario("redis-restart-empty", "Redis SIGKILLed mid-answer, back empty: all 30 clients "
              "get gap and their stream ends (generation_lost) within 20 s", redis_restart_empty),
+    Scenario("partition", "the gateway loses Redis for 5 s mid-answer (a proxy holds every "
+             "byte): 10 clients get every token exactly once", partition),
     Scenario("soak", "10 generations/s for 60 s, retention 5 s: keys, Redis memory and gateway "
              "RSS level off (last third <= 1.25 x middle third); no key without the prefix or "
              "outliving its TTL; all per-generation keys gone 15 s after", soak, quick=False),

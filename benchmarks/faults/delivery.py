@@ -21,6 +21,7 @@ from benchmarks.faults.harness import (
     start_generation,
     until,
 )
+from benchmarks.faults.proxy import PausingProxy
 from tokenbridge.producer.jobs import GenerationJob, Message
 from tokenbridge.producer.models.base import GenerationParams
 from tokenbridge.producer.producer import Producer
@@ -32,6 +33,7 @@ __all__ = [
     "cross_session",
     "gateway_kill",
     "hostile_sse",
+    "partition",
     "redis_restart_empty",
     "slow_client",
 ]
@@ -236,3 +238,34 @@ async def redis_restart_empty(env: FaultEnv, seed: int) -> Outcome:
                "ended_with": ",".join(sorted(set(ended))),
                "ends_within_s": round(took, 1)}  # fmt: skip
     return Outcome(gapped == clients and len(ended) == clients, figures)
+
+
+async def partition(env: FaultEnv, seed: int) -> Outcome:
+    """The gateway loses Redis for 5 s (a proxy holds every byte) mid-answer: its readers
+    wait and resume; every client gets every token exactly once."""
+    rng = random.Random(seed)
+    tokens, pause_s = 600, 5.0
+    async with PausingProxy(_port_of(env.redis_url)) as proxy:
+        gw = await env.node("gw", "--no-worker", redis_url=proxy.url)
+        await env.node("worker", worker_only=True)
+        session = f"s_part{seed}"
+        recorders = [Recorder(session, lambda: [gw.url], rng) for _ in range(_CLIENTS)]
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None)) as h:
+            started = await start_generation(h, gw.url, tokens, 100, session_id=session)
+            gid = started["generation_id"]
+            follows = [asyncio.create_task(r.follow(h, gid)) for r in recorders]
+            await until(lambda: min(len(r.events) for r in recorders) >= 20, 30)
+            proxy.pause()
+            await asyncio.sleep(pause_s)  # the partition's length, not a sync
+            proxy.resume()
+            async with asyncio.timeout(60):
+                await asyncio.gather(*follows)
+    verdicts = [exact(r.of(gid), tokens) for r in recorders]
+    bad = [why for ok, why in verdicts if not ok]
+    figures = {"clients": _CLIENTS, "pause_s": pause_s, "exact": len(verdicts) - len(bad),
+               "reconnects": sum(r.reconnects for r in recorders)}  # fmt: skip
+    return Outcome(not bad, figures, bad[0] if bad else "")
+
+
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
