@@ -18,6 +18,7 @@ from benchmarks.faults.delivery import (
     gateway_kill,
     hostile_sse,
     partition,
+    reconnect_storm,
     redis_restart_empty,
     slow_client,
 )
@@ -63,6 +64,8 @@ SCENARIOS = [
              "get gap and their stream ends (generation_lost) within 20 s", redis_restart_empty),
     Scenario("partition", "the gateway loses Redis for 5 s mid-answer (a proxy holds every "
              "byte): 10 clients get every token exactly once", partition),
+    Scenario("reconnect-storm", "200 clients lose their gateway at once (SIGKILL) and all "
+             "resume on the other: every token exactly once", reconnect_storm, quick=False),
     Scenario("soak", "10 generations/s for 60 s, retention 5 s: keys, Redis memory and gateway "
              "RSS level off (last third <= 1.25 x middle third); no key without the prefix or "
              "outliving its TTL; all per-generation keys gone 15 s after", soak, quick=False),

@@ -34,6 +34,7 @@ __all__ = [
     "gateway_kill",
     "hostile_sse",
     "partition",
+    "reconnect_storm",
     "redis_restart_empty",
     "slow_client",
 ]
@@ -269,3 +270,31 @@ async def partition(env: FaultEnv, seed: int) -> Outcome:
 
 def _port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+async def reconnect_storm(env: FaultEnv, seed: int) -> Outcome:
+    """200 clients of one gateway lose it at once (SIGKILL) and all resume on the other at
+    the same moment: every client gets every token exactly once."""
+    rng = random.Random(seed)
+    clients, tokens = 200, 400
+    doomed = await env.node("gw-doomed", "--no-worker")
+    other = await env.node("gw-other", "--no-worker")
+    await env.node("worker", worker_only=True)
+    alive = [doomed.url]
+    session = f"s_storm{seed}"
+    recorders = [Recorder(session, lambda: alive, rng) for _ in range(clients)]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        started = await start_generation(http, doomed.url, tokens, 100, session_id=session)
+        gid = started["generation_id"]
+        follows = [asyncio.create_task(r.follow(http, gid)) for r in recorders]
+        await until(lambda: min(len(r.events) for r in recorders) >= 20, 60)
+        alive[:] = [other.url]
+        doomed.kill()
+        async with asyncio.timeout(90):
+            await asyncio.gather(*follows)
+    verdicts = [exact(r.of(gid), tokens) for r in recorders]
+    bad = [why for ok, why in verdicts if not ok]
+    figures = {"clients": clients, "exact": len(verdicts) - len(bad),
+               "reconnects": sum(r.reconnects for r in recorders)}  # fmt: skip
+    return Outcome(not bad, figures, bad[0] if bad else "")
