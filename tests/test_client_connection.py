@@ -45,7 +45,7 @@ async def test_seam_cuts_what_the_client_already_has() -> None:
 
 
 async def test_idle_sse_stream_gets_heartbeat_comments(settings_factory: Any) -> None:
-    settings = settings_factory(sse_heartbeat_s=0.05)
+    settings = settings_factory(connection_heartbeat_s=0.05)
     two_pings = asyncio.Event()
 
     class Comments(list[str]):

@@ -13,9 +13,9 @@ from redis.asyncio import Redis
 from tests.pipeline_helpers import Stalled, demo_job
 from tests.servers import Gateway
 from tokenbridge.processors.pipeline_trim import PipelineTrimmer
-from tokenbridge.processors.status import read_pipeline_status
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.settings import Settings
+from tokenbridge.store.stats import read_pipeline_status
 from tokenbridge.wire.keys import Keys
 
 GROUP = "processors"

@@ -47,8 +47,11 @@ def _estimate(batch: Batch) -> int:
 
 
 def batch_bytes(batch: Batch) -> int:
-    """About how many bytes ``batch`` takes on the wire; computed once per batch."""
-    return batch.encoded("_bytes", _estimate)
+    """About how many bytes ``batch`` takes on the wire; computed once per batch (shared
+    by every connection it is delivered to)."""
+    if batch.size_estimate < 0:
+        batch.size_estimate = _estimate(batch)
+    return batch.size_estimate
 
 
 def cap_send_buffers(sockets: Iterable[Any], nbytes: int) -> None:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -86,11 +87,14 @@ class _WSWriter:
             await self.websocket.send_text(chunk)
 
 
-class _Command(Exception):
-    """A client message that restarts the stream (resume)."""
+@dataclass(slots=True)
+class _Commands:
+    """What the client's messages decided: a resume point, or a close code and reason."""
 
-    def __init__(self, last: tuple[str, str] | None) -> None:
-        self.last = last
+    resume: bool = False
+    last: tuple[str, str] | None = None
+    close_code: int | None = None
+    close_reason: str | None = None
 
 
 async def serve_websocket(
@@ -125,14 +129,13 @@ async def serve_websocket(
         except Draining as exc:
             await websocket.close(1012, reason=f"{exc.code}: {exc}"[:120])
             return
-        resume = asyncio.Event()
-        state: dict[str, Any] = {}
+        commands = _Commands()
         encoder = encoding.open(StreamContext(session_id, resumed=last is not None))
         async with stream as conn:
             try:
                 async with asyncio.TaskGroup() as group:
                     reader = group.create_task(
-                        _read_commands(websocket, conn, cancel, resume, state, max_message_bytes)
+                        _read_commands(websocket, conn, cancel, commands, max_message_bytes)
                     )
                     try:
                         await stream.run(encoder, _WSWriter(websocket), last)
@@ -140,26 +143,25 @@ async def serve_websocket(
                         reader.cancel()
             except (WebSocketDisconnect, OSError):
                 conn.close("client_gone")
-        if resume.is_set():
-            last = state["last"]
+        if commands.resume:
+            last = commands.last
             continue
         reason = conn.closed_reason or "done"
-        close_code = state.get("close_code") or _CLOSE_CODES.get(reason, 1000)
+        close_code = commands.close_code or _CLOSE_CODES.get(reason, 1000)
         break
     if reason != "client_gone":
         # Bounded: a client that stopped reading never lets the close frame out; after
         # CLOSING_TIMEOUT_S, returning makes uvicorn drop the socket.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSING_TIMEOUT_S):
-                await websocket.close(close_code, reason=state.get("close_reason", reason)[:120])
+                await websocket.close(close_code, reason=(commands.close_reason or reason)[:120])
 
 
 async def _read_commands(
     websocket: WebSocket,
     conn: ClientConnection,
     cancel: Canceller,
-    resume: asyncio.Event,
-    state: dict[str, Any],
+    commands: _Commands,
     max_message_bytes: int,
 ) -> None:
     """Handle client messages until the connection closes (closing it on a bad message)."""
@@ -170,7 +172,7 @@ async def _read_commands(
             conn.close("client_gone")
             return
         if len(text) > max_message_bytes or len(text.encode()) > max_message_bytes:
-            state.update(close_code=1009, close_reason="message_too_big")
+            commands.close_code, commands.close_reason = 1009, "message_too_big"
             conn.close("message_too_big")
             return
         try:
@@ -179,8 +181,8 @@ async def _read_commands(
             if kind == "ping":
                 await websocket.send_text('{"type":"pong"}')
             elif kind == "resume":
-                state["last"] = parse_last_event_id(message.get("last_event_id"))
-                resume.set()
+                commands.last = parse_last_event_id(message.get("last_event_id"))
+                commands.resume = True
                 conn.close("resume")
                 return
             elif kind == "cancel":
@@ -193,6 +195,6 @@ async def _read_commands(
                 raise InvalidRequest("unknown_message", f"unknown message type {kind!r}")
         except (ValueError, KeyError, TypeError, InvalidRequest) as exc:
             code = exc.code if isinstance(exc, InvalidRequest) else "invalid_message"
-            state.update(close_code=1008, close_reason=code)
+            commands.close_code, commands.close_reason = 1008, code
             conn.close(code)
             return
