@@ -79,7 +79,7 @@ class _Writer:
             [(b"v", WIRE_VERSION.encode()), (b"kind", b"token"), (b"gen", self.gen)],
             TOKEN_VALUES,
         )
-        self.cancel_field = b"cancel:" + self.gen
+        self.cancel_field = Keys.cancel_field(job.generation_id).encode()
         # One pipeline entry per batch, for the processors (wire/pipeline.py).
         self.pipeline: tuple[XaddTemplate, XaddTemplate, bytes] | None = None
         self.pipeline_pending: list[Event] = []

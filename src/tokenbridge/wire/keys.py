@@ -74,6 +74,11 @@ class Keys:
         """Hash: generation id -> ``running <seq>`` or ``done <seq>`` (worker recovery)."""
         return f"{self.prefix}:{{{session_id}}}:gens"
 
+    @staticmethod
+    def cancel_field(generation_id: str) -> str:
+        """The field of :meth:`generations` that flags a cancel request for a generation."""
+        return f"cancel:{generation_id}"
+
     def session_of(self, events_key: str) -> str:
         """The session id inside an events key."""
         start = events_key.index("{") + 1
