@@ -119,6 +119,8 @@ class GenerationSweeper:
                 await self.sweep()
             except REDIS_DOWN_ERRORS as exc:
                 log.debug("generation sweep skipped (%s)", exc)
+            except Exception as exc:  # never takes the worker down with it
+                log.warning("generation sweep failed (%r); retrying next time", exc)
 
     async def sweep(self) -> int:
         """End the generations whose deadline passed; returns how many this call ended."""
