@@ -209,6 +209,7 @@ class ClientConnection:
 
     async def next_batches(self, timeout_s: float) -> list[Batch] | None:
         """Everything buffered, waiting up to ``timeout_s``; ``[]`` on timeout, None once closed."""
+        self._writing_bytes = 0  # the previous take has been written (or had nothing to write)
         if not self._pending and self.closed_reason is None:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
