@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from benchmarks.connections import Transport, idle_connections, many_sessions
+from benchmarks.openai_chat import openai_chat
 from benchmarks.processes import GatewayProcess, machine_info, new_runner, raise_open_files_limit
 from benchmarks.report import print_report
 from benchmarks.scenarios import Bench, ScenarioResult, fanout, latency, pipeline, single_session
@@ -35,6 +36,7 @@ SCENARIOS = (
     "sessions-sse",
     "sessions-ws",
     "pipeline",
+    "openai-chat",
 )
 
 
@@ -56,6 +58,8 @@ class Options:
     spread_connections: int = 1000
     spread_sessions: int = 100
     spread_tokens: int = 2000
+    openai_tokens: int = 8_000
+    openai_rounds: int = 10
 
 
 def _parse(argv: Sequence[str] | None) -> Options:
@@ -96,6 +100,13 @@ def _parse(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--spread-tokens", type=int, help="sessions-sse/ws: tokens per session (2,000; quick 200)"
     )
+    parser.add_argument(
+        "--openai-tokens",
+        type=int,
+        default=8000,
+        help="openai-chat: tokens per generation (8,000: under stream_max_len)",
+    )
+    parser.add_argument("--openai-rounds", type=int, help="openai-chat: rounds (10; quick 3)")
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -119,6 +130,8 @@ def _parse(argv: Sequence[str] | None) -> Options:
         spread_connections=args.spread_connections,
         spread_sessions=args.spread_sessions,
         spread_tokens=args.spread_tokens or (200 if quick else 2000),
+        openai_tokens=args.openai_tokens,
+        openai_rounds=args.openai_rounds or (3 if quick else 10),
     )
 
 
@@ -154,6 +167,10 @@ async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult
             options.spread_sessions,
             options.spread_tokens,
             options.timeout_s,
+        )
+    if name == "openai-chat":
+        return await openai_chat(
+            bench, options.openai_tokens, options.openai_rounds, options.timeout_s
         )
     if name == "pipeline":
         return await pipeline(
