@@ -23,6 +23,7 @@ MAX_GENERATION_S = 10
 GLOBAL = (
     r"jobs|workers|running|dlq|log|processors|pipeline:\d+|pipeline:lost|auth:secret|auth:keys"
     r"|cache:lru|\{stats\}:total|\{stats\}:models|\{stats\}:model:[^:]+|wake:[0-9a-f]+:\d+"
+    r"|\{stats\}:series:\d+|proc:[0-9a-f]+|procs"
 )
 
 

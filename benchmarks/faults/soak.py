@@ -22,6 +22,7 @@ _BOUND_S = MAX_GENERATION_S + RETENTION_S  # the longest documented TTL of these
 _GLOBAL = (
     r"jobs|workers|running|dlq|log|processors|pipeline:\d+|pipeline:lost|auth:secret|auth:keys"
     r"|cache:lru|\{stats\}:total|\{stats\}:models|\{stats\}:model:[^:]+|wake:[0-9a-f]+:\d+"
+    r"|\{stats\}:series:\d+|proc:[0-9a-f]+|procs"
 )
 _SHORT = {
     "stream_retention_s": str(RETENTION_S),
