@@ -25,7 +25,7 @@ from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.encodings.base import Chunk, Encoder
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.frames import Batch
-from tokenbridge.gateway.resume import iter_history, plan_resume
+from tokenbridge.gateway.resume import iter_history
 
 __all__ = ["CLOSING_TIMEOUT_S", "Transport", "pump"]
 
@@ -80,7 +80,8 @@ async def pump(
         if batches is None:
             break
         if batches:
-            await _write(conn, encoder, transport, batches)
+            for group in _groups(batches, fanout.batch_events):  # bounded writes
+                await _write(conn, encoder, transport, group)
             next_heartbeat = time.monotonic() + heartbeat_s
         elif time.monotonic() >= next_heartbeat:
             chunk = encoder.keepalive()
@@ -105,12 +106,11 @@ async def _start(
     history_batch: int,
 ) -> None:
     """Subscribe, decide where to resume, write the preamble and the history."""
-    state = await fanout.subscribe(conn)
-    plan = plan_resume(state, last_event_id)
+    opening = await fanout.open(conn, last_event_id)
     head = encoder.preamble()
-    if plan.gap is not None:
-        log.info("resume gap session=%s reason=%s", conn.session_id, plan.gap["reason"])
-        gap = encoder.gap(plan.gap)
+    if opening.gap is not None:
+        log.info("resume gap session=%s reason=%s", conn.session_id, opening.gap["reason"])
+        gap = encoder.gap(opening.gap)
         if gap is not None:
             head = gap if head is None else head + gap  # type: ignore[operator]  # same type
     if head is not None:
@@ -118,18 +118,38 @@ async def _start(
     if encoder.finished:  # e.g. an OpenAI encoding ends the stream at a gap
         conn.close("done")
         return
+    for batch in opening.history:
+        if conn.closed:
+            return
+        await _write(conn, encoder, transport, [batch])
+    if opening.more_after is None:
+        return
     async for batch in iter_history(
         fanout.redis,
         fanout.keys.events(conn.session_id),
         conn.session_id,
-        state.epoch,
-        plan.after_id,
+        opening.epoch,
+        opening.more_after,
         history_batch,
         fanout.stats,  # counts invalid entries met, once per connection that replays them
     ):
         if conn.closed:
             break
         await _write(conn, encoder, transport, [batch])
+
+
+def _groups(batches: list[Batch], limit: int) -> list[list[Batch]]:
+    """Consecutive batches in groups of at most ``limit`` events (a batch alone may pass it):
+    one write per group, so a client that stops reading stalls a write of bounded size."""
+    groups: list[list[Batch]] = [[]]
+    size = 0
+    for batch in batches:
+        if groups[-1] and size + len(batch) > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(batch)
+        size += len(batch)
+    return groups
 
 
 async def _write(
