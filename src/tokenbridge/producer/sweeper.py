@@ -11,7 +11,8 @@ back empty). One sweeper task per worker process, every heartbeat, takes up to
 ``_BATCH`` members whose deadline has passed and ends each with one Lua script, a
 check-and-set on the generation's progress record (``<prefix>:{sid}:gens``): only a
 generation still ``running`` (or with no record, and no terminal event at the stream's tail)
-gets ``error`` with code ``generation_lost``, at the next ``seq``. Two sweepers, or a
+gets ``error`` with code ``generation_lost``, at the next ``seq``, announced on the session's
+live channel like any write (an empty ``SPUBLISH``: "read the stream"). Two sweepers, or a
 sweeper and a reclaiming worker, never both write it.
 
 Bound: a generation whose producer stopped gets its terminal event within
@@ -42,7 +43,7 @@ _BATCH = 100  # generations ended per sweep at most: bounded work per heartbeat
 _MESSAGE = "the generation stopped and cannot continue (its worker or its job was lost)"
 
 _END_LOST = """
-local gens, events, meta, gid = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+local gens, events, meta, live, gid = KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1]
 local record = redis.call('HGET', gens, gid)
 local seq = 0
 if record then
@@ -63,6 +64,7 @@ end
 redis.call('XADD', events, 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'kind', 'error', 'gen', gid,
   'seq', tostring(seq), 'ts', ARGV[4], 'code', ARGV[5], 'message', ARGV[6])
 redis.call('HSET', gens, gid, 'done ' .. seq)
+redis.call('SPUBLISH', live, '')
 for _, key in ipairs({gens, events, meta}) do
   if redis.call('EXISTS', key) == 1 then redis.call('EXPIRE', key, ARGV[2]) end
 end
@@ -145,7 +147,10 @@ class GenerationSweeper:
     async def end_lost(self, session_id: str, generation_id: str) -> int:
         """Write ``error generation_lost`` unless the generation has ended; its seq, or -1."""
         k = self.keys
-        keys = [k.generations(session_id), k.events(session_id), k.meta(session_id)]
+        keys = [
+            k.generations(session_id), k.events(session_id), k.meta(session_id),
+            k.live(session_id),
+        ]  # fmt: skip
         args: list[str | int] = [
             generation_id,
             self.retention_s,
