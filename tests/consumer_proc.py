@@ -18,7 +18,7 @@ from tokenbridge.store.once import ApplyOnce
 
 async def main(url: str, stream: str, name: str, burst: bool) -> None:
     redis = command_client(url, 8, 10)
-    once = ApplyOnce(redis)
+    once = ApplyOnce(redis, 3_600_000)
     counts = f"{{{stream}}}:counts"
     handled = 0
 

@@ -105,3 +105,29 @@ def batches_of(session_id: str, events: list[Event], size: int) -> list[Pipeline
                       prompt_sha256="ab" * 32 if i == 0 else "")
         for i in range(0, len(events), size)
     ]  # fmt: skip
+
+
+class Stalled:
+    """Holds every entry until :attr:`gate` is set (processors stalled); records what it saw.
+
+    Class-level state: the test that loads it (``tests.pipeline_helpers:Stalled``) resets it.
+    """
+
+    name = "stalled"
+    gate = asyncio.Event()
+    seen: set[str] = set()
+    target = 0
+    reached = asyncio.Event()
+
+    def __init__(self, context: ProcessorContext) -> None:
+        self.context = context
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.gate, cls.reached, cls.seen, cls.target = asyncio.Event(), asyncio.Event(), set(), 0
+
+    async def process(self, batch: PipelineBatch, entry_id: str) -> None:
+        await type(self).gate.wait()
+        type(self).seen.add(batch.once_key)
+        if type(self).target and len(type(self).seen) >= type(self).target:
+            type(self).reached.set()

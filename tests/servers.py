@@ -25,6 +25,7 @@ import redis
 import uvicorn
 
 from tokenbridge.gateway.app import create_app
+from tokenbridge.gateway.client_connection import cap_send_buffers
 from tokenbridge.gateway.websocket import uvicorn_options
 from tokenbridge.settings import Settings
 from tokenbridge.store.client import close_client, command_client
@@ -298,6 +299,9 @@ class Gateway:
             if self._task in done:
                 self._task.result()
             raise RuntimeError("gateway did not start within 20 s")
+        if self.send_buffer_bytes is None:  # as `tokenbridge serve` does
+            listening = (sock for server in self.server.servers for sock in server.sockets)
+            cap_send_buffers(listening, self.settings.connection_send_buffer_bytes)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

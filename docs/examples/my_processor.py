@@ -39,13 +39,14 @@ class TokenFrequency:
         self.key = f"{context.keys.prefix}:{{tokens}}:frequency"
         self.once_prefix = f"{context.keys.prefix}:{{tokens}}:once:"
         self._count_once = context.redis.register_script(_COUNT_ONCE)
+        self.once_ttl_ms = context.settings.once_ttl_ms()  # as long as redelivery can happen
 
     async def process(self, batch: PipelineBatch, entry_id: str) -> None:
         counts = Counter(e.text.strip().lower() for e in batch.events if e.kind == "token")
         counts.pop("", None)
         if not counts:
             return
-        args: list[str | int] = [86_400_000]  # markers outlive any redelivery (a day)
+        args: list[str | int] = [self.once_ttl_ms]
         for token, n in counts.items():
             args += [token, n]
         await self._count_once(keys=[self.key, self.once_prefix + batch.once_key], args=args)

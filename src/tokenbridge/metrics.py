@@ -41,12 +41,14 @@ class TokenBridgeCollector(Collector):
         consumers: StreamConsumerService,
         worker: WorkerCounts | None = None,
         models: Mapping[str, object] | None = None,
+        trimmer: object | None = None,
     ) -> None:
         self.connections = connections
         self.fanout_stats = fanout_stats
         self.consumers = consumers
         self.worker = worker
         self.models = models or {}
+        self.trimmer = trimmer  # the processors' PipelineTrimmer, where they run
 
     def collect(self) -> Iterator[Any]:
         yield from self._connections()
@@ -54,6 +56,7 @@ class TokenBridgeCollector(Collector):
         yield from self._consumers()
         yield from self._providers()
         yield from self._worker()
+        yield from self._pipeline()
 
     def _worker(self) -> Iterator[Any]:
         worker = self.worker
@@ -145,6 +148,19 @@ class TokenBridgeCollector(Collector):
                 failures.add_metric([name, code], count)
         yield from (retries, fallbacks, failures)
 
+    def _pipeline(self) -> Iterator[Any]:
+        trimmer: Any = self.trimmer
+        if trimmer is None:
+            return
+        yield CounterMetricFamily(
+            "tokenbridge_pipeline_trimmed", "Pipeline entries trimmed after every processor "
+            "was done with them (this process's trims)", value=trimmer.trimmed,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "tokenbridge_pipeline_lost", "Pipeline entries dropped by the length cap before "
+            "the processors were done with them (this process's trims)", value=trimmer.lost,
+        )  # fmt: skip
+
 
 def render(
     connections: ConnectionManager,
@@ -152,9 +168,12 @@ def render(
     consumers: StreamConsumerService,
     worker: WorkerCounts | None = None,
     models: Mapping[str, object] | None = None,
+    trimmer: object | None = None,
 ) -> bytes:
     """The exposition text for one scrape; ``models``: the runtime's (provider counters)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TokenBridgeCollector(connections, fanout_stats, consumers, worker, models))
+    registry.register(
+        TokenBridgeCollector(connections, fanout_stats, consumers, worker, models, trimmer)
+    )
     output: bytes = generate_latest(registry)
     return output

@@ -46,7 +46,6 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 _UNITS |= {"second": 1, "minute": 60, "hour": 3600, "day": 86_400}
 _RATE = re.compile(RATE_PATTERN)
 _KNOWN_GENERATIONS = 4096  # generation -> identity remembered by one processor (bounded LRU)
-_ONCE_TTL_MS = 86_400_000  # longer than any entry stays pending (reclaim x max deliveries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +128,7 @@ class RateLimiter:
         self.keys = keys
         self.scripts = Scripts(redis)
         self.ttl_s = settings.stream_max_generation_s + settings.stream_retention_s
+        self.once_ttl_ms = settings.once_ttl_ms()  # as long as an entry can be redelivered
         self._key = _Scope(
             "key",
             _rate(settings.rate_limit_generations),
@@ -207,7 +207,9 @@ class RateLimiter:
             key = self.scope_key(scope, identity, model)
             check = RateLimitCheck("tok", scope.tokens.count, 60, tokens)
             once = Keys.once(key, once_key)
-            result, _ = await self.scripts.rate_limit("charge", key, [check], once, _ONCE_TTL_MS)
+            result, _ = await self.scripts.rate_limit(
+                "charge", key, [check], once, self.once_ttl_ms
+            )
             applied = applied or result == 0
         return applied
 

@@ -86,7 +86,8 @@ class Runtime:
             max_generation_s=settings.stream_max_generation_s,
             max_pending=settings.producer_max_pending,
             pipeline_shards=settings.pipeline_shards if settings.pipeline_enabled else 0,
-            pipeline_max_len=settings.pipeline_max_len,
+            # A backstop only: processors/pipeline_trim.py trims (and counts what it drops).
+            pipeline_max_len=settings.pipeline_max_len * 2,
         )
         self.models: dict[str, ChatModel] = build_models(settings)
         self.dead_letters = DeadLetters(self.redis, self.keys.dead_letters, settings.dlq_max_len)

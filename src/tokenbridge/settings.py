@@ -198,6 +198,20 @@ class Settings(BaseSettings):
         ge=10,
         description="Events queued for one connection before it is cut as a slow client.",
     )
+    connection_max_buffered_bytes: int = Field(
+        default=1_048_576,
+        ge=0,
+        description="Bytes (estimated: token text + ~96 per event) queued or being written for "
+        "one connection before it is cut as a slow client (it resumes from Last-Event-ID); "
+        "0: bounded in events only.",
+    )
+    connection_send_buffer_bytes: int = Field(
+        default=131_072,
+        ge=0,
+        description="SO_SNDBUF of client sockets (set on the listening socket, inherited): "
+        "caps what the kernel holds per client on top of the byte budget; 0: kernel "
+        "autotuning (megabytes on loopback).",
+    )
     history_batch: int = Field(
         default=1000, ge=1, le=100_000, description="XRANGE COUNT when replaying history."
     )
@@ -369,8 +383,10 @@ class Settings(BaseSettings):
     pipeline_max_len: int = Field(
         default=100_000,
         ge=100,
-        description="Approximate max entries kept per pipeline stream (XADD MAXLEN ~); an "
-        "entry trimmed before the processors read it is lost to them.",
+        description="Max entries kept per pipeline stream. Entries are trimmed once the "
+        "processors group has acked them; past this cap (processors stalled) the oldest are "
+        "dropped and counted as lost (tokenbridge stats, metrics, a log line). Producers trim "
+        "at twice this as a backstop.",
     )
     run_processors: bool = Field(
         default=True,
@@ -398,9 +414,18 @@ class Settings(BaseSettings):
         description="Dead-letter a pipeline entry once per processor that failed on it "
         "(replaying it re-runs every processor); off: the failure is only counted and logged.",
     )
+    processors_once_ttl_s: int = Field(
+        default=0,
+        ge=0,
+        description="How long the apply-once markers of the processors (analytics, generation "
+        "log, token budgets) are kept: as long as an entry can still be delivered again. 0: "
+        "2 x consumer_max_deliveries x consumer_claim_idle_ms (5 min by default), at least 60 s. "
+        "An entry redelivered later (processors down longer than this right after a crash, "
+        "or a dead letter replayed later) may count twice.",
+    )
     analytics_retention_s: int = Field(
         default=7 * 86_400,
-        ge=60,
+        ge=1,
         description="Per-session and per-generation analytics expire this long after their "
         "last update; totals and per-model figures are kept.",
     )
@@ -568,6 +593,12 @@ class Settings(BaseSettings):
                         f"table (others: {known})"
                     )
         return value
+
+    def once_ttl_ms(self) -> int:
+        """Lifetime of apply-once markers (``processors_once_ttl_s``, or derived from it)."""
+        if self.processors_once_ttl_s:
+            return self.processors_once_ttl_s * 1000
+        return max(60_000, 2 * self.consumer_max_deliveries * self.consumer_claim_idle_ms)
 
     @classmethod
     def settings_customise_sources(

@@ -52,9 +52,11 @@ class _Server(uvicorn.Server):
         app: Starlette,
         lifespan: _StartupErrors,
         drain_s: float,
+        send_buffer_bytes: int = 0,
     ) -> None:
         super().__init__(config)
         self.app = app
+        self.send_buffer_bytes = send_buffer_bytes
         self.public_url = url
         self.lifespan_errors = lifespan
         self.startup_error: BaseException | None = None
@@ -72,6 +74,10 @@ class _Server(uvicorn.Server):
             return
         if self.should_exit:
             return
+        from tokenbridge.gateway.client_connection import cap_send_buffers
+
+        listening = (sock for server in self.servers for sock in server.sockets)
+        cap_send_buffers(listening, self.send_buffer_bytes)  # bounds slow clients in bytes
         login = await self._credentials()
         print(f"tokenbridge serving at {self.public_url}", flush=True)
         if login:
@@ -231,7 +237,14 @@ def serve(
         bound = sock.getsockname()[1]
         shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         url = f"http://{shown_host}:{bound}/"
-        server = _Server(uv_config, url, application, lifespan, settings.shutdown_drain_s)
+        server = _Server(
+            uv_config,
+            url,
+            application,
+            lifespan,
+            settings.shutdown_drain_s,
+            settings.connection_send_buffer_bytes,
+        )
         server.data_dir = where
         if embedded is not None:  # stopped on a forced exit too
             server.stop_signals.cleanups.append(embedded.stop)

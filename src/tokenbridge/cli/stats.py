@@ -81,12 +81,13 @@ def _show_totals(body: dict[str, Any]) -> None:
         )  # fmt: skip
     out.print(processors)
     shards = Table(title="pipeline streams", title_justify="left")
-    for column in ("stream", "length", "pending", "lag"):
+    for column in ("stream", "length", "pending", "lag", "lost"):
         shards.add_column(column, justify="left" if column == "stream" else "right")
     for row in body["pipeline"]:
         shards.add_row(
-            row["stream"], _cell(row["length"]), _cell(row["pending"]), _cell(row["lag"])
-        )
+            row["stream"], _cell(row["length"]), _cell(row["pending"]), _cell(row["lag"]),
+            _cell(row["lost"]),
+        )  # fmt: skip
     out.print(shards)
 
 

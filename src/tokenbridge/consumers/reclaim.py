@@ -7,7 +7,11 @@ Every ``heartbeat_s``, for its :class:`StreamConsumer`:
 2. takes over entries idle longer than ``claim_idle_ms`` on any consumer (``XAUTOCLAIM``): those
    of crashed processes. They are handed to the consumer's handlers as redeliveries. Entries
    trimmed from the stream while pending come back as deleted ids: XAUTOCLAIM has already
-   dropped them from the pending list; they are counted as ``trimmed``;
+   dropped them from the pending list; they are counted as ``trimmed``. When there are more
+   idle entries than free handler slots, a drain task goes on claiming as slots free up
+   (not once per heartbeat), so a survivor drains a crashed process's entries at the pace
+   of its handlers, within about ``claim_idle_ms``, whatever their number; the rest stay
+   pending in Redis meanwhile, so memory stays bounded by the consumer's concurrency;
 3. now and then deletes consumers of the group that hold nothing and have been idle for a long
    time (``XGROUP DELCONSUMER``): names of processes that are gone. A live consumer deleted by
    mistake is recreated by its next read, so this is safe.
@@ -72,36 +76,67 @@ class Reclaimer:
         self.claim_idle_ms = claim_idle_ms
         self.heartbeat_s = heartbeat_s
         self._beats = 0
+        self.more = False  # idle entries were left for lack of free slots
+        self.backlog = asyncio.Event()  # set while there are: the drain task claims on
+        self.slot_freed = asyncio.Event()  # set by the consumer when a handler finishes
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            try:
-                await self.tick()
-            except REDIS_DOWN_ERRORS as exc:
-                log.debug("reclaimer: redis unavailable (%s)", exc)
-            except Exception as exc:
-                if not is_nogroup(exc):
-                    raise
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._drain())
+            while True:
+                await asyncio.sleep(self.heartbeat_s)
+                await self._guarded(self.tick)
+
+    async def _guarded(self, step: Any) -> None:
+        try:
+            await step()
+        except REDIS_DOWN_ERRORS as exc:
+            log.debug("reclaimer: redis unavailable (%s)", exc)
+        except Exception as exc:
+            if not is_nogroup(exc):
+                raise
 
     async def tick(self) -> None:
         c = self.consumer
         inflight: list[Any] = c.inflight_ids
         if inflight:
             await c.redis.xclaim(c.stream, c.group, c.consumer, 0, list(inflight), justid=True)
-        await self.reclaim()
+        if not self.backlog.is_set():
+            await self.reclaim()
+            if self.more:
+                self.backlog.set()
         self._beats += 1
         if self._beats % _CLEANUP_EVERY == 0:
             await self.forget_dead_consumers()
 
+    async def _drain(self) -> None:
+        """While idle entries are left over, claim more each time handler slots free up."""
+        while True:
+            await self.backlog.wait()
+            c = self.consumer
+            while self.more and not c.stopping:
+                self.slot_freed.clear()
+                if c.concurrency - c.inflight <= 0:
+                    await self.slot_freed.wait()
+                    await asyncio.sleep(0)  # let the handlers that finish together free up
+                    continue
+                self.more = False
+                await self._guarded(self.reclaim)
+            self.backlog.clear()
+            if c.stopping:
+                return
+
     async def reclaim(self) -> int:
-        """XAUTOCLAIM idle entries, as many as the consumer has free slots for."""
+        """XAUTOCLAIM idle entries, as many as the consumer has free slots for; sets
+        :attr:`more` when it stopped for lack of slots with entries possibly left."""
         c = self.consumer
         cursor = "0-0"
         claimed_total = 0
+        self.more = False
         while not c.stopping:
             free = c.concurrency - c.inflight
             if free <= 0:
+                self.more = claimed_total > 0
                 break
             reply: Any = await c.redis.xautoclaim(
                 c.stream, c.group, c.consumer, self.claim_idle_ms, cursor, count=min(free, 100)

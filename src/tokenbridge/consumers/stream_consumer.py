@@ -313,6 +313,7 @@ class StreamConsumer:
             self._inflight.pop(delivery.entry_id, None)
             self.stats.last_activity = time.time()
             self._slot_free.set()
+            self.reclaimer.slot_freed.set()
 
     async def _dead_letter(self, delivery: Delivery, error: str) -> None:
         assert self.dead_letters is not None

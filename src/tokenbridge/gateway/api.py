@@ -279,11 +279,13 @@ async def metrics(request: Request) -> Response:
     gateway = _gateway(request)
     await key_principal(gateway.auth, request)
     runtime = _runtime(request)
+    trimmer = runtime.processor.trimmer if runtime.processor is not None else None
     body = render_metrics(
         gateway.connections,
         gateway.fanout.stats,
         runtime.consumers,
         runtime.worker,
         runtime.models,
+        trimmer,
     )
     return Response(body, media_type=METRICS_CONTENT_TYPE)

@@ -2,8 +2,17 @@
 
 The fan-out reader hands each connection whole :class:`Batch` es without ever awaiting it
 (:meth:`ClientConnection.deliver` is synchronous). When a connection's buffer would pass its
-bound, the connection is closed with reason ``slow_client``: the client resumes from its
-``Last-Event-ID`` and nothing is lost, while every other connection goes on unaffected.
+bound, in events (``connection_max_buffered_events``) or in bytes
+(``connection_max_buffered_bytes``: what is queued plus the write in progress), the
+connection is closed with reason ``slow_client``: the client resumes from its
+``Last-Event-ID`` and nothing is lost (or gets ``gap`` first if that history has expired),
+while every other connection goes on unaffected. The kernel's part is capped too:
+:func:`cap_send_buffers` sets ``SO_SNDBUF`` on the listening sockets, which accepted sockets
+inherit (without it, loopback autotuning lets one socket hold megabytes). So one client holds
+at most about ``connection_max_buffered_bytes + connection_send_buffer_bytes``.
+
+A batch's size is estimated once per batch (its token texts plus a fixed overhead per event,
+cached on the batch and shared by every connection): the per-delivery cost is one lookup.
 
 A close also aborts a write in progress (:meth:`ClientConnection.write`): a client that stopped
 reading leaves its transport's send waiting for the socket to drain, and without the abort
@@ -14,20 +23,47 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 import uuid
-from collections.abc import Awaitable
-from typing import Literal, TypeVar
+from collections.abc import Awaitable, Iterable
+from typing import Any, Literal, TypeVar
 
 from tokenbridge.gateway.frames import Batch
 
-__all__ = ["ClientConnection", "Transport"]
+__all__ = ["ClientConnection", "Transport", "batch_bytes", "cap_send_buffers"]
 
 Transport = Literal["sse", "websocket"]
 
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
+
+_EVENT_OVERHEAD = 96  # bytes per event besides its text: id, event name, JSON, framing
+
+
+def _estimate(batch: Batch) -> int:
+    return sum(len(f.event.text) + _EVENT_OVERHEAD for f in batch.frames)
+
+
+def batch_bytes(batch: Batch) -> int:
+    """About how many bytes ``batch`` takes on the wire; computed once per batch (shared
+    by every connection it is delivered to)."""
+    if batch.size_estimate < 0:
+        batch.size_estimate = _estimate(batch)
+    return batch.size_estimate
+
+
+def cap_send_buffers(sockets: Iterable[Any], nbytes: int) -> None:
+    """Set ``SO_SNDBUF`` on listening sockets (accepted ones inherit it); 0 leaves the kernel's
+    autotuning. Where the platform refuses, the kernel default stays (logged at DEBUG)."""
+    if nbytes <= 0:
+        return
+    for sock in sockets:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+        except (OSError, AttributeError) as exc:
+            log.debug("SO_SNDBUF not set on %r (%s)", sock, exc)
 
 
 class ClientConnection:
@@ -41,9 +77,11 @@ class ClientConnection:
 
     __slots__ = (
         "_pending",
+        "_pending_bytes",
         "_pending_events",
         "_waiter",
         "_write_scope",
+        "_writing_bytes",
         "bytes_sent",
         "client_address",
         "closed_reason",
@@ -52,6 +90,7 @@ class ClientConnection:
         "id",
         "last_activity",
         "last_key",
+        "max_buffered_bytes",
         "max_buffered_events",
         "session_id",
         "transport",
@@ -63,12 +102,14 @@ class ClientConnection:
         transport: Transport,
         max_buffered_events: int,
         client_address: str | None = None,
+        max_buffered_bytes: int = 0,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.session_id = session_id
         self.transport: Transport = transport
         self.client_address = client_address
         self.max_buffered_events = max_buffered_events
+        self.max_buffered_bytes = max_buffered_bytes  # 0: bounded in events only
         self.created_at = time.time()
         self.last_activity = time.monotonic()
         self.closed_reason: str | None = None
@@ -79,6 +120,8 @@ class ClientConnection:
         # idle connection costs ~1.3 KB less (each of those holds a 64-slot block).
         self._pending: list[Batch] = []
         self._pending_events = 0
+        self._pending_bytes = 0
+        self._writing_bytes = 0  # taken by next_batches, until the write returns
         self._waiter: asyncio.Future[None] | None = None
         self._write_scope: asyncio.Timeout | None = None
 
@@ -97,23 +140,35 @@ class ClientConnection:
     def buffered_events(self) -> int:
         return self._pending_events
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes queued or being written (estimated): what the byte budget bounds."""
+        return self._pending_bytes + self._writing_bytes
+
     def deliver(self, batch: Batch) -> None:
         """Queue a batch for the client, never waiting; a full buffer closes as ``slow_client``."""
         if self.closed_reason is not None:
             return
-        if self._pending_events + len(batch) > self.max_buffered_events:
+        nbytes = batch_bytes(batch) if self.max_buffered_bytes else 0
+        held = self._pending_bytes + self._writing_bytes
+        if self._pending_events + len(batch) > self.max_buffered_events or (
+            held and held + nbytes > self.max_buffered_bytes  # a lone batch always fits
+        ):
             log.info(
-                "client cut as slow session=%s connection=%s transport=%s buffered=%d sent=%d",
+                "client cut as slow session=%s connection=%s transport=%s buffered=%d "
+                "buffered_bytes=%d sent=%d",
                 self.session_id,
                 self.id,
                 self.transport,
                 self._pending_events,
+                held,
                 self.events_sent,
             )
             self.close("slow_client")
             return
         self._pending.append(batch)
         self._pending_events += len(batch)
+        self._pending_bytes += nbytes
         _wake(self._waiter)
 
     def close(self, reason: str) -> None:
@@ -125,6 +180,7 @@ class ClientConnection:
         self.closed_reason = reason
         self._pending = []
         self._pending_events = 0
+        self._pending_bytes = 0
         _wake(self._waiter)
         if self._write_scope is not None:
             # The task waiting in the write gets CancelledError there, which the scope turns
@@ -149,9 +205,11 @@ class ClientConnection:
             return None
         finally:
             self._write_scope = None
+            self._writing_bytes = 0
 
     async def next_batches(self, timeout_s: float) -> list[Batch] | None:
         """Everything buffered, waiting up to ``timeout_s``; ``[]`` on timeout, None once closed."""
+        self._writing_bytes = 0  # the previous take has been written (or had nothing to write)
         if not self._pending and self.closed_reason is None:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
@@ -167,6 +225,8 @@ class ClientConnection:
         if batches:
             self._pending = []
             self._pending_events = 0
+            self._writing_bytes = self._pending_bytes
+            self._pending_bytes = 0
         return batches
 
     def unsent(self, batch: Batch) -> Batch:

@@ -38,8 +38,10 @@ class ConnectionManager:
         max_per_session: int = 100,
         max_per_address: int = 1000,
         idle_timeout_s: float = 0.0,
+        max_buffered_bytes: int = 0,
     ) -> None:
         self.max_buffered_events = max_buffered_events
+        self.max_buffered_bytes = max_buffered_bytes
         self.max_connections = max_connections
         self.max_per_session = max_per_session
         self.max_per_address = max_per_address
@@ -100,7 +102,10 @@ class ConnectionManager:
                 "gateway, its limit (TOKENBRIDGE_LIMITS_MAX_CONNECTIONS_PER_ADDRESS); close some "
                 "first",
             )
-        conn = ClientConnection(session_id, transport, self.max_buffered_events, client_address)
+        conn = ClientConnection(
+            session_id, transport, self.max_buffered_events, client_address,
+            self.max_buffered_bytes,
+        )  # fmt: skip
         self._connections[conn.id] = conn
         self._by_session.setdefault(session_id, set()).add(conn.id)
         if client_address is not None:
@@ -172,6 +177,7 @@ class ConnectionManager:
                 "max_connections_per_session": self.max_per_session,
                 "max_connections_per_address": self.max_per_address,
                 "max_buffered_events": self.max_buffered_events,
+                "max_buffered_bytes": self.max_buffered_bytes,
                 "idle_timeout_s": self.idle_timeout_s,
             },
         }

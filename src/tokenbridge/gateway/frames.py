@@ -104,13 +104,16 @@ def _more(frame: Any, name: str, encode: Callable[[Any], _T]) -> _T:
 class Batch:
     """Consecutive frames of one session, in stream order."""
 
-    __slots__ = ("_chunk", "_encoded", "_name", "frames")
+    __slots__ = ("_chunk", "_encoded", "_name", "frames", "size_estimate")
 
     def __init__(self, frames: list[Frame]) -> None:
         self.frames = frames
         self._name: str | None = None
         self._chunk: Any = None
         self._encoded: dict[str, Any] | None = None
+        # Bytes on the wire, estimated once per batch by the first connection that needs it
+        # (gateway/client_connection.py: the slow-client byte budget); -1 until then.
+        self.size_estimate = -1
 
     def __len__(self) -> int:
         return len(self.frames)

@@ -68,6 +68,7 @@ class Gateway:
             max_per_session=settings.limits_max_connections_per_session,
             max_per_address=settings.limits_max_connections_per_address,
             idle_timeout_s=settings.connection_idle_timeout_s,
+            max_buffered_bytes=settings.connection_max_buffered_bytes,
         )
         self.admission = Admission.from_settings(redis, keys, settings)
         self.stream_options = StreamOptions(

@@ -189,7 +189,7 @@ class AnalyticsProcessor:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = settings.analytics_retention_s * 1000
-        self.once = ApplyOnce(redis)
+        self.once = ApplyOnce(redis, settings.once_ttl_ms())
         self._script: AsyncScript = redis.register_script(_BATCH)
         self.generations_counted = 0
 

@@ -17,7 +17,8 @@ Sinks:
 
 * default: the capped Redis stream ``<prefix>:log`` (``XADD MAXLEN ~ generation_log_max_len``),
   one entry of flat string fields per generation, written exactly once: one script sets the
-  marker ``{<prefix>:log}:once:<gid>`` (same Cluster slot as ``<prefix>:log``) and appends;
+  marker ``<prefix>:log:once:{<prefix>:log}:<gid>`` (same Cluster slot as ``<prefix>:log``,
+  kept ``processors_once_ttl_s``) and appends;
 * ``generation_log_path``: JSON lines appended to that file (one ``write`` per line; rotate it
   with ``copytruncate`` or by moving it: each record reopens the file). At least once: a crash
   between the write and the ``logged`` marker repeats the record on redelivery; readers dedupe
@@ -49,7 +50,6 @@ __all__ = ["LoggingProcessor", "read_log"]
 log = logging.getLogger(__name__)
 
 _MAX_TEXT = 1_000_000
-_ONCE_TTL_MS = 86_400_000
 
 _BUFFER = """
 local buf = KEYS[1]
@@ -174,6 +174,7 @@ class LoggingProcessor:
         self.redis = redis
         self.keys = keys
         self.stream = keys.log
+        self.once_ttl_ms = settings.once_ttl_ms()
         self.max_len = settings.generation_log_max_len
         self.path = settings.generation_log_path
         self.buffer_ttl_ms = (settings.stream_max_generation_s + settings.stream_retention_s) * 1000
@@ -241,8 +242,8 @@ class LoggingProcessor:
             await asyncio.to_thread(_append_line, self.path, line.encode())
         else:
             await self._append(
-                keys=[self.stream, f"{{{self.stream}}}:once:{generation_id}"],
-                args=[_ONCE_TTL_MS, self.max_len, *_flat(record)],
+                keys=[self.stream, self.keys.log_once(generation_id)],
+                args=[self.once_ttl_ms, self.max_len, *_flat(record)],
             )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)

@@ -55,6 +55,7 @@ from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, Str
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.processors.base import Processor
 from tokenbridge.processors.batcher import Batcher
+from tokenbridge.processors.pipeline_trim import PipelineTrimmer
 from tokenbridge.processors.registry import ProcessorContext, load_processors
 from tokenbridge.settings import Settings
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
@@ -126,6 +127,7 @@ class StreamProcessor:
         max_deliveries: int = 5,
         dead_letters: DeadLetters | None = None,
         dead_letter_failures: bool = True,
+        max_len: int = 100_000,
     ) -> None:
         self.redis = redis
         self.service = service
@@ -138,6 +140,7 @@ class StreamProcessor:
         self.name = _process_name()
         self.stats = {p.name: ProcessorStats() for p in self.processors}
         self.consumers: list[StreamConsumer] = []
+        self.trimmer = PipelineTrimmer(redis, keys, PROCESSOR_GROUP, shards, max_len, heartbeat_s)
         self._options = ConsumerOptions(
             concurrency=concurrency,
             count=concurrency,
@@ -173,6 +176,7 @@ class StreamProcessor:
             max_deliveries=settings.consumer_max_deliveries,
             dead_letters=dead_letters,
             dead_letter_failures=settings.processors_dead_letter,
+            max_len=settings.pipeline_max_len,
         )
 
     def __repr__(self) -> str:
@@ -184,6 +188,7 @@ class StreamProcessor:
     def stop(self) -> None:
         """Stop reading; in-flight entries finish (the service drains its consumers)."""
         self._stopping.set()
+        self.trimmer.stop()
         for consumer in self.consumers:
             consumer.stop()
 
@@ -205,7 +210,10 @@ class StreamProcessor:
             async with asyncio.TaskGroup() as group:
                 batcher = group.create_task(self._batcher.run())
                 if not burst:
+                    trimmer = group.create_task(self.trimmer.run())
                     await self._publish_until_stopped()
+                    self.trimmer.stop()
+                    await trimmer
                 for c in self.consumers:  # drained (bounded by the service's drain_s)
                     await self.service.wait_consumer(c.stream, c.group, c.consumer)
                 batcher.cancel()  # no handler is left to submit
@@ -316,6 +324,7 @@ class StreamProcessor:
             "updated_ms": now_ms(),
             "entries": entries,
             "groups": self._batcher.groups,  # entries / groups: how many shared a round trip
+            "pipeline": {"trimmed": self.trimmer.trimmed, "lost": self.trimmer.lost},
             "processors": {name: asdict(s) for name, s in self.stats.items()},
         }
 

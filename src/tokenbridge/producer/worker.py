@@ -37,6 +37,7 @@ from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.orphans import OrphanWatch
 from tokenbridge.producer.producer import Producer
+from tokenbridge.producer.sweeper import GenerationSweeper
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
 from tokenbridge.text import as_text
 from tokenbridge.wire.events import Event, now_ms
@@ -106,6 +107,18 @@ class GenerationWorker:
         self.cached = 0
         self._stopping = asyncio.Event()
         self._running: dict[str, CancelSignal] = {}  # generation id -> its cancel signal
+        self._sessions: dict[str, str] = {}  # generation id -> session id, while running
+        # Generations whose producer failed on Redis: registered as due once Redis is back.
+        self._unfinished: dict[str, str] = {}
+        self._max_unfinished = 4 * concurrency
+        self.sweeper = GenerationSweeper(
+            redis,
+            keys,
+            deadline_s=2 * claim_idle_ms / 1000 + heartbeat_s,
+            interval_s=heartbeat_s,
+            retention_s=producer.retention_s,
+            stream_max_len=producer.stream_max_len,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -130,6 +143,7 @@ class GenerationWorker:
                 helpers = [
                     group.create_task(self._heartbeat()),
                     group.create_task(self._listen_for_cancels()),
+                    group.create_task(self.sweeper.run()),
                 ]
                 if self.orphans is not None:
                     helpers.append(group.create_task(self.orphans.run()))
@@ -153,11 +167,26 @@ class GenerationWorker:
                     # Forget workers silent for a day; readiness looks at the last seconds.
                     pipe.zremrangebyscore(self.keys.workers, "-inf", now - 86_400_000)
                     await pipe.execute()
+                await self._register_generations()
             except REDIS_DOWN_ERRORS as exc:
                 log.debug("worker heartbeat failed (%s)", exc)
             with contextlib.suppress(TimeoutError):  # a timer: liveness is periodic by nature
                 async with asyncio.timeout(self.heartbeat_s):
                     await self._stopping.wait()
+
+    async def _register_generations(self) -> None:
+        """Refresh the sweeper's deadlines of our running generations (re-adding them after
+        Redis lost them), and hand it those whose producer failed on Redis."""
+        await self.sweeper.register((sid, gid) for gid, sid in self._sessions.items())
+        if self._unfinished:
+            unfinished, self._unfinished = self._unfinished, {}
+            try:
+                await self.sweeper.register(
+                    ((sid, gid) for gid, sid in unfinished.items()), due_now=True
+                )
+            except REDIS_DOWN_ERRORS:
+                self._unfinished.update(unfinished)
+                raise
 
     async def _listen_for_cancels(self) -> None:
         """Cancel notices (pub/sub) stop a running generation at once; missed ones are caught
@@ -224,14 +253,26 @@ class GenerationWorker:
             self.name,
         )
         cancel = self._running[gid] = CancelSignal()
+        self._sessions[gid] = job.session_id
         if self.orphans is not None:
             self.orphans.watch(job, cancel)
         try:
+            await self.sweeper.register([(job.session_id, gid)])
             result = await self.producer.run(job, model, cancel)
+        except Exception as exc:
+            redis_down = isinstance(exc, REDIS_DOWN_ERRORS) or (
+                isinstance(exc, BaseExceptionGroup) and exc.subgroup(REDIS_DOWN_ERRORS)
+            )  # the producer's TaskGroup wraps its writer's error
+            if redis_down and len(self._unfinished) < self._max_unfinished:  # bounded
+                self._unfinished[gid] = job.session_id
+            raise
         finally:
             self._running.pop(gid, None)
+            self._sessions.pop(gid, None)
             if self.orphans is not None:
                 self.orphans.forget(gid)
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await self.sweeper.done(job.session_id, gid)
         self.generations_done += 1
         self.generations_abandoned += result.outcome == "abandoned"
         log.info(

@@ -45,7 +45,7 @@ return 1
 class ApplyOnce:
     """Hash-counter increments applied at most once per (scope, entry id)."""
 
-    def __init__(self, redis: Redis, ttl_ms: int = 86_400_000) -> None:
+    def __init__(self, redis: Redis, ttl_ms: int) -> None:
         self.ttl_ms = ttl_ms
         self._script: AsyncScript = redis.register_script(_APPLY_ONCE)
 

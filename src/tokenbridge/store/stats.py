@@ -139,16 +139,22 @@ def _mapping(value: object) -> Mapping[str, Any]:
 
 
 async def read_pipeline_status(redis: Redis, keys: Keys, shards: int) -> list[dict[str, Any]]:
-    """Per pipeline shard: entries kept, and the processors group's pending count and lag."""
+    """Per pipeline shard: entries ever added, entries kept (the processed ones are trimmed),
+    the processors group's pending count and lag (what really waits), and entries lost to
+    the cap (``processors/pipeline_trim.py``)."""
     out: list[dict[str, Any]] = []
+    lost: Any = await redis.hgetall(keys.pipeline_lost)
     for shard in range(shards):
         key = keys.pipeline(shard)
-        row: dict[str, Any] = {"stream": key, "length": 0, "pending": 0, "lag": 0}
+        row: dict[str, Any] = {"stream": key, "added": 0, "length": 0, "pending": 0, "lag": 0}
+        row["lost"] = int(lost.get(str(shard).encode(), 0))
         async with redis.pipeline(transaction=False) as pipe:
             pipe.exists(key)
             pipe.xlen(key)
             exists, row["length"] = await pipe.execute()
         if exists:
+            info: Any = await redis.xinfo_stream(key)
+            row["added"] = int(info.get("entries-added", 0))
             groups: Any = await redis.xinfo_groups(key)
             for group in groups:
                 name = group["name"]

@@ -110,6 +110,12 @@ class Keys:
         return f"{self.prefix}:jobs"
 
     @property
+    def running(self) -> str:
+        """Sorted set: ``<session> <generation>`` -> refresh deadline (ms) of running
+        generations; past it, the sweeper ends them (producer/sweeper.py)."""
+        return f"{self.prefix}:running"
+
+    @property
     def workers(self) -> str:
         """Sorted set: worker name -> last heartbeat (ms); readiness looks here."""
         return f"{self.prefix}:workers"
@@ -117,6 +123,11 @@ class Keys:
     def pipeline(self, shard: int) -> str:
         """Pipeline stream ``shard``: one entry per flushed batch, read by the processors."""
         return f"{self.prefix}:pipeline:{shard}"
+
+    @property
+    def pipeline_lost(self) -> str:
+        """Hash: pipeline shard -> entries dropped before the processors were done with them."""
+        return f"{self.prefix}:pipeline:lost"
 
     @property
     def processor_stats(self) -> str:
@@ -194,6 +205,12 @@ class Keys:
     def generation_log(self, session_id: str, generation_id: str) -> str:
         """Hash: a running generation's text per batch, then a ``logged`` marker."""
         return f"{self.prefix}:{{{session_id}}}:glog:{generation_id}"
+
+    def log_once(self, generation_id: str) -> str:
+        """Marker: the generation was logged (kept ``processors_once_ttl_s``). Hash tag
+        ``{<prefix>:log}``: the slot of the log stream (whose name has no braces), so one
+        script can write both; and it starts with the prefix, like every key."""
+        return f"{self.prefix}:log:once:{{{self.prefix}:log}}:{generation_id}"
 
     # Response cache (producer/cache.py; filled by processors/cache.py)
 

@@ -1,0 +1,169 @@
+"""GenerationSweeper: every generation ends, even when its producer is gone for good.
+
+A worker registers each generation it runs in the index ``<prefix>:running`` (sorted set,
+member ``<session> <generation>``, score: the time by which it will have refreshed it) and
+refreshes it every heartbeat; it removes it once the terminal event is written. A generation
+whose worker died is normally ended by the worker that reclaims its job (``worker_lost``,
+``producer/worker.py``). What that cannot catch is ended here: a job dead-lettered after
+killing its workers, a job lost from the job stream, a producer whose write failed while
+Redis was away (the worker re-registers those after a reconnect, even into a Redis that came
+back empty). One sweeper task per worker process, every heartbeat, takes up to
+``_BATCH`` members whose deadline has passed and ends each with one Lua script, a
+check-and-set on the generation's progress record (``<prefix>:{sid}:gens``): only a
+generation still ``running`` (or with no record, and no terminal event at the stream's tail)
+gets ``error`` with code ``generation_lost``, at the next ``seq``, announced on the session's
+live channel like any write (an empty ``SPUBLISH``: "read the stream"). Two sweepers, or a
+sweeper and a reclaiming worker, never both write it.
+
+Bound: a generation whose producer stopped gets its terminal event within
+``deadline_s = 2 x consumer_claim_idle_ms + consumer_heartbeat_s`` plus one heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.wire.events import now_ms
+from tokenbridge.wire.keys import Keys
+
+__all__ = ["LOST_CODE", "GenerationSweeper"]
+
+log = logging.getLogger(__name__)
+
+LOST_CODE = "generation_lost"
+_BATCH = 100  # generations ended per sweep at most: bounded work per heartbeat
+_MESSAGE = "the generation stopped and cannot continue (its worker or its job was lost)"
+
+_END_LOST = """
+local gens, events, meta, live, gid = KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1]
+local record = redis.call('HGET', gens, gid)
+local seq = 0
+if record then
+  local state, last = string.match(record, '^(%a+) (%-?%d+)$')
+  if state ~= 'running' then return -1 end
+  seq = tonumber(last) + 1
+else
+  local tail = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)
+  if tail[1] then
+    local f, t = tail[1][2], {}
+    for i = 1, #f, 2 do t[f[i]] = f[i + 1] end
+    if t['gen'] == gid then
+      if t['kind'] == 'end' or t['kind'] == 'error' then return -1 end
+      seq = (tonumber(t['seq']) or -1) + 1
+    end
+  end
+end
+redis.call('XADD', events, 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'kind', 'error', 'gen', gid,
+  'seq', tostring(seq), 'ts', ARGV[4], 'code', ARGV[5], 'message', ARGV[6])
+redis.call('HSET', gens, gid, 'done ' .. seq)
+redis.call('SPUBLISH', live, '')
+for _, key in ipairs({gens, events, meta}) do
+  if redis.call('EXISTS', key) == 1 then redis.call('EXPIRE', key, ARGV[2]) end
+end
+return seq
+"""
+
+
+class GenerationSweeper:
+    """Ends generations whose producer is gone (see the module docstring)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        deadline_s: float,
+        interval_s: float,
+        retention_s: int,
+        stream_max_len: int,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.deadline_s = deadline_s
+        self.interval_s = interval_s
+        self.retention_s = retention_s
+        self.stream_max_len = stream_max_len
+        self.ended = 0
+        self._script: AsyncScript = redis.register_script(_END_LOST)
+
+    def __repr__(self) -> str:
+        return f"<GenerationSweeper ended={self.ended}>"
+
+    async def register(self, pairs: Iterable[tuple[str, str]], due_now: bool = False) -> None:
+        """Add or refresh ``(session_id, generation_id)`` pairs; ``due_now``: only add missing
+        ones, due at once (generations whose producer failed)."""
+        members = {f"{sid} {gid}": now_ms() for sid, gid in pairs}
+        if not members:
+            return
+        if due_now:
+            await self.redis.zadd(self.keys.running, members, nx=True)
+            return
+        deadline = now_ms() + int(self.deadline_s * 1000)
+        await self.redis.zadd(self.keys.running, dict.fromkeys(members, deadline))
+
+    async def done(self, session_id: str, generation_id: str) -> None:
+        """The generation's terminal event is written: forget it."""
+        await self.redis.zrem(self.keys.running, f"{session_id} {generation_id}")
+
+    async def run(self) -> None:
+        """Sweep every ``interval_s`` until cancelled; Redis errors wait for the next sweep."""
+        while True:
+            await asyncio.sleep(self.interval_s)  # a timer: the sweep is periodic by nature
+            try:
+                await self.sweep()
+            except REDIS_DOWN_ERRORS as exc:
+                log.debug("generation sweep skipped (%s)", exc)
+            except Exception as exc:  # never takes the worker down with it
+                log.warning("generation sweep failed (%r); retrying next time", exc)
+
+    async def sweep(self) -> int:
+        """End the generations whose deadline passed; returns how many this call ended."""
+        due: Any = await self.redis.zrangebyscore(
+            self.keys.running, "-inf", now_ms(), start=0, num=_BATCH
+        )
+        ended = 0
+        for raw in due:
+            member = raw.decode() if isinstance(raw, bytes) else str(raw)
+            session_id, _, generation_id = member.partition(" ")
+            try:
+                if generation_id and await self.end_lost(session_id, generation_id) >= 0:
+                    ended += 1
+            except REDIS_DOWN_ERRORS:
+                raise
+            except Exception as exc:  # one bad record must not stop the sweeps (or the worker)
+                log.warning("generation sweep failed member=%r error=%r", member, exc)
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await self.redis.zrem(self.keys.running, member)
+        return ended
+
+    async def end_lost(self, session_id: str, generation_id: str) -> int:
+        """Write ``error generation_lost`` unless the generation has ended; its seq, or -1."""
+        k = self.keys
+        keys = [
+            k.generations(session_id), k.events(session_id), k.meta(session_id),
+            k.live(session_id),
+        ]  # fmt: skip
+        args: list[str | int] = [
+            generation_id,
+            self.retention_s,
+            self.stream_max_len,
+            now_ms(),
+            LOST_CODE,
+            _MESSAGE,
+        ]
+        seq = int(await self._script(keys=keys, args=args))
+        if seq >= 0:
+            self.ended += 1
+            log.warning(
+                "generation ended as lost session=%s generation=%s seq=%d",
+                session_id, generation_id, seq,
+            )  # fmt: skip
+        return seq
