@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from benchmarks.connections import Transport, idle_connections, many_sessions
+from benchmarks.live import sessions_live
 from benchmarks.processes import GatewayProcess, machine_info, new_runner, raise_open_files_limit
 from benchmarks.report import print_report
 from benchmarks.scenarios import Bench, ScenarioResult, fanout, latency, pipeline, single_session
@@ -34,6 +35,7 @@ SCENARIOS = (
     "fanout",
     "sessions-sse",
     "sessions-ws",
+    "sessions-live",
     "pipeline",
 )
 
@@ -56,6 +58,9 @@ class Options:
     spread_connections: int = 1000
     spread_sessions: int = 100
     spread_tokens: int = 2000
+    live_sessions: tuple[int, ...] = (200, 2000)
+    live_rate: float = 20.0
+    live_transports: tuple[Transport, ...] = ("sse", "ws")
 
 
 def _parse(argv: Sequence[str] | None) -> Options:
@@ -96,6 +101,13 @@ def _parse(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--spread-tokens", type=int, help="sessions-sse/ws: tokens per session (2,000; quick 200)"
     )
+    parser.add_argument(
+        "--live-sessions", default="200,2000", help="sessions-live: session counts (200,2000)"
+    )
+    parser.add_argument("--live-rate", type=float, default=20.0, help="sessions-live: tokens/s")
+    parser.add_argument(
+        "--live-transports", default="sse,ws", help="sessions-live: sse, ws or both (sse,ws)"
+    )
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -119,6 +131,11 @@ def _parse(argv: Sequence[str] | None) -> Options:
         spread_connections=args.spread_connections,
         spread_sessions=args.spread_sessions,
         spread_tokens=args.spread_tokens or (200 if quick else 2000),
+        live_sessions=tuple(int(n) for n in args.live_sessions.split(",") if n.strip()),
+        live_rate=args.live_rate,
+        live_transports=tuple(
+            "sse" if t.strip() == "sse" else "ws" for t in args.live_transports.split(",")
+        ),
     )
 
 
@@ -128,6 +145,19 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return "TimeoutError: a bounded wait passed its deadline (see --timeout)"
     return f"{type(exc).__name__}: {exc}"
+
+
+async def _live(bench: Bench, options: Options) -> list[ScenarioResult]:
+    results = []
+    for transport in options.live_transports:
+        for sessions in options.live_sessions:
+            results.append(
+                await sessions_live(
+                    bench, transport, sessions, options.live_rate, options.duration_s,
+                    options.timeout_s,
+                )
+            )  # fmt: skip
+    return results
 
 
 async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult:
@@ -184,6 +214,9 @@ async def _run(options: Options, console: Console) -> int:
                 for name in ("warm-up", *options.scenarios):
                     with console.status(f"running {name}"):
                         try:
+                            if name == "sessions-live":
+                                results += await _live(bench, options)
+                                continue
                             result = await _scenario(bench, name, options)
                         except (Exception, ExceptionGroup) as exc:  # report, go on with the next
                             failures.append((name, _describe(exc)))

@@ -16,7 +16,16 @@ cached on the batch and shared by every connection): the per-delivery cost is on
 
 A close also aborts a write in progress (:meth:`ClientConnection.write`): a client that stopped
 reading leaves its transport's send waiting for the socket to drain, and without the abort
-neither the cut nor a shutdown would ever reach that connection's task.
+neither the cut nor a shutdown would ever reach that connection's task. The abort cancels the
+writing task and takes that cancellation back (``Task.uncancel``), as ``asyncio.timeout`` does,
+without a timeout object per write.
+
+While a connection's task is parked waiting for events with nothing queued, its pump may lend
+it a *direct writer* (:meth:`ClientConnection.next_batches`): :meth:`deliver` then hands the
+batch to it, which writes it to the socket at once if the transport is not paused, instead of
+queueing it and waking the task (one task switch and one trip down the ASGI send chain less per
+batch). Anything it cannot write now (flow control paused the transport) is queued as before,
+and the task writes it in order once woken.
 """
 
 from __future__ import annotations
@@ -26,16 +35,19 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 from tokenbridge.gateway.frames import Batch
 
-__all__ = ["ClientConnection", "Transport", "batch_bytes", "cap_send_buffers"]
+__all__ = ["ClientConnection", "DirectWriter", "Transport", "batch_bytes", "cap_send_buffers"]
 
 Transport = Literal["sse", "websocket"]
 
 _T = TypeVar("_T")
+
+DirectWriter = Callable[[Batch], bool]
+"""Writes a batch to the client now and returns True, or returns False (it cannot now)."""
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +85,13 @@ class ClientConnection:
     """
 
     __slots__ = (
+        "_aborted",
+        "_direct",
         "_pending",
         "_pending_bytes",
         "_pending_events",
         "_waiter",
-        "_write_scope",
+        "_write_task",
         "_writing_bytes",
         "bytes_sent",
         "client_address",
@@ -120,7 +134,9 @@ class ClientConnection:
         self._pending_bytes = 0
         self._writing_bytes = 0  # taken by next_batches, until the write returns
         self._waiter: asyncio.Future[None] | None = None
-        self._write_scope: asyncio.Timeout | None = None
+        self._direct: DirectWriter | None = None  # lent by the parked pump (next_batches)
+        self._write_task: asyncio.Task[Any] | None = None  # the task inside write()
+        self._aborted = False
 
     def __repr__(self) -> str:
         state = self.closed_reason or "open"
@@ -145,6 +161,9 @@ class ClientConnection:
     def deliver(self, batch: Batch) -> None:
         """Queue a batch for the client, never waiting; a full buffer closes as ``slow_client``."""
         if self.closed_reason is not None:
+            return
+        direct = self._direct
+        if direct is not None and not self._pending and direct(batch):
             return
         nbytes = batch_bytes(batch) if self.max_buffered_bytes else 0
         held = self._pending_bytes + self._writing_bytes
@@ -178,11 +197,13 @@ class ClientConnection:
         self._pending = []
         self._pending_events = 0
         self._pending_bytes = 0
+        self._direct = None
         _wake(self._waiter)
-        if self._write_scope is not None:
-            # The task waiting in the write gets CancelledError there, which the scope turns
-            # into TimeoutError (the asyncio.timeout mechanism: no stray cancellation).
-            self._write_scope.reschedule(-1.0)
+        task = self._write_task
+        if task is not None and not self._aborted:
+            # The task waiting in the write gets CancelledError there; write() takes it back.
+            self._aborted = True
+            task.cancel()
 
     async def write(self, write: Awaitable[_T]) -> _T | None:
         """Await one write to the client; None if :meth:`close` aborted it (nothing written:
@@ -191,28 +212,33 @@ class ClientConnection:
             if asyncio.iscoroutine(write):
                 write.close()
             return None
-        scope = asyncio.timeout(None)
-        self._write_scope = scope
+        task = self._write_task = asyncio.current_task()
         try:
-            async with scope:
-                return await write
-        except TimeoutError:
-            if not scope.expired():
-                raise
+            return await write
+        except asyncio.CancelledError:
+            if not self._aborted or task is None or task.uncancel() > 0:
+                raise  # not (only) our abort: someone else cancels this task
             return None
         finally:
-            self._write_scope = None
+            self._write_task = None
+            self._aborted = False
             self._writing_bytes = 0
 
-    async def next_batches(self, timeout_s: float) -> list[Batch] | None:
-        """Everything buffered, waiting up to ``timeout_s``; ``[]`` on timeout, None once closed."""
+    async def next_batches(
+        self, timeout_s: float, direct: DirectWriter | None = None
+    ) -> list[Batch] | None:
+        """Everything buffered, waiting up to ``timeout_s``; ``[]`` on timeout, None once closed.
+
+        While it waits, ``direct`` (if given) writes what is delivered (see the module doc)."""
         if not self._pending and self.closed_reason is None:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
             timer = loop.call_later(timeout_s, _wake, waiter)
+            self._direct = direct
             try:
                 await waiter
             finally:
+                self._direct = None
                 timer.cancel()
                 self._waiter = None
         if self.closed_reason is not None:

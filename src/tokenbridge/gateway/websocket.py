@@ -30,12 +30,12 @@ from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExc
 from tokenbridge.gateway import encodings
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.gateway.direct_http import uvicorn_options
 from tokenbridge.gateway.encodings.base import Chunk, Encoding, StreamContext
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.pump import CLOSING_TIMEOUT_S
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.gateway.streaming import SessionStream, StreamOptions
-from tokenbridge.settings import Settings
 from tokenbridge.wire.keys import validate_id
 
 __all__ = ["serve_websocket", "uvicorn_options"]
@@ -54,18 +54,6 @@ _CLOSE_CODES = {
 
 Canceller = Callable[[str, str], Awaitable[bool]]
 Authorizer = Callable[[str], Awaitable[None]]
-
-
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's WebSocket options for these settings (``tokenbridge serve`` and the tests).
-
-    uvicorn refuses messages over 16 x our limit before buffering them (close 1009); ours, past
-    ``limits_max_websocket_message_bytes``, gets the clean close 1009 ``message_too_big``.
-    """
-    return {
-        "ws_max_size": 16 * settings.limits_max_websocket_message_bytes,
-        "ws_per_message_deflate": settings.websocket_compression,
-    }
 
 
 class _WSWriter:

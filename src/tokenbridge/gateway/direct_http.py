@@ -1,0 +1,132 @@
+"""Direct writes for established event streams: uvicorn's HTTP protocol plus one ASGI extension.
+
+Every ``send`` of an ASGI response passes Starlette's middleware wrappers and uvicorn's
+``RequestResponseCycle.send`` (message checks, chunk framing, a ``join``) before its
+``transport.write``: at a live model's pace that chain cost more than the write itself, once
+per token per connection. :class:`DirectHttpProtocol` is uvicorn's httptools protocol that adds
+``scope["extensions"]["tokenbridge.direct"]`` (itself) to each request, so that an SSE response
+whose headers are out can write its body chunks straight to the socket
+(:class:`DirectBody`), synchronously: the fan-out's ``deliver`` then writes to an idle
+connection without waking its task at all (``gateway/pump.py``).
+
+What stays uvicorn's: the status line and headers, the last chunk (``more_body=False``), keep-
+alive, shutdown. Backpressure is uvicorn's flow control: :meth:`DirectBody.ready` is false while
+the transport is paused (its buffer above the high-water mark) and :meth:`DirectBody.drain`
+waits for it to resume. A client that goes away is reported by a callback rather than by a task
+waiting in ``receive()`` (:meth:`DirectBody.on_lost`). Any other ASGI server (or uvicorn's h11
+protocol, or a test's ``ASGITransport``) has no extension: responses fall back to ASGI sends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from tokenbridge.settings import Settings
+
+__all__ = ["EXTENSION", "DirectBody", "uvicorn_options"]
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "tokenbridge.direct"
+
+try:  # uvicorn's httptools protocol needs httptools (a dependency of uvicorn[standard])
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - without httptools, uvicorn uses h11: ASGI sends only
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's protocol options for these settings (``tokenbridge serve`` and the tests).
+
+    uvicorn refuses WebSocket messages over 16 x our limit before buffering them (close 1009);
+    ours, past ``limits_max_websocket_message_bytes``, gets the clean close 1009
+    ``message_too_big``. HTTP is :class:`DirectHttpProtocol` when httptools is installed.
+    """
+    options: dict[str, Any] = {
+        "ws_max_size": 16 * settings.limits_max_websocket_message_bytes,
+        "ws_per_message_deflate": settings.websocket_compression,
+    }
+    if DirectHttpProtocol is not None:
+        options["http"] = DirectHttpProtocol
+    return options
+
+
+if HttpToolsProtocol is not None:
+
+    class DirectHttpProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol; each request's scope carries it as an extension."""
+
+        on_lost: Callable[[], None] | None = None  # set by a DirectBody while it streams
+
+        def on_headers_complete(self) -> None:
+            self.scope["extensions"] = {EXTENSION: self}  # type: ignore[dict-item]
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            callback, self.on_lost = self.on_lost, None
+            if callback is not None:
+                callback()
+
+else:  # pragma: no cover
+    DirectHttpProtocol = None  # type: ignore[assignment,misc]
+
+
+class DirectBody:
+    """The body of one started response, written straight to its transport (chunked if the
+    response is). Only valid between ``http.response.start`` and the last ASGI body send."""
+
+    __slots__ = ("chunked", "cycle", "flow", "protocol", "transport")
+
+    def __init__(self, protocol: Any, cycle: Any) -> None:
+        self.protocol = protocol
+        self.cycle = cycle
+        self.flow = cycle.flow
+        self.transport = cycle.transport
+        self.chunked = bool(cycle.chunked_encoding)
+
+    @classmethod
+    def open(cls, scope: Any) -> DirectBody | None:
+        """For a response whose headers were sent through ASGI: None when the server has no
+        such extension (or the request is not a plain streaming GET), so send through ASGI."""
+        extensions = scope.get("extensions")
+        protocol = extensions.get(EXTENSION) if extensions else None
+        if protocol is None or scope.get("method") != "GET":
+            return None
+        cycle = protocol.cycle
+        if cycle is None or cycle.scope is not scope or not cycle.response_started:
+            return None
+        if cycle.response_complete:
+            return None
+        return cls(protocol, cycle)
+
+    def on_lost(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` once the client's connection is lost (at once if it already is);
+        None unregisters it (always do, before the response ends: the connection may serve
+        another request)."""
+        if callback is not None and (self.cycle.disconnected or self.transport.is_closing()):
+            callback()
+            return
+        self.protocol.on_lost = callback
+
+    @property
+    def lost(self) -> bool:
+        return bool(self.cycle.disconnected) or self.transport.is_closing()
+
+    def ready(self) -> bool:
+        """Whether :meth:`write` may be called now: connected and not paused by flow control."""
+        return not (self.flow.write_paused or self.cycle.disconnected)
+
+    def write(self, chunk: bytes) -> None:
+        """Write body bytes now (framed as one chunk when the response is chunked)."""
+        if self.chunked:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self.transport.write(chunk)
+
+    async def drain(self) -> None:
+        """Wait until flow control lets writes through again (or the client is gone)."""
+        if self.flow.write_paused and not self.cycle.disconnected:
+            await self.flow.drain()
