@@ -14,7 +14,7 @@ import uvicorn
 
 from tests.servers import _Server, free_port
 from tokenbridge.gateway.client_connection import ClientConnection
-from tokenbridge.gateway.direct_http import DirectBody, uvicorn_options
+from tokenbridge.gateway.direct_http import DirectBody, LightEvent, uvicorn_options
 from tokenbridge.gateway.frames import Batch, Frame
 from tokenbridge.settings import Settings
 from tokenbridge.wire.events import Event
@@ -126,3 +126,19 @@ async def test_uvicorn_protocol_gives_the_body_and_reports_the_client_leaving() 
 def test_other_servers_fall_back_to_asgi_sends() -> None:
     assert DirectBody.open({"type": "http", "method": "GET"}) is None
     assert DirectBody.open({"type": "http", "method": "GET", "extensions": {}}) is None
+
+
+async def test_light_event_wakes_every_waiter_and_a_cancelled_one_spoils_none() -> None:
+    event = LightEvent()
+    first = asyncio.create_task(event.wait())
+    second = asyncio.create_task(event.wait())
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    third = asyncio.create_task(event.wait())
+    await asyncio.sleep(0)
+    event.set()
+    assert await asyncio.wait_for(second, 10) and await asyncio.wait_for(third, 10)
+    assert first.cancelled() and event.is_set()
+    event.clear()
+    assert not event.is_set()

@@ -62,6 +62,54 @@ class _StreamEndpoint:
         await response(scope, receive, send)
 
 
+_EVENTS_PREFIX, _EVENTS_SUFFIX = "/v1/sessions/", "/events"
+
+
+def _events_session(scope: Scope) -> str | None:
+    """The session of ``GET /v1/sessions/{session_id}/events`` (the route's match), else None."""
+    path: str = scope["path"]
+    if not (path.startswith(_EVENTS_PREFIX) and path.endswith(_EVENTS_SUFFIX)):
+        return None
+    session_id = path[len(_EVENTS_PREFIX) : -len(_EVENTS_SUFFIX)]
+    return session_id if session_id and "/" not in session_id else None
+
+
+class _GatewayApp(Starlette):
+    """Starlette, except that a native SSE stream skips the middleware and router frames,
+    which an open stream would hold for its whole life (about 3 KB per connection). Its errors
+    get the same handlers and JSON bodies; with user middleware (CORS) everything goes the
+    usual way."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and not scope.get("root_path")
+            and not self.user_middleware
+        ):
+            session_id = _events_session(scope)
+            if session_id is not None:
+                scope["app"] = self
+                scope["path_params"] = {"session_id": session_id}
+                await self._stream(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await api.session_events(request)
+        except Exception as exc:  # before any byte was sent: the app's error response
+            handler = next(
+                self.exception_handlers[cls]
+                for cls in type(exc).__mro__
+                if cls in self.exception_handlers
+            )
+            response = await handler(request, exc)
+        del request
+        await response(scope, receive, send)
+
+
 def _index_html() -> str:
     return (importlib.resources.files("tokenbridge.gateway") / "static" / "index.html").read_text()
 
@@ -214,7 +262,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                 max_age=600,
             )
         )
-    app = Starlette(
+    app = _GatewayApp(
         middleware=middleware,
         routes=routes,
         lifespan=lifespan,
