@@ -142,3 +142,11 @@ async def test_light_event_wakes_every_waiter_and_a_cancelled_one_spoils_none() 
     assert first.cancelled() and event.is_set()
     event.clear()
     assert not event.is_set()
+
+
+def test_text_frames_carry_their_length_in_the_three_forms() -> None:
+    from tokenbridge.gateway.direct_ws import text_frame
+
+    assert text_frame("hi") == b"\x81\x02hi"
+    assert text_frame("x" * 126)[:4] == b"\x81\x7e\x00\x7e"
+    assert text_frame("é" * 40000)[:10] == b"\x81\x7f" + (80000).to_bytes(8, "big")

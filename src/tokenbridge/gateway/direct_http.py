@@ -130,7 +130,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
     uvicorn refuses WebSocket messages over 16 x our limit before buffering them (close 1009);
     ours, past ``limits_max_websocket_message_bytes``, gets the clean close 1009
-    ``message_too_big``. HTTP is :class:`DirectHttpProtocol` when httptools is installed.
+    ``message_too_big``. HTTP is :class:`DirectHttpProtocol` when httptools is installed,
+    WebSocket :class:`~tokenbridge.gateway.direct_ws.DirectWSProtocol` when wsproto is.
     """
     options: dict[str, Any] = {
         "ws_max_size": 16 * settings.limits_max_websocket_message_bytes,
@@ -138,6 +139,10 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
     if DirectHttpProtocol is not None:
         options["http"] = DirectHttpProtocol
+    from tokenbridge.gateway.direct_ws import DirectWSProtocol  # it imports this module
+
+    if DirectWSProtocol is not None:
+        options["ws"] = DirectWSProtocol
     return options
 
 

@@ -31,6 +31,7 @@ from tokenbridge.gateway import encodings
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.direct_http import uvicorn_options
+from tokenbridge.gateway.direct_ws import DirectFrames
 from tokenbridge.gateway.encodings.base import Chunk, Encoding, StreamContext
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.pump import CLOSING_TIMEOUT_S
@@ -72,6 +73,29 @@ class _WSWriter:
     async def finish(self, chunk: Chunk | None) -> None:
         if isinstance(chunk, str):  # the close frame that follows carries the reason
             await self.websocket.send_text(chunk)
+
+
+class _DirectWSWriter(_WSWriter):
+    """The same, writing live messages straight to the socket (``gateway/direct_ws.py``)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, websocket: WebSocket, frames: DirectFrames) -> None:
+        super().__init__(websocket)
+        self.frames = frames
+
+    def ready(self) -> bool:
+        return self.frames.ready()
+
+    def write_now(self, chunk: Chunk) -> int:
+        assert isinstance(chunk, str), "a websocket encoding must return str"
+        self.frames.write(chunk)
+        return len(chunk)
+
+
+def _writer(websocket: WebSocket) -> _WSWriter:
+    frames = DirectFrames.open(websocket.scope)
+    return _WSWriter(websocket) if frames is None else _DirectWSWriter(websocket, frames)
 
 
 class _Command(Exception):
@@ -117,17 +141,21 @@ async def serve_websocket(
         state: dict[str, Any] = {}
         encoder = encoding.open(StreamContext(session_id, resumed=last is not None))
         async with stream as conn:
+            # A plain task rather than a TaskGroup (lighter per connection); a reader that
+            # fails closes the connection, so the pump returns, and its error is raised here.
+            reader = asyncio.get_running_loop().create_task(
+                _read_commands(websocket, conn, cancel, resume, state, max_message_bytes)
+            )
             try:
-                async with asyncio.TaskGroup() as group:
-                    reader = group.create_task(
-                        _read_commands(websocket, conn, cancel, resume, state, max_message_bytes)
-                    )
-                    try:
-                        await stream.run(encoder, _WSWriter(websocket), last)
-                    finally:
-                        reader.cancel()
+                await stream.run(encoder, _writer(websocket), last)
             except (WebSocketDisconnect, OSError):
                 conn.close("client_gone")
+            finally:
+                reader.cancel()
+                await asyncio.wait([reader])  # never raises; its error surfaces below
+            error = None if reader.cancelled() else reader.exception()
+            if error is not None:
+                raise error
         if resume.is_set():
             last = state["last"]
             continue
@@ -151,6 +179,21 @@ async def _read_commands(
     max_message_bytes: int,
 ) -> None:
     """Handle client messages until the connection closes (closing it on a bad message)."""
+    try:
+        await _command_loop(websocket, conn, cancel, resume, state, max_message_bytes)
+    except Exception:
+        conn.close("internal_error")  # the pump returns; serve_websocket raises the error
+        raise
+
+
+async def _command_loop(
+    websocket: WebSocket,
+    conn: ClientConnection,
+    cancel: Canceller,
+    resume: asyncio.Event,
+    state: dict[str, Any],
+    max_message_bytes: int,
+) -> None:
     while True:
         try:
             text = await websocket.receive_text()
