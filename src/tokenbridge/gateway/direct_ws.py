@@ -80,6 +80,9 @@ if WSProtocol is not None:
             super().__init__(*args, **kwargs)
             self.queue = _LightQueue()  # type: ignore[assignment]
             self.writable = LightEvent(True)  # type: ignore[assignment]
+            # Set here although uvicorn sets it on connect: an attribute first set later
+            # would turn the instance's key-sharing dict into a plain one (~1.5 KB more).
+            self.scope = None  # type: ignore[assignment]
 
         def handle_connect(self, event: Any) -> None:
             super().handle_connect(event)

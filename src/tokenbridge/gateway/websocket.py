@@ -137,14 +137,14 @@ async def serve_websocket(
         except Draining as exc:
             await websocket.close(1012, reason=f"{exc.code}: {exc}"[:120])
             return
-        resume = asyncio.Event()
-        state: dict[str, Any] = {}
+        state: dict[str, Any] = {}  # "last" once the client asked to resume (a plain dict:
+        # an asyncio.Event would hold a deque per connection)
         encoder = encoding.open(StreamContext(session_id, resumed=last is not None))
         async with stream as conn:
             # A plain task rather than a TaskGroup (lighter per connection); a reader that
             # fails closes the connection, so the pump returns, and its error is raised here.
             reader = asyncio.get_running_loop().create_task(
-                _read_commands(websocket, conn, cancel, resume, state, max_message_bytes)
+                _read_commands(websocket, conn, cancel, state, max_message_bytes)
             )
             try:
                 await stream.run(encoder, _writer(websocket), last)
@@ -156,7 +156,7 @@ async def serve_websocket(
             error = None if reader.cancelled() else reader.exception()
             if error is not None:
                 raise error
-        if resume.is_set():
+        if "last" in state:
             last = state["last"]
             continue
         reason = conn.closed_reason or "done"
@@ -174,56 +174,56 @@ async def _read_commands(
     websocket: WebSocket,
     conn: ClientConnection,
     cancel: Canceller,
-    resume: asyncio.Event,
     state: dict[str, Any],
     max_message_bytes: int,
 ) -> None:
-    """Handle client messages until the connection closes (closing it on a bad message)."""
+    """Handle client messages until the connection closes (closing it on a bad message).
+
+    Any other error closes the connection too (the pump returns) and is raised by
+    :func:`serve_websocket`."""
     try:
-        await _command_loop(websocket, conn, cancel, resume, state, max_message_bytes)
+        while True:
+            try:
+                text = await websocket.receive_text()
+            except (WebSocketDisconnect, RuntimeError):
+                conn.close("client_gone")
+                return
+            if len(text) > max_message_bytes or len(text.encode()) > max_message_bytes:
+                state.update(close_code=1009, close_reason="message_too_big")
+                conn.close("message_too_big")
+                return
+            code = await _command(websocket, conn, cancel, state, text)
+            if code is not None:
+                if code != "resume":
+                    state.update(close_code=1008, close_reason=code)
+                conn.close(code)
+                return
     except Exception:
-        conn.close("internal_error")  # the pump returns; serve_websocket raises the error
+        conn.close("internal_error")
         raise
 
 
-async def _command_loop(
-    websocket: WebSocket,
-    conn: ClientConnection,
-    cancel: Canceller,
-    resume: asyncio.Event,
-    state: dict[str, Any],
-    max_message_bytes: int,
-) -> None:
-    while True:
-        try:
-            text = await websocket.receive_text()
-        except (WebSocketDisconnect, RuntimeError):
-            conn.close("client_gone")
-            return
-        if len(text) > max_message_bytes or len(text.encode()) > max_message_bytes:
-            state.update(close_code=1009, close_reason="message_too_big")
-            conn.close("message_too_big")
-            return
-        try:
-            message = json.loads(text)
-            kind = message["type"]
-            if kind == "ping":
-                await websocket.send_text('{"type":"pong"}')
-            elif kind == "resume":
-                state["last"] = parse_last_event_id(message.get("last_event_id"))
-                resume.set()
-                conn.close("resume")
-                return
-            elif kind == "cancel":
-                generation_id = validate_id(message.get("generation_id"), "generation_id")
-                found = await cancel(conn.session_id, generation_id)
-                await websocket.send_text(
-                    json.dumps({"type": "cancel", "generation_id": generation_id, "found": found})
-                )
-            else:
-                raise InvalidRequest("unknown_message", f"unknown message type {kind!r}")
-        except (ValueError, KeyError, TypeError, InvalidRequest) as exc:
-            code = exc.code if isinstance(exc, InvalidRequest) else "invalid_message"
-            state.update(close_code=1008, close_reason=code)
-            conn.close(code)
-            return
+async def _command(
+    websocket: WebSocket, conn: ClientConnection, cancel: Canceller, state: dict[str, Any],
+    text: str,
+) -> str | None:  # fmt: skip
+    """Handle one client message; a close reason if the connection is to close."""
+    try:
+        message = json.loads(text)
+        kind = message["type"]
+        if kind == "ping":
+            await websocket.send_text('{"type":"pong"}')
+        elif kind == "resume":
+            state["last"] = parse_last_event_id(message.get("last_event_id"))
+            return "resume"
+        elif kind == "cancel":
+            generation_id = validate_id(message.get("generation_id"), "generation_id")
+            found = await cancel(conn.session_id, generation_id)
+            await websocket.send_text(
+                json.dumps({"type": "cancel", "generation_id": generation_id, "found": found})
+            )
+        else:
+            raise InvalidRequest("unknown_message", f"unknown message type {kind!r}")
+    except (ValueError, KeyError, TypeError, InvalidRequest) as exc:
+        return exc.code if isinstance(exc, InvalidRequest) else "invalid_message"
+    return None
