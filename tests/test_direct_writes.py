@@ -79,6 +79,11 @@ async def test_uvicorn_protocol_gives_the_body_and_reports_the_client_leaving() 
     opened: list[DirectBody | None] = []
     lost = asyncio.Event()
 
+    class _Lost:
+        def close(self, reason: str) -> None:
+            assert reason == "client_gone"
+            lost.set()
+
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
@@ -89,7 +94,7 @@ async def test_uvicorn_protocol_gives_the_body_and_reports_the_client_leaving() 
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         assert body.ready()
-        body.on_lost(lost.set)
+        body.on_lost(_Lost())
         body.write(b"data: one\n\n")
         body.write(b"data: two\n\n")
         async with asyncio.timeout(10):
@@ -150,3 +155,23 @@ def test_text_frames_carry_their_length_in_the_three_forms() -> None:
     assert text_frame("hi") == b"\x81\x02hi"
     assert text_frame("x" * 126)[:4] == b"\x81\x7e\x00\x7e"
     assert text_frame("é" * 40000)[:10] == b"\x81\x7f" + (80000).to_bytes(8, "big")
+
+
+async def test_wake_clock_wakes_each_waiter_at_its_deadline_in_order() -> None:
+    from tokenbridge.gateway.wake_clock import wake_at
+
+    loop = asyncio.get_running_loop()
+    woken: list[str] = []
+    waiters = {}
+    for name, delay in (("late", 0.05), ("early", 0.01), ("never", 30.0)):
+        waiter: asyncio.Future[None] = loop.create_future()
+        waiter.add_done_callback(lambda _, n=name: woken.append(n))
+        wake_at(loop, delay, waiter)
+        waiters[name] = waiter
+    for _ in range(200):  # woken early: their entries are dropped, not fired
+        early: asyncio.Future[None] = loop.create_future()
+        wake_at(loop, 0.02, early)
+        early.set_result(None)
+    await asyncio.wait_for(waiters["late"], 10)
+    assert woken == ["early", "late"]
+    waiters["never"].cancel()

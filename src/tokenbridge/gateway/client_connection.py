@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 from tokenbridge.gateway.frames import Batch
+from tokenbridge.gateway.wake_clock import wake_at
 
 __all__ = ["ClientConnection", "DirectWriter", "Transport", "batch_bytes", "cap_send_buffers"]
 
@@ -233,13 +234,12 @@ class ClientConnection:
         if not self._pending and self.closed_reason is None:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout_s, _wake, waiter)
+            wake_at(loop, timeout_s, waiter)  # no timer handle per parked connection
             self._direct = direct
             try:
                 await waiter
             finally:
                 self._direct = None
-                timer.cancel()
                 self._waiter = None
         if self.closed_reason is not None:
             return None

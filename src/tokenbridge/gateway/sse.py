@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 
 from starlette.types import Message, Receive, Scope, Send
@@ -118,7 +117,7 @@ class EventStreamResponse:
         writer: _SSEWriter
         if body is not None:
             writer = _DirectSSEWriter(body, send)
-            body.on_lost(functools.partial(conn.close, "client_gone"))
+            body.on_lost(conn)  # conn.close("client_gone") when the client leaves
         else:
             writer = _SSEWriter(send)
             # One plain task rather than a TaskGroup (a few hundred bytes less per connection):
