@@ -24,12 +24,12 @@ import time
 from typing import Any
 
 from benchmarks.processes import new_runner
-from tokenbridge.processors.status import read_stats
 from tokenbridge.processors.stream_processor import StreamProcessor
 from tokenbridge.producer.jobs import GenerationJob, Message, submit_job
 from tokenbridge.producer.models.base import GenerationParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import load_settings
+from tokenbridge.store.stats import read_stats
 from tokenbridge.wire.keys import new_generation_id
 from tokenbridge.wire.pipeline import PipelineBatch
 
@@ -41,7 +41,7 @@ READY = "processors ready"
 async def run_feed(generations: int, tokens: int, rate: float) -> dict[str, Any]:
     """Run the generations through a real worker; return once the pipeline holds them all."""
     settings = load_settings()
-    async with Runtime(settings, gateway=False, worker=True, processors=False) as runtime:
+    async with Runtime(settings, worker=True, processors=False) as runtime:
         keys = runtime.keys
         streams: dict[Any, Any] = {keys.pipeline(n): "0-0" for n in range(settings.pipeline_shards)}
         for i in range(generations):
@@ -70,7 +70,7 @@ async def run_feed(generations: int, tokens: int, rate: float) -> dict[str, Any]
 async def run_drain() -> dict[str, Any]:
     """Drain the pipeline backlog once with every configured processor; figures as JSON."""
     settings = load_settings()
-    async with Runtime(settings, gateway=False, worker=False, processors=False) as runtime:
+    async with Runtime(settings, worker=False, processors=False) as runtime:
         processor = StreamProcessor.from_settings(
             runtime.redis, runtime.consumers, runtime.keys, settings, runtime.dead_letters
         )

@@ -313,7 +313,7 @@ async def pipeline(
         **bench.env,
         "TOKENBRIDGE_KEY_PREFIX": f"bp{bench.tag}{int(rate)}",
         "TOKENBRIDGE_RATE_LIMIT_TOKENS_PER_MINUTE": "1000000000",  # charged, never refused
-        "TOKENBRIDGE_WORKER_BLOCK_MS": "200",  # the drain's last read returns soon after
+        "TOKENBRIDGE_CONSUMER_BLOCK_MS": "200",  # the drain's last read returns soon after
     }
     base = [sys.executable, "-m", "benchmarks.pipeline"]
     feed_args = ["feed", "--generations", str(generations), "--tokens", str(tokens)]

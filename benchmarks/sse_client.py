@@ -3,7 +3,9 @@
 The bench process holds up to a few hundred of these while a gateway process pushes hundreds
 of thousands of events per second at them, so the per-event work is done by C-level bytes
 methods over whole blocks (``count``, ``rfind``), never by a Python loop per event, except in
-latency mode, where each token's send timestamp is parsed (a few thousand a second).
+latency mode, where each token's send timestamp is parsed (a few thousand a second). It is
+deliberately not an event parser (that is :mod:`tokenbridge.sse_parser`, one object per event,
+too slow to keep up here): it counts the native encoding's markers in whole blocks.
 
 The response body is HTTP/1.1 chunked (uvicorn writes one chunk per ``send``). A stream cut
 by the server (``: closed slow_client``, a dropped socket) is resumed with ``Last-Event-ID``,

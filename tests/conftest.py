@@ -27,10 +27,10 @@ def settings_factory(redis_server: RedisServer) -> Any:
         values: dict[str, Any] = {
             "redis_url": redis_server.url,
             "key_prefix": prefix,
-            "worker_heartbeat_s": 0.5,
-            "worker_claim_idle_ms": 2000,
+            "consumer_heartbeat_s": 0.5,
+            "consumer_claim_idle_ms": 2000,
             "fanout_block_ms": 2000,
-            "worker_block_ms": 2000,
+            "consumer_block_ms": 2000,
             # Most tests are about delivery; tests/test_auth.py runs with auth on.
             "auth_disabled": True,
         }

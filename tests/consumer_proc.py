@@ -11,7 +11,7 @@ import sys
 from functools import partial
 
 from tokenbridge.consumers.dead_letters import DeadLetters
-from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
+from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.store.client import blocking_client, command_client
 from tokenbridge.store.once import ApplyOnce
 
@@ -37,13 +37,15 @@ async def main(url: str, stream: str, name: str, burst: bool) -> None:
         "g",
         name,
         handle,
-        concurrency=50,
-        count=100,
-        block_ms=200,
-        claim_idle_ms=1000,
-        heartbeat_s=0.2,
-        dead_letters=DeadLetters(redis, f"{stream}:dlq"),
-        burst=burst,
+        ConsumerOptions(
+            concurrency=50,
+            count=100,
+            block_ms=200,
+            claim_idle_ms=1000,
+            heartbeat_s=0.2,
+            burst=burst,
+        ),
+        DeadLetters(redis, f"{stream}:dlq"),
     )
     print("ready", flush=True)
     await consumer.run()

@@ -82,6 +82,11 @@ class Gateway:
     def runtime(self) -> Any:
         return self.app.state.runtime
 
+    @property
+    def state(self) -> Any:
+        """The app's :class:`tokenbridge.gateway.state.Gateway` (fan-out, auth, connections)."""
+        return self.app.state.gateway
+
     def _listening_socket(self) -> socket.socket:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

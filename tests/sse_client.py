@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 
+from tokenbridge.sse_parser import parse_sse
+
 __all__ = ["SSEEvent", "read_events"]
 
 
@@ -32,21 +34,5 @@ async def read_events(
         headers["last-event-id"] = last_event_id
     async with client.stream("GET", url, headers=headers) as response:
         assert response.status_code == 200, await response.aread()
-        event, data, event_id = "message", "", None
-        async for line in response.aiter_lines():
-            if line == "":
-                if data:
-                    yield SSEEvent(event, json.loads(data), event_id)
-                event, data, event_id = "message", "", None
-            elif line.startswith(":"):
-                if raw_comments is not None:
-                    raw_comments.append(line[1:].strip())
-            else:
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "event":
-                    event = value
-                elif name == "data":
-                    data = value if not data else data + "\n" + value
-                elif name == "id":
-                    event_id = value
+        async for message in parse_sse(response.aiter_lines(), comments=raw_comments):
+            yield SSEEvent(message.event, json.loads(message.data), message.id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 from collections.abc import AsyncIterator
@@ -27,9 +28,9 @@ from tests.test_cli import clean_env, run_cli
 from tests.test_consumers import wait_for_length
 from tokenbridge.processors.analytics import AnalyticsProcessor
 from tokenbridge.processors.generation_log import LoggingProcessor, read_log
-from tokenbridge.processors.status import read_session_stats, read_stats
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.settings import Settings
+from tokenbridge.store.stats import read_session_stats, read_stats
 from tokenbridge.wire.events import Event
 from tokenbridge.wire.keys import Keys
 
@@ -159,13 +160,13 @@ async def test_processor_process_killed_mid_way_totals_stay_exact(
         env = {
             "TOKENBRIDGE_REDIS_URL": settings.redis_url_value() or "",
             "TOKENBRIDGE_KEY_PREFIX": settings.key_prefix,
-            "TOKENBRIDGE_WORKER_HEARTBEAT_S": "0.5",
-            "TOKENBRIDGE_WORKER_CLAIM_IDLE_MS": "1500",
-            "TOKENBRIDGE_WORKER_BLOCK_MS": "1000",
+            "TOKENBRIDGE_CONSUMER_HEARTBEAT_S": "0.5",
+            "TOKENBRIDGE_CONSUMER_CLAIM_IDLE_MS": "1500",
+            "TOKENBRIDGE_CONSUMER_BLOCK_MS": "1000",
             "TOKENBRIDGE_PROCESSORS": ",".join(ONLY_OURS),
             "TOKENBRIDGE_PROCESSORS_EXTRA": "tests.pipeline_helpers:Slow",
             "TOKENBRIDGE_PROCESSORS_CONCURRENCY": "8",
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         }
         args = ["worker", "--no-generations", "--processors", "--log-level", "warning"]
         first, second = GatewayProcess(env, args), GatewayProcess(env, args)

@@ -126,7 +126,7 @@ async def test_websocket_with_a_bad_token_closes_before_any_event(secured: Gatew
 
 
 async def test_stored_keys_work_everywhere_and_revoke_at_once(secured: Gateway) -> None:
-    auth = secured.runtime.auth
+    auth = secured.state.auth
     key_id, key = await auth.create_key("test")
     async with httpx.AsyncClient(base_url=secured.url) as http:
         assert (await http.get("/v1/models", headers=bearer(key))).status_code == 200
@@ -155,7 +155,7 @@ async def test_tokens_and_keys_work_on_every_gateway_sharing_redis(settings_fact
 
 
 async def test_one_time_login_link_sets_a_console_cookie(secured: Gateway) -> None:
-    code = await secured.runtime.auth.login_code()
+    code = await secured.state.auth.login_code()
     async with httpx.AsyncClient(base_url=secured.url) as http:
         first = await http.get(f"/?login={code}")
         assert first.status_code == 303 and "tb_console" in first.cookies

@@ -176,7 +176,7 @@ async def test_caching_processor_fills_once_from_a_pipeline_batch(settings_facto
     """CachingProcessor at a batch's ``end``: the answer is read back from the session stream
     and kept; the same entry delivered again changes nothing."""
     settings = settings_factory(cache_ttl_s=60)
-    async with Runtime(settings, gateway=False, worker=False, processors=False) as runtime:
+    async with Runtime(settings, worker=False, processors=False) as runtime:
         cache: ResponseCache = runtime.cache
         job = GenerationJob(
             generation_id="g_fill",
@@ -212,9 +212,7 @@ async def test_caching_processor_fills_once_from_a_pipeline_batch(settings_facto
 
 
 async def test_cancelled_answer_is_not_kept(settings_factory: Any) -> None:
-    async with Runtime(
-        settings_factory(), gateway=False, worker=False, processors=False
-    ) as runtime:
+    async with Runtime(settings_factory(), worker=False, processors=False) as runtime:
         cache = runtime.cache
         job = GenerationJob(
             generation_id="g_cut",

@@ -45,7 +45,7 @@ async def test_seam_cuts_what_the_client_already_has() -> None:
 
 
 async def test_idle_sse_stream_gets_heartbeat_comments(settings_factory: Any) -> None:
-    settings = settings_factory(sse_heartbeat_s=0.05)
+    settings = settings_factory(connection_heartbeat_s=0.05)
     two_pings = asyncio.Event()
 
     class Comments(list[str]):
@@ -82,3 +82,26 @@ def test_feed_notices_a_seq_jump_as_lost_entries() -> None:
     assert feed.lost_entries(frames(9))  # 7 and 8 were trimmed before they were read
     assert not feed.lost_entries(frames(10, kind="end"))
     assert "g_1" not in feed.seqs  # a finished generation is forgotten
+
+
+def big_batch(entry_id: str, nbytes: int) -> Batch:
+    return Batch([Frame(entry_id, "ep", Event("token", "g_1", 1, text="x" * nbytes))])
+
+
+async def test_byte_budget_cuts_a_client_holding_too_many_bytes() -> None:
+    conn = ClientConnection("s", "sse", max_buffered_events=1000, max_buffered_bytes=10_000)
+    conn.deliver(big_batch("1-0", 50_000))  # alone it always fits: a client that keeps up
+    assert conn.closed_reason is None and conn.buffered_bytes > 10_000
+    taken = await conn.next_batches(1.0)  # now being written: still held for the client
+    assert taken is not None and conn.buffered_bytes > 10_000
+    conn.deliver(big_batch("2-0", 10))
+    assert conn.closed_reason == "slow_client"
+
+
+async def test_byte_budget_counts_what_was_written_as_gone() -> None:
+    conn = ClientConnection("s", "sse", max_buffered_events=1000, max_buffered_bytes=10_000)
+    for n in range(10):
+        conn.deliver(big_batch(f"{n}-0", 5_000))
+        assert await conn.next_batches(1.0)
+        assert await conn.write(asyncio.sleep(0)) is None  # the write returned
+    assert conn.closed_reason is None and conn.buffered_bytes == 0

@@ -242,7 +242,7 @@ async def test_websocket_message_over_the_size_limit_closes_1009(settings_factor
 
 
 async def test_idle_connections_are_closed_with_reason_idle(settings_factory: Any) -> None:
-    settings = settings_factory(connection_idle_timeout_s=0.3, sse_heartbeat_s=0.05)
+    settings = settings_factory(connection_idle_timeout_s=0.3, connection_heartbeat_s=0.05)
     async with (
         Gateway(settings) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=30) as http,
@@ -287,7 +287,7 @@ async def test_a_client_that_reads_nothing_is_dropped_after_its_close(
         # Its writes stalled before the end: the rest is still queued for it.
         (conn,) = [c for c in manager.connections_for_session(session) if c.events_sent < 2002]
         ended = asyncio.Event()
-        fanout = gw.runtime.fanout
+        fanout = gw.state.fanout
         unsubscribe = fanout.unsubscribe
 
         def unsubscribe_and_tell(c: Any) -> None:  # the end of the connection's task

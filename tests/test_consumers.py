@@ -21,7 +21,7 @@ from redis import exceptions as redis_exc
 
 from tests.servers import RedisServer
 from tokenbridge.consumers.dead_letters import DeadLetters
-from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
+from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.store.client import blocking_client, command_client
@@ -60,9 +60,11 @@ def consumer(
         "heartbeat_s": 0.05,
     }
     defaults.update(options)
+    dead_letters = defaults.pop("dead_letters", None)
     return StreamConsumer(
-        redis, partial(blocking_client, url, 1000), stream, "g", name, handler, **defaults
-    )
+        redis, partial(blocking_client, url, 1000), stream, "g", name, handler,
+        ConsumerOptions(**defaults), dead_letters,
+    )  # fmt: skip
 
 
 async def wait_for_length(redis: aioredis.Redis, key: str, length: int) -> None:
@@ -103,7 +105,7 @@ async def test_killed_worker_process_entries_reclaimed_exactly_once(
     await produce(redis, stream, 10_000)
     root = Path(__file__).parent.parent
     argv = [sys.executable, "-m", "tests.consumer_proc", redis_server.url, stream]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
     first = subprocess.Popen([*argv, "a", "forever"], stdout=subprocess.PIPE, cwd=root, env=env)
     assert first.stdout is not None
     async with asyncio.timeout(60):
@@ -258,7 +260,9 @@ async def test_stop_during_a_batch_acks_only_what_was_handled(
 
     service = StreamConsumerService(redis, partial(blocking_client, redis_server.url, 1000))
     async with service:
-        service.start_consumer(stream, "g", "c", handle, block_ms=200, concurrency=64)
+        service.start_consumer(
+            stream, "g", "c", handle, ConsumerOptions(block_ms=200, concurrency=64)
+        )
         async with asyncio.timeout(10):
             await started.wait()
             await ten_handled.wait()

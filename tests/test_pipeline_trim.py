@@ -13,9 +13,9 @@ from redis.asyncio import Redis
 from tests.pipeline_helpers import Stalled, demo_job
 from tests.servers import Gateway
 from tokenbridge.processors.pipeline_trim import PipelineTrimmer
-from tokenbridge.processors.status import read_pipeline_status
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.settings import Settings
+from tokenbridge.store.stats import read_pipeline_status
 from tokenbridge.wire.keys import Keys
 
 GROUP = "processors"
@@ -122,3 +122,18 @@ async def test_stalled_processors_past_the_cap_lose_nothing_uncounted(
     assert await _lag(redis, key) == 0
     summary: Any = await redis.xpending(key, GROUP)
     assert summary["pending"] == 0
+
+
+async def test_entries_someone_else_trimmed_are_counted_and_leave_the_lag(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys(settings.key_prefix)
+    key = keys.pipeline(0)
+    await redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+    for n in range(100):  # as the producer's backstop MAXLEN does, with nobody reading
+        await redis.xadd(key, {"n": n}, maxlen=30, approximate=False)
+    # (Redis's own lag estimate hides them here: nothing was ever read, so none was delivered.)
+    result = await PipelineTrimmer(redis, keys, GROUP, 1, max_len=1000, interval_s=60).trim(0)
+    assert (result.lost_undelivered, result.capped) == (70, 0)
+    assert await _lag(redis, key) == 30  # only what really waits
+    assert await redis.hget(keys.pipeline_lost, "0") == b"70"

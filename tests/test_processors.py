@@ -23,10 +23,10 @@ from tokenbridge.exceptions import ConfigurationError
 from tokenbridge.processors.batcher import Batcher
 from tokenbridge.processors.generation_log import read_log
 from tokenbridge.processors.registry import ProcessorContext, load_processors
-from tokenbridge.processors.status import read_processor_stats, read_stats
 from tokenbridge.producer.jobs import GenerationJob, Message
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.settings import ModelConfig, Settings
+from tokenbridge.store.stats import read_processor_stats, read_stats
 from tokenbridge.wire.events import decode_entry
 from tokenbridge.wire.keys import Keys
 from tokenbridge.wire.pipeline import prompt_digest, shard_of

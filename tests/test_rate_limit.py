@@ -13,6 +13,7 @@ import pytest
 
 from tests.servers import Gateway, GatewayProcess
 from tokenbridge.exceptions import ConfigurationError, LimitExceeded
+from tokenbridge.gateway.admission import Admission
 from tokenbridge.processors.rate_limit import (
     Rate,
     RateLimiter,
@@ -49,7 +50,7 @@ async def post(http: httpx.AsyncClient, key: str, model: str = "demo") -> httpx.
 
 @contextlib.asynccontextmanager
 async def limiter_for(settings: Settings) -> AsyncIterator[RateLimiter]:
-    async with Runtime(settings, gateway=False, worker=False, processors=False) as runtime:
+    async with Runtime(settings, worker=False, processors=False) as runtime:
         yield runtime.rate_limiter
 
 
@@ -74,8 +75,8 @@ def test_parse_rate_rejects(text: str) -> None:
 
 
 async def test_no_limit_unless_configured(settings: Settings) -> None:
-    async with Runtime(settings, gateway=False, worker=False, processors=False) as runtime:
-        assert runtime.admission_checks == []
+    async with Runtime(settings, worker=False, processors=False) as runtime:
+        assert Admission.from_settings(runtime.redis, runtime.keys, settings).checks == []
         assert not runtime.rate_limiter.enabled
 
 

@@ -54,7 +54,7 @@ async def test_survivor_drains_500_entries_of_a_killed_processor_within_claim_id
         "pipeline_shards": 1,
         "processors": [],
         "processors_extra": ["tests.pipeline_helpers:Stalled"],
-        "worker_claim_idle_ms": CLAIM_IDLE_MS,
+        "consumer_claim_idle_ms": CLAIM_IDLE_MS,
     }
     settings = settings_factory(**overrides)
     keys = Keys(settings.key_prefix)
@@ -65,8 +65,8 @@ async def test_survivor_drains_500_entries_of_a_killed_processor_within_claim_id
         "TOKENBRIDGE_PROCESSORS": "",
         "TOKENBRIDGE_PROCESSORS_EXTRA": "tests.pipeline_helpers:Stalled",  # never released
         "TOKENBRIDGE_PROCESSORS_CONCURRENCY": str(ENTRIES),
-        "TOKENBRIDGE_WORKER_HEARTBEAT_S": "0.5",
-        "TOKENBRIDGE_WORKER_CLAIM_IDLE_MS": str(CLAIM_IDLE_MS),
+        "TOKENBRIDGE_CONSUMER_HEARTBEAT_S": "0.5",
+        "TOKENBRIDGE_CONSUMER_CLAIM_IDLE_MS": str(CLAIM_IDLE_MS),
         "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}",
     }
     doomed = GatewayProcess(env, ["worker", "--no-generations", "--processors"])

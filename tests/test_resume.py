@@ -193,7 +193,7 @@ async def test_many_clients_use_a_bounded_number_of_redis_connections(
     for listing in (clients_before, clients_after):
         ours = [c for c in listing if c.get("name") == name]
         assert settings.fanout_readers < len(ours) <= bound
-    assert gateway.runtime.fanout.reader_count == settings.fanout_readers
+    assert gateway.state.fanout.reader_count == settings.fanout_readers
 
 
 async def test_stream_renewed_under_a_live_connection_switches_epoch_without_gap(

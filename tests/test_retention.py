@@ -78,7 +78,7 @@ async def test_no_key_of_a_finished_generation_outlives_its_retention(
             async with asyncio.timeout(20):
                 await collect_until_end(http, started["events_url"], started["generation_id"])
         async with asyncio.timeout(20):
-            await wait_for_length(redis, keys.generation_log, 6)  # the processors are done
+            await wait_for_length(redis, keys.log, 6)  # the processors are done
         names = await _keys(redis)
         assert all(name.startswith(f"{keys.prefix}:") for name in names), names
         bound_ms = (MAX_GENERATION_S + RETENTION_S) * 1000

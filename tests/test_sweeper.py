@@ -83,9 +83,7 @@ async def test_generation_whose_job_was_lost_with_its_worker_ends_as_lost(
     doomed, survivor = worker_process(settings), worker_process(settings)
     try:
         doomed.start()
-        await doomed.wait_ready(marker=b"ready")
-        survivor.start()
-        await survivor.wait_ready(marker=b"ready")
+        await doomed.wait_ready(marker=b"ready")  # alone: the job is surely its
         async with Gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
             started = await start(http, params={"max_tokens": 100_000, "rate": 50})
             url, gen = started["events_url"], started["generation_id"]
@@ -97,6 +95,8 @@ async def test_generation_whose_job_was_lost_with_its_worker_ends_as_lost(
                 ids = [row["message_id"] for row in pending]
                 await redis.xack(keys.jobs, WORKER_GROUP, *ids)
                 await redis.xdel(keys.jobs, *ids)
+                survivor.start()  # its sweeper ends the generation
+                await survivor.wait_ready(marker=b"ready")
                 rest = await collect_until_end(http, url, gen, last_event_id=early[-1].id)
     finally:
         doomed.stop(signal.SIGKILL)

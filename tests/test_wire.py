@@ -15,6 +15,9 @@ from tests.servers import Gateway
 from tests.sse_client import SSEEvent, read_events
 from tokenbridge.exceptions import InvalidEntry, InvalidRequest
 from tokenbridge.gateway.frames import format_event_id, parse_entry_id, parse_event_id
+from tokenbridge.producer.jobs import GenerationJob, Message
+from tokenbridge.producer.producer import Producer, _Writer
+from tokenbridge.store.resp import pack_xadd
 from tokenbridge.wire.events import SCHEMA, Event, decode_entry, event_from_data
 from tokenbridge.wire.keys import Keys, new_generation_id, new_session_id, validate_id
 
@@ -276,3 +279,24 @@ def test_tool_call_fields_are_declared_once() -> None:
     assert [s.name for s in SCHEMA["tool_call"]] == ["index", "call_id", "name", "arguments"]
     with pytest.raises(InvalidEntry):
         decode_entry(as_redis({**first.to_fields(), "index": "-1"}))
+
+
+@pytest.mark.parametrize("text", ["plain", "héllo\r\nwörld", ""])
+def test_producer_token_template_packs_what_the_general_xadd_packs(text: str) -> None:
+    producer = Producer(
+        None,  # type: ignore[arg-type]  # packing only: no Redis call
+        None,  # type: ignore[arg-type]
+        Keys("tb"),
+        stream_max_len=10_000,
+        retention_s=60,
+        max_generation_s=60,
+        max_pending=10,
+    )
+    job = GenerationJob(
+        generation_id="g_1", session_id="s_1", model="demo",
+        messages=[Message(role="user", content="hi")],
+    )  # fmt: skip
+    writer = _Writer(producer, job, asyncio.Event())
+    event = Event("token", "g_1", 3, ts=TS, text=text)
+    fields = [(k.encode(), v.encode()) for k, v in event.to_fields().items()]
+    assert writer._xadd(event) == pack_xadd(b"tb:{s_1}:events", 10_000, fields)

@@ -19,9 +19,9 @@ def worker_process(settings: Settings) -> GatewayProcess:
         {
             "TOKENBRIDGE_REDIS_URL": settings.redis_url_value() or "",
             "TOKENBRIDGE_KEY_PREFIX": settings.key_prefix,
-            "TOKENBRIDGE_WORKER_HEARTBEAT_S": "0.5",
-            "TOKENBRIDGE_WORKER_CLAIM_IDLE_MS": "1500",
-            "TOKENBRIDGE_WORKER_BLOCK_MS": "1000",
+            "TOKENBRIDGE_CONSUMER_HEARTBEAT_S": "0.5",
+            "TOKENBRIDGE_CONSUMER_CLAIM_IDLE_MS": "1500",
+            "TOKENBRIDGE_CONSUMER_BLOCK_MS": "1000",
         },
         args=["worker", "--log-level", "warning"],
     )

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from benchmarks.faults.harness import FaultEnv, Outcome, Recorder, exact, start_generation, until
-from tokenbridge.processors.status import read_pipeline_status, read_stats
+from tokenbridge.store.stats import read_pipeline_status, read_stats
 
 __all__ = ["SlowProcessor", "poison_entry", "processor_kill", "trimmed_pending", "worker_kill"]
 

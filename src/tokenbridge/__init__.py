@@ -5,7 +5,7 @@ and the CLI. Everything else may change without notice.
 """
 
 from tokenbridge.client import GenerationStarted, StreamEvent, TokenBridgeClient
-from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
+from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.exceptions import (
     AuthError,
     ConfigurationError,
@@ -23,11 +23,12 @@ from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.processors.analytics import AnalyticsProcessor
+from tokenbridge.processors.base import Processor
 from tokenbridge.processors.cache import CachingProcessor
 from tokenbridge.processors.generation_log import LoggingProcessor
 from tokenbridge.processors.rate_limit import RateLimitProcessor
 from tokenbridge.processors.registry import ProcessorContext
-from tokenbridge.processors.stream_processor import Processor, StreamProcessor
+from tokenbridge.processors.stream_processor import StreamProcessor
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel, ChatRequest, Delta, Finish
 from tokenbridge.producer.producer import Producer
@@ -48,6 +49,7 @@ __all__ = [
     "ClientConnection",
     "ConfigurationError",
     "ConnectionManager",
+    "ConsumerOptions",
     "Delivery",
     "Delta",
     "Draining",

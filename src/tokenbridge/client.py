@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from tokenbridge.exceptions import InvalidRequest, TokenBridgeError
+from tokenbridge.sse_parser import parse_sse
 
 __all__ = ["GenerationStarted", "StreamEvent", "TokenBridgeClient"]
 
@@ -143,23 +144,8 @@ class TokenBridgeClient:
             if response.status_code != 200:
                 await response.aread()
                 raise _error_from(response)
-            event, data, event_id = "message", "", None
-            async for line in response.aiter_lines():
-                if line == "":
-                    if data:
-                        yield StreamEvent(event, json.loads(data), event_id)
-                    event, data, event_id = "message", "", None
-                elif line.startswith(":"):
-                    continue
-                else:
-                    name, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if name == "event":
-                        event = value
-                    elif name == "data":
-                        data = value if not data else f"{data}\n{value}"
-                    elif name == "id":
-                        event_id = value
+            async for message in parse_sse(response.aiter_lines()):
+                yield StreamEvent(message.event, json.loads(message.data), message.id)
 
 
 def _error_from(response: httpx.Response) -> InvalidRequest:

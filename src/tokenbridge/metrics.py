@@ -16,8 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
     from tokenbridge.gateway.connection_manager import ConnectionManager
-    from tokenbridge.runtime import Runtime
 
 __all__ = ["CONTENT_TYPE", "TokenBridgeCollector", "render"]
 
@@ -25,11 +25,19 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class TokenBridgeCollector(Collector):
-    """Reads the runtime's and the connection manager's counters on every scrape."""
+    """Reads the connection manager's, the fan-out's and the consumers' counters per scrape."""
 
-    def __init__(self, runtime: Runtime, connections: ConnectionManager) -> None:
-        self.runtime = runtime
+    def __init__(
+        self,
+        connections: ConnectionManager,
+        fanout_stats: object | None,
+        consumers: StreamConsumerService,
+        trimmer: object | None = None,
+    ) -> None:
         self.connections = connections
+        self.fanout_stats = fanout_stats
+        self.consumers = consumers
+        self.trimmer = trimmer  # the processors' PipelineTrimmer, where they run
 
     def collect(self) -> Iterator[Any]:
         yield from self._connections()
@@ -63,17 +71,16 @@ class TokenBridgeCollector(Collector):
         )  # fmt: skip
 
     def _fanout(self) -> Iterator[Any]:
-        fanout = self.runtime.fanout
-        if fanout is None:
+        if self.fanout_stats is None:
             return
-        for name, value in vars(fanout.stats).items():
+        for name, value in vars(self.fanout_stats).items():
             yield CounterMetricFamily(
                 f"tokenbridge_fanout_{name}", f"Fan-out readers: entries/batches {name}",
                 value=value,
             )  # fmt: skip
 
     def _consumers(self) -> Iterator[Any]:
-        rows = self.runtime.consumers.status()
+        rows = self.consumers.status()
         for field in ("read", "acked", "failed", "reclaimed", "dead_lettered", "trimmed"):
             family = CounterMetricFamily(
                 f"tokenbridge_consumer_{field}", f"Stream consumer entries {field}",
@@ -91,10 +98,9 @@ class TokenBridgeCollector(Collector):
         yield inflight
 
     def _pipeline(self) -> Iterator[Any]:
-        processor = self.runtime.processor
-        if processor is None:
+        trimmer: Any = self.trimmer
+        if trimmer is None:
             return
-        trimmer = processor.trimmer
         yield CounterMetricFamily(
             "tokenbridge_pipeline_trimmed", "Pipeline entries trimmed after every processor "
             "was done with them (this process's trims)", value=trimmer.trimmed,
@@ -105,9 +111,14 @@ class TokenBridgeCollector(Collector):
         )  # fmt: skip
 
 
-def render(runtime: Runtime, connections: ConnectionManager) -> bytes:
+def render(
+    connections: ConnectionManager,
+    fanout_stats: object | None,
+    consumers: StreamConsumerService,
+    trimmer: object | None = None,
+) -> bytes:
     """The exposition text for one scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TokenBridgeCollector(runtime, connections))
+    registry.register(TokenBridgeCollector(connections, fanout_stats, consumers, trimmer))
     output: bytes = generate_latest(registry)
     return output

@@ -1,11 +1,12 @@
-"""Runtime: opens Redis, owns the process's long-lived loops, drains and closes.
+"""Runtime: the process's Redis clients, its task group, the worker and the processors.
 
 ``async with Runtime(settings) as rt:`` connects (a clear :class:`RedisUnavailable` if it
-cannot), starts the fan-out readers and, if asked, a generation worker and the processor
-pipeline (``StreamProcessor``), all in one ``TaskGroup``. Leaving stops the loops, gives
-running generations ``drain_s`` to finish, cancels what is left (cancelled generations get
-their ``end`` event), then closes clients.
-Start: Redis, loops; stop: the reverse.
+cannot) and, if asked, starts a generation worker and the processor pipeline
+(``StreamProcessor``) in one ``TaskGroup``. Leaving stops the loops, gives running generations
+``drain_s`` to finish, cancels what is left (cancelled generations get their ``end`` event),
+then closes clients. Start: Redis, loops; stop: the reverse. The gateway's own objects (fan-out,
+auth, connections, admission) are not here: the app's lifespan builds them on top
+(``gateway/state.py``), sharing these clients.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
 from functools import partial
 from types import TracebackType
 
@@ -23,20 +23,17 @@ from redis.asyncio import Redis
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
-from tokenbridge.gateway.auth import Auth
-from tokenbridge.gateway.fanout import SessionFanout
-from tokenbridge.processors.cache import ResponseCache
-from tokenbridge.processors.rate_limit import RateLimiter
 from tokenbridge.processors.stream_processor import StreamProcessor
+from tokenbridge.producer.cache import ResponseCache
 from tokenbridge.producer.models import build_model
 from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
 from tokenbridge.producer.worker import GenerationWorker
+from tokenbridge.rate_limits import RateLimiter
 from tokenbridge.settings import Settings
 from tokenbridge.store.client import (
     REDIS_DOWN_ERRORS,
     blocking_client,
-    blocking_pool,
     command_client,
 )
 from tokenbridge.store.scripts import Scripts
@@ -48,13 +45,12 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    """The process's shared resources: Redis clients, fan-out, producer, optional worker."""
+    """The process's shared resources: Redis clients, producer, optional worker and processors."""
 
     def __init__(
         self,
         settings: Settings,
         *,
-        gateway: bool = True,
         worker: bool | None = None,
         processors: bool | None = None,
         drain_s: float | None = None,
@@ -93,24 +89,10 @@ class Runtime:
         self.models: dict[str, ChatModel] = {
             name: build_model(name, config) for name, config in settings.models.items()
         }
-        self.fanout: SessionFanout | None = None
-        if gateway:
-            self.fanout = SessionFanout(
-                self.redis,
-                self.scripts,
-                self.keys,
-                partial(blocking_pool, url, settings.fanout_block_ms, client_name=self.client_name),
-                readers=settings.fanout_readers,
-                block_ms=settings.fanout_block_ms,
-                read_count=settings.fanout_read_count,
-                orphan_ttl_ms=settings.stream_retention_s * 1000,
-                node_id=self.node_id,
-            )
-        self.auth = Auth(self.redis, self.keys, settings)
         self.dead_letters = DeadLetters(self.redis, self.keys.dead_letters, settings.dlq_max_len)
         self.consumers = StreamConsumerService(
             self.redis,
-            partial(blocking_client, url, settings.worker_block_ms, client_name=self.client_name),
+            partial(blocking_client, url, settings.consumer_block_ms, client_name=self.client_name),
             self.dead_letters,
             drain_s=drain_s if drain_s is not None else settings.shutdown_drain_s,
         )
@@ -124,9 +106,9 @@ class Runtime:
                 self.producer,
                 self.models,
                 concurrency=settings.worker_concurrency,
-                block_ms=settings.worker_block_ms,
-                claim_idle_ms=settings.worker_claim_idle_ms,
-                heartbeat_s=settings.worker_heartbeat_s,
+                block_ms=settings.consumer_block_ms,
+                claim_idle_ms=settings.consumer_claim_idle_ms,
+                heartbeat_s=settings.consumer_heartbeat_s,
                 max_deliveries=settings.consumer_max_deliveries,
             )
         # The processor pipeline (processors/): reads the pipeline shards in group "processors".
@@ -136,13 +118,8 @@ class Runtime:
             self.processor = StreamProcessor.from_settings(
                 self.redis, self.consumers, self.keys, settings, self.dead_letters
             )
-        # Checks a new generation must pass before it is queued (rate limits, ...): each raises
-        # LimitExceeded (HTTP 429) to refuse. Called with (identity, model name).
-        self.admission_checks: list[Callable[[str, str], Awaitable[None]]] = []
-        # Rate limits and the response cache (processors/): admission, worker and pipeline.
+        # Rate limits (the worker notes who pays) and the response cache (the worker replays).
         self.rate_limiter = RateLimiter(self.redis, self.keys, settings)
-        if self.rate_limiter.enabled:
-            self.admission_checks.append(self.rate_limiter.admit)
         self.cache = ResponseCache(self.redis, self.keys, settings)
         if self.worker is not None:
             self.worker.before_model.append(self.rate_limiter.track)
@@ -151,15 +128,8 @@ class Runtime:
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def admit(self, identity: str, model: str) -> None:
-        """Run every admission check; raises LimitExceeded if one refuses."""
-        for check in self.admission_checks:
-            await check(identity, model)
-
     def __repr__(self) -> str:
-        return (
-            f"<Runtime fanout={self.fanout!r} worker={self.worker!r} processor={self.processor!r}>"
-        )
+        return f"<Runtime worker={self.worker!r} processor={self.processor!r}>"
 
     async def __aenter__(self) -> Runtime:
         try:
@@ -171,16 +141,9 @@ class Runtime:
                 f"{str(exc).rstrip('.')}. "
                 "Is Redis running there? Unset the variable to use the embedded server."
             ) from None
-        try:
-            await self.auth.start()
-        except REDIS_DOWN_ERRORS as exc:
-            await self._close_clients()
-            raise RedisUnavailable(f"Redis failed during startup: {exc}") from None
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
         await self.consumers.__aenter__()
-        if self.fanout is not None:
-            self._tasks.append(self._group.create_task(self.fanout.run()))
         if self.worker is not None:
             self._tasks.append(self._group.create_task(self.worker.run()))
         if self.processor is not None:
@@ -193,8 +156,6 @@ class Runtime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.fanout is not None:
-            self.fanout.stop()
         if self.worker is not None:
             self.worker.stop()
         if self.processor is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -24,7 +25,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tokenbridge.exceptions import ConfigurationError
 
-__all__ = ["RATE_PATTERN", "ModelConfig", "Settings", "load_settings"]
+__all__ = ["RATE_PATTERN", "RENAMED", "ModelConfig", "Settings", "load_settings"]
+
+RENAMED = {
+    "sse_heartbeat_s": "connection_heartbeat_s",
+    "worker_block_ms": "consumer_block_ms",
+    "worker_claim_idle_ms": "consumer_claim_idle_ms",
+    "worker_heartbeat_s": "consumer_heartbeat_s",
+}
+"""Old setting name -> new name: the old ones still work for one release, with a warning."""
 
 RATE_PATTERN = r"^[1-9][0-9]{0,8}/(second|minute|hour|day|[1-9][0-9]{0,5}[smhd])$"
 """A rate setting: a count per period (``10/minute``, ``100/30s``)."""
@@ -116,8 +125,10 @@ class Settings(BaseSettings):
     fanout_read_count: int = Field(
         default=1000, ge=1, le=100_000, description="COUNT per stream of each fan-out XREAD."
     )
-    sse_heartbeat_s: float = Field(
-        default=15.0, gt=0, description="Heartbeat comment interval of idle SSE streams."
+    connection_heartbeat_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Keep-alive interval of idle connections (SSE `: ping`, WebSocket ping).",
     )
     sse_retry_ms: int = Field(
         default=1000, ge=0, description="Reconnect delay hint (SSE retry:) sent to clients."
@@ -191,16 +202,22 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         default=64, ge=1, le=10_000, description="Generations one worker process runs at once."
     )
-    worker_block_ms: int = Field(
-        default=5000, ge=10, le=60_000, description="BLOCK of the job XREADGROUP."
+    consumer_block_ms: int = Field(
+        default=5000,
+        ge=10,
+        le=60_000,
+        description="BLOCK of every consumer's XREADGROUP (jobs and pipeline shards).",
     )
-    worker_claim_idle_ms: int = Field(
+    consumer_claim_idle_ms: int = Field(
         default=30_000,
         ge=1000,
-        description="A job pending this long on a silent worker is reclaimed (XAUTOCLAIM).",
+        description="An entry pending this long on a silent consumer is reclaimed (XAUTOCLAIM).",
     )
-    worker_heartbeat_s: float = Field(
-        default=5.0, gt=0, description="How often a worker refreshes its liveness and its jobs."
+    consumer_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often a consumer refreshes its in-flight entries and reclaims, and "
+        "a worker its liveness.",
     )
     consumer_max_deliveries: int = Field(
         default=5, ge=1, le=1000, description="Deliveries before an entry is dead-lettered."
@@ -314,7 +331,7 @@ class Settings(BaseSettings):
         ge=0,
         description="How long the apply-once markers of the processors (analytics, generation "
         "log, token budgets) are kept: as long as an entry can still be delivered again. 0: "
-        "2 x consumer_max_deliveries x worker_claim_idle_ms (5 min by default), at least 60 s. "
+        "2 x consumer_max_deliveries x consumer_claim_idle_ms (5 min by default), at least 60 s. "
         "An entry redelivered later (processors down longer than this right after a crash, "
         "or a dead letter replayed later) may count twice.",
     )
@@ -411,12 +428,47 @@ class Settings(BaseSettings):
         description='Model table as JSON: {"name": {"adapter": "openai", "base_url": ...}}.',
     )
 
+    # -- Old names, accepted for one release (a DeprecationWarning says the new one) ------
+    sse_heartbeat_s: float | None = Field(
+        default=None, gt=0, deprecated="use connection_heartbeat_s", exclude=True
+    )
+    worker_block_ms: int | None = Field(
+        default=None, ge=10, le=60_000, deprecated="use consumer_block_ms", exclude=True
+    )
+    worker_claim_idle_ms: int | None = Field(
+        default=None, ge=1000, deprecated="use consumer_claim_idle_ms", exclude=True
+    )
+    worker_heartbeat_s: float | None = Field(
+        default=None, gt=0, deprecated="use consumer_heartbeat_s", exclude=True
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        """Move a value given under an old name to its new name, with a DeprecationWarning
+        (the new name wins when both are given)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in RENAMED.items():
+            if data.get(old) is None:
+                continue
+            warnings.warn(
+                f"setting {old} (TOKENBRIDGE_{old.upper()}) is deprecated and will be removed "
+                f"in the next release: use {new} (TOKENBRIDGE_{new.upper()})",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            value = data.pop(old)
+            data.setdefault(new, value)
+        return data
+
     @model_validator(mode="after")
     def _claim_after_heartbeats(self) -> Settings:
-        if self.worker_claim_idle_ms < self.worker_heartbeat_s * 3000:
+        if self.consumer_claim_idle_ms < self.consumer_heartbeat_s * 3000:
             raise ValueError(
-                "worker_claim_idle_ms must be at least 3 x worker_heartbeat_s, or running "
-                "jobs are taken over from live workers"
+                "consumer_claim_idle_ms must be at least 3 x consumer_heartbeat_s, or running "
+                "entries are taken over from live consumers"
             )
         return self
 
@@ -431,7 +483,7 @@ class Settings(BaseSettings):
         """Lifetime of apply-once markers (``processors_once_ttl_s``, or derived from it)."""
         if self.processors_once_ttl_s:
             return self.processors_once_ttl_s * 1000
-        return max(60_000, 2 * self.consumer_max_deliveries * self.worker_claim_idle_ms)
+        return max(60_000, 2 * self.consumer_max_deliveries * self.consumer_claim_idle_ms)
 
     def redis_url_value(self) -> str | None:
         """The Redis URL in clear, for the store only; never log it."""

@@ -7,31 +7,13 @@ traceback. Settings come from ``TOKENBRIDGE_*`` variables; options override some
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import typer
-from rich.console import Console
 
+from tokenbridge.cli.app import app, err, state
 from tokenbridge.exceptions import TokenBridgeError
 
 __all__ = ["app", "main"]
-
-app = typer.Typer(
-    name="tokenbridge",
-    help="Carry LLM output from workers to users through Redis Streams, with exact resume.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-err = Console(stderr=True, soft_wrap=True)  # one error, one line, whatever the width
-_state: dict[str, Any] = {"debug": False}
-
-
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of expected errors."),
-) -> None:
-    _state["debug"] = debug
 
 
 def _register() -> None:
@@ -44,7 +26,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except TokenBridgeError as exc:
-        if _state["debug"]:
+        if state["debug"]:
             raise
         err.print(f"[red]{type(exc).__name__}: {exc}[/red]", highlight=False)
         sys.exit(1)

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenbridge.cli import app
+from tokenbridge.cli.app import app
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer_service import group_status
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from tokenbridge.cli import app
+from tokenbridge.cli.app import app
 from tokenbridge.exceptions import ConfigurationError
 
 _CHECKOUT = Path(__file__).resolve().parents[3]

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from tokenbridge.cli import app, err
+from tokenbridge.cli.app import app, err
 
 
 @app.command()

@@ -15,7 +15,7 @@ import uvicorn
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
-from tokenbridge.cli import app
+from tokenbridge.cli.app import app
 from tokenbridge.exceptions import ConfigurationError
 from tokenbridge.logs import configure_logging
 from tokenbridge.runtime import Runtime
@@ -53,10 +53,10 @@ class _Server(uvicorn.Server):
 
     async def _credentials(self) -> str | None:
         """Closed by default: with no API key anywhere, make one and show it once."""
-        runtime = getattr(self.app.state, "runtime", None)
-        if runtime is None or runtime.auth.disabled:
+        gateway = getattr(self.app.state, "gateway", None)
+        if gateway is None or gateway.auth.disabled:
             return None
-        auth = runtime.auth
+        auth = gateway.auth
         if not await auth.has_keys():
             key_id, key = await auth.create_key("default")
             print(f"API key {key_id} (shown once, keep it): {key}", flush=True)
@@ -194,9 +194,7 @@ async def _run_worker(settings: Settings, generations: bool, processors: bool) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Runtime(
-        settings, gateway=False, worker=generations, processors=processors
-    ) as runtime:
+    async with Runtime(settings, worker=generations, processors=processors) as runtime:
         part = runtime.worker or runtime.processor
         assert part is not None
         print(f"tokenbridge worker {part.name} ready", flush=True)

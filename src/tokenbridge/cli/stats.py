@@ -10,16 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenbridge.cli import app
+from tokenbridge.cli.app import app
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
-from tokenbridge.processors.status import (
+from tokenbridge.settings import Settings, load_settings
+from tokenbridge.store.client import REDIS_DOWN_ERRORS, command_client
+from tokenbridge.store.stats import (
     read_pipeline_status,
     read_processor_stats,
     read_session_stats,
     read_stats,
 )
-from tokenbridge.settings import Settings, load_settings
-from tokenbridge.store.client import REDIS_DOWN_ERRORS, command_client
 from tokenbridge.wire.keys import Keys, validate_id
 
 out = Console()

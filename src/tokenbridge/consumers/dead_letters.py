@@ -22,6 +22,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from tokenbridge.text import as_text
 from tokenbridge.wire.events import now_ms
 
 __all__ = ["DeadLetter", "DeadLetters"]
@@ -44,10 +45,6 @@ def _fields_from_json(raw: str) -> dict[bytes, bytes]:
         k.encode("utf-8", "surrogateescape"): v.encode("utf-8", "surrogateescape")
         for k, v in data.items()
     }
-
-
-def _s(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +107,7 @@ class DeadLetters:
             "dead_ms": now_ms(),
             "fields": _fields_to_json(fields),
         }
-        dlq_id = _s(
+        dlq_id = as_text(
             await self.redis.xadd(self.key, record, maxlen=self.max_len, approximate=True)  # type: ignore[arg-type]
         )
         await self.redis.xack(stream, group, entry_id)
@@ -134,12 +131,12 @@ class DeadLetters:
             if not batch:
                 break
             for raw_id, raw in batch:
-                letter = self._decode(_s(raw_id), raw)
+                letter = self._decode(as_text(raw_id), raw)
                 if stream is None or letter.stream == stream:
                     out.append(letter)
                     if len(out) >= count:
                         break
-            cursor = "(" + _s(batch[-1][0])
+            cursor = "(" + as_text(batch[-1][0])
             if len(batch) < 500:
                 break
         return out
@@ -183,12 +180,12 @@ class DeadLetters:
     def _decode(dlq_id: str, raw: dict[bytes, bytes]) -> DeadLetter:
         return DeadLetter(
             dlq_id=dlq_id,
-            stream=_s(raw.get(b"stream", b"")),
-            group=_s(raw.get(b"group", b"")),
-            entry_id=_s(raw.get(b"entry_id", b"")),
-            error=_s(raw.get(b"error", b"")),
+            stream=as_text(raw.get(b"stream", b"")),
+            group=as_text(raw.get(b"group", b"")),
+            entry_id=as_text(raw.get(b"entry_id", b"")),
+            error=as_text(raw.get(b"error", b"")),
             deliveries=int(raw.get(b"deliveries", b"0") or 0),
-            consumer=_s(raw.get(b"consumer", b"")),
+            consumer=as_text(raw.get(b"consumer", b"")),
             dead_ms=int(raw.get(b"dead_ms", b"0") or 0),
-            fields=_fields_from_json(_s(raw.get(b"fields", b"{}"))),
+            fields=_fields_from_json(as_text(raw.get(b"fields", b"{}"))),
         )

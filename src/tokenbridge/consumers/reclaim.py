@@ -22,14 +22,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
 
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, is_nogroup
+from tokenbridge.text import as_text
 
-if TYPE_CHECKING:
-    from tokenbridge.consumers.stream_consumer import StreamConsumer
+__all__ = ["ReclaimTarget", "Reclaimer"]
 
-__all__ = ["Reclaimer"]
+
+class _Counts(Protocol):
+    reclaimed: int
+    trimmed: int
+
+
+class ReclaimTarget(Protocol):
+    """What the reclaimer needs of its consumer (``StreamConsumer`` is one): declared here so
+    that this module does not import the consumer that owns it."""
+
+    redis: Redis
+    stream: str
+    group: str
+    consumer: str
+    concurrency: int
+
+    @property
+    def stats(self) -> _Counts: ...
+
+    @property
+    def inflight(self) -> int: ...
+
+    @property
+    def inflight_ids(self) -> list[str]: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    async def dispatch(self, entries: list[tuple[Any, Any]], redelivered: bool) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +71,7 @@ _DEAD_CONSUMER_IDLE_MS = 3_600_000
 class Reclaimer:
     """The periodic upkeep of one consumer (a timer, not a poll: the work is periodic)."""
 
-    def __init__(self, consumer: StreamConsumer, claim_idle_ms: int, heartbeat_s: float) -> None:
+    def __init__(self, consumer: ReclaimTarget, claim_idle_ms: int, heartbeat_s: float) -> None:
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
         self.heartbeat_s = heartbeat_s
@@ -110,7 +141,7 @@ class Reclaimer:
             reply: Any = await c.redis.xautoclaim(
                 c.stream, c.group, c.consumer, self.claim_idle_ms, cursor, count=min(free, 100)
             )
-            cursor = _s(reply[0])
+            cursor = as_text(reply[0])
             entries = [(raw_id, fields) for raw_id, fields in reply[1] if fields is not None]
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:
@@ -137,7 +168,7 @@ class Reclaimer:
         rows: Any = await c.redis.xinfo_consumers(c.stream, c.group)
         removed = 0
         for row in rows:
-            name = _s(row["name"])
+            name = as_text(row["name"])
             if (
                 name != c.consumer
                 and int(row["pending"]) == 0
@@ -160,7 +191,3 @@ class Reclaimer:
             )
             if not rows:
                 await c.redis.xgroup_delconsumer(c.stream, c.group, c.consumer)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -32,8 +32,9 @@ from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.reclaim import Reclaimer
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff, is_busygroup, is_nogroup
+from tokenbridge.text import as_text
 
-__all__ = ["ConsumerStats", "Delivery", "Handler", "StreamConsumer"]
+__all__ = ["ConsumerOptions", "ConsumerStats", "Delivery", "Handler", "StreamConsumer"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,21 @@ class ConsumerStats:
     last_activity: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerOptions:
+    """How one consumer reads: ``concurrency`` handlers at once, ``count`` entries per read,
+    ``BLOCK block_ms``, reclaim after ``claim_idle_ms`` (checked every ``heartbeat_s``),
+    dead-letter after ``max_deliveries``; ``burst``: return once nothing is left to read."""
+
+    concurrency: int = 16
+    block_ms: int = 5000
+    count: int = 100
+    claim_idle_ms: int = 30_000
+    heartbeat_s: float = 5.0
+    max_deliveries: int = 5
+    burst: bool = False
+
+
 class StreamConsumer:
     """One consumer of one group of one stream, running ``handler`` for each entry."""
 
@@ -80,30 +96,24 @@ class StreamConsumer:
         group: str,
         consumer: str,
         handler: Handler,
-        *,
-        concurrency: int = 16,
-        block_ms: int = 5000,
-        count: int = 100,
-        claim_idle_ms: int = 30_000,
-        heartbeat_s: float = 5.0,
-        max_deliveries: int = 5,
+        options: ConsumerOptions = ConsumerOptions(),
         dead_letters: DeadLetters | None = None,
-        burst: bool = False,
     ) -> None:
         self.redis = redis
         self.stream = stream
         self.group = group
         self.consumer = consumer
         self.handler = handler
-        self.concurrency = concurrency
-        self.block_ms = block_ms
-        self.count = count
-        self.max_deliveries = max_deliveries
+        self.options = options
+        self.concurrency = options.concurrency
+        self.block_ms = options.block_ms
+        self.count = options.count
+        self.max_deliveries = options.max_deliveries
         self.dead_letters = dead_letters
-        self.burst = burst
+        self.burst = options.burst
         self.stats = ConsumerStats()
         self.running = False
-        self.reclaimer = Reclaimer(self, claim_idle_ms, heartbeat_s)
+        self.reclaimer = Reclaimer(self, options.claim_idle_ms, options.heartbeat_s)
         self._make_client = make_blocking_client
         self._stopping = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -264,7 +274,7 @@ class StreamConsumer:
         rows: Any = await self.redis.xpending_range(
             self.stream, self.group, ids[0], ids[-1], len(ids) + 100, consumername=self.consumer
         )
-        return {_s(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        return {as_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
@@ -363,7 +373,3 @@ class StreamConsumer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._stopping.wait()
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -21,18 +21,15 @@ from typing import Any
 from redis.asyncio import Redis
 
 from tokenbridge.consumers.dead_letters import DeadLetters
-from tokenbridge.consumers.stream_consumer import Handler, StreamConsumer
+from tokenbridge.consumers.stream_consumer import ConsumerOptions, Handler, StreamConsumer
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.text import as_text
 
 __all__ = ["StreamConsumerService", "group_status"]
 
 log = logging.getLogger(__name__)
 
 ConsumerKey = tuple[str, str, str]
-
-
-def _s(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class StreamConsumerService:
@@ -44,12 +41,10 @@ class StreamConsumerService:
         make_blocking_client: Callable[[], Redis],
         dead_letters: DeadLetters | None = None,
         drain_s: float = 10.0,
-        **defaults: Any,
     ) -> None:
         self.redis = redis
         self.dead_letters = dead_letters
         self.drain_s = drain_s
-        self.defaults = defaults
         self._make_client = make_blocking_client
         self._consumers: dict[ConsumerKey, tuple[StreamConsumer, asyncio.Task[None]]] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -74,19 +69,23 @@ class StreamConsumerService:
         self._group = None
 
     def start_consumer(
-        self, stream: str, group: str, consumer: str, handler: Handler, **options: Any
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        handler: Handler,
+        options: ConsumerOptions = ConsumerOptions(),  # noqa: B008  (frozen: shared safely)
     ) -> StreamConsumer:
-        """Start a consumer (``options`` override the service's defaults); returns it."""
+        """Start a consumer (dead letters go to the service's stream); returns it."""
         if self._group is None:
             raise RuntimeError("StreamConsumerService is not entered (use `async with`)")
         key = (stream, group, consumer)
         if key in self._consumers:
             return self._consumers[key][0]
-        settings = {**self.defaults, **options}
-        settings.setdefault("dead_letters", self.dead_letters)
         instance = StreamConsumer(
-            self.redis, self._make_client, stream, group, consumer, handler, **settings
-        )
+            self.redis, self._make_client, stream, group, consumer, handler, options,
+            self.dead_letters,
+        )  # fmt: skip
         task = self._group.create_task(instance.run(), name=f"consumer:{stream}:{consumer}")
         task.add_done_callback(lambda _t, k=key: self._consumers.pop(k, None))  # type: ignore[misc]
         self._consumers[key] = (instance, task)
@@ -154,7 +153,7 @@ async def group_status(redis: Redis, stream: str) -> list[dict[str, Any]]:
         return []
     out = []
     for g in groups:
-        name = _s(g["name"])
+        name = as_text(g["name"])
         consumers: Any = await redis.xinfo_consumers(stream, name)
         out.append(
             {
@@ -162,9 +161,13 @@ async def group_status(redis: Redis, stream: str) -> list[dict[str, Any]]:
                 "group": name,
                 "pending": int(g["pending"]),
                 "lag": g.get("lag"),
-                "last_delivered_id": _s(g["last-delivered-id"]),
+                "last_delivered_id": as_text(g["last-delivered-id"]),
                 "consumers": [
-                    {"name": _s(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+                    {
+                        "name": as_text(c["name"]),
+                        "pending": int(c["pending"]),
+                        "idle_ms": int(c["idle"]),
+                    }
                     for c in consumers
                 ],
             }

@@ -17,7 +17,6 @@ from starlette.websockets import WebSocket
 from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway import encodings
 from tokenbridge.gateway.auth import COOKIE_NAME, Principal, key_principal, reader_principal
-from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.encodings.base import StreamContext
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.gateway.sse import EventStreamResponse
@@ -75,11 +74,6 @@ class GenerationRequest(BaseModel):
         if self.messages is not None:
             return self.messages
         return [Message(role="user", content=self.prompt or "")]
-
-
-def _connections(request: Request) -> ConnectionManager:
-    manager: ConnectionManager = request.state.connections
-    return manager
 
 
 def _gateway(request: Request) -> Gateway:
@@ -158,10 +152,10 @@ async def session_events(request: Request) -> Response:
 
 async def cancel_generation(request: Request) -> Response:
     """Cancel a generation, wherever it runs: 202 while it stops, 409 if it already ended."""
-    runtime = _runtime(request)
-    await key_principal(runtime.auth, request, unsafe=True)
+    gateway = _gateway(request)
+    await key_principal(gateway.auth, request, unsafe=True)
     generation_id = validate_id(request.path_params["generation_id"], "generation_id")
-    outcome = await request_cancel(runtime.redis, runtime.keys, generation_id)
+    outcome = await request_cancel(gateway.redis, gateway.keys, generation_id)
     if outcome == "not_found":
         raise InvalidRequest("generation_not_found", f"no generation {generation_id}", 404)
     if outcome == "finished":
@@ -192,11 +186,11 @@ async def session_websocket(websocket: WebSocket) -> None:
 
 
 async def list_models(request: Request) -> Response:
-    runtime = _runtime(request)
-    await key_principal(runtime.auth, request)
+    gateway = _gateway(request)
+    await key_principal(gateway.auth, request)
     data = [
         {"id": name, "adapter": config.adapter}
-        for name, config in sorted(runtime.settings.models.items())
+        for name, config in sorted(gateway.settings.models.items())
     ]
     return JSONResponse({"object": "list", "data": data})
 
@@ -209,13 +203,13 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Readiness: Redis answers and at least one generation worker sent a heartbeat lately;
     503 ``draining`` once this process shuts down (load balancers stop sending it clients)."""
-    runtime = _runtime(request)
-    if _connections(request).draining:
+    gateway = _gateway(request)
+    if gateway.connections.draining:
         return error_response("draining", "this gateway is shutting down", 503)
     try:
-        await runtime.redis.ping()
-        window_ms = int(max(15.0, runtime.settings.worker_heartbeat_s * 3) * 1000)
-        workers = await live_workers(runtime.redis, runtime.keys, window_ms)
+        await gateway.redis.ping()
+        window_ms = int(max(15.0, gateway.settings.consumer_heartbeat_s * 3) * 1000)
+        workers = await live_workers(gateway.redis, gateway.keys, window_ms)
     except REDIS_DOWN_ERRORS as exc:
         return error_response("redis_unavailable", f"redis does not answer: {exc}", 503)
     if workers == 0:
@@ -225,16 +219,13 @@ async def readyz(request: Request) -> Response:
 
 async def status(request: Request) -> Response:
     """This process's fan-out, connections and worker, for people and dashboards."""
-    runtime = _runtime(request)
-    await key_principal(runtime.auth, request)
-    manager: ConnectionManager = request.state.connections
-    fanout = runtime.fanout
+    gateway, runtime = _gateway(request), _runtime(request)
+    await key_principal(gateway.auth, request)
+    fanout = gateway.fanout
     worker = runtime.worker
     body: dict[str, Any] = {
-        "connections": manager.stats(),
-        "fanout": None
-        if fanout is None
-        else {
+        "connections": gateway.connections.stats(),
+        "fanout": {
             "node_id": fanout.node_id,
             "readers": fanout.reader_count,
             "sessions": fanout.session_count,
@@ -251,10 +242,9 @@ async def status(request: Request) -> Response:
 
 
 def _console_response(request: Request, principal: Principal, response: Response) -> Response:
-    runtime = _runtime(request)
     response.set_cookie(
         COOKIE_NAME,
-        runtime.auth.console_cookie(principal),
+        _gateway(request).auth.console_cookie(principal),
         max_age=12 * 3600,
         httponly=True,
         samesite="strict",
@@ -265,25 +255,26 @@ def _console_response(request: Request, principal: Principal, response: Response
 
 async def login(request: Request) -> Response:
     """Exchange an API key for the console cookie (the page at / uses it)."""
-    runtime = _runtime(request)
+    auth = _gateway(request).auth
     payload = await _json_body(request)
     key = payload.get("api_key") if isinstance(payload, dict) else None
     if not isinstance(key, str) or len(key) > 200:
         raise InvalidRequest("invalid_request", 'send {"api_key": "tbk_..."}', 422)
-    principal = await runtime.auth.check_key(key)
+    principal = await auth.check_key(key)
     return _console_response(request, principal, JSONResponse({"status": "ok"}))
 
 
 async def login_link(request: Request, code: str) -> Response:
     """``/?login=<code>``: a one-time link from `tokenbridge serve`; sets the cookie."""
-    runtime = _runtime(request)
-    principal = await runtime.auth.use_login_code(code[:200])
+    principal = await _gateway(request).auth.use_login_code(code[:200])
     return _console_response(request, principal, RedirectResponse("/", status_code=303))
 
 
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of this process's counters (API key, like /v1/status)."""
+    gateway = _gateway(request)
+    await key_principal(gateway.auth, request)
     runtime = _runtime(request)
-    await key_principal(runtime.auth, request)
-    body = render_metrics(runtime, request.state.connections)
+    trimmer = runtime.processor.trimmer if runtime.processor is not None else None
+    body = render_metrics(gateway.connections, gateway.fanout.stats, runtime.consumers, trimmer)
     return Response(body, media_type=METRICS_CONTENT_TYPE)

@@ -1,8 +1,10 @@
 """create_app(settings): the ASGI application and its lifespan.
 
-The lifespan opens the :class:`Runtime` (Redis, fan-out readers, optional worker) before the
-first request and closes it after the last; an error there is a failed startup. Errors become
-``{"error": {"code", "message"}}`` JSON, never an HTML page or a bare 500.
+The lifespan opens the :class:`Runtime` (Redis, optional worker and processors), then the
+:class:`~tokenbridge.gateway.state.Gateway` (fan-out readers, auth, connections, admission)
+before the first request, and closes both after the last, in reverse; an error there is a
+failed startup. Errors become ``{"error": {"code", "message"}}`` JSON, never an HTML page or
+a bare 500.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from starlette.websockets import WebSocket
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
 from tokenbridge.gateway import api, stats_api
-from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.openapi import openapi_schema
 from tokenbridge.gateway.state import Gateway
 from tokenbridge.runtime import Runtime
@@ -204,46 +205,37 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        connections = ConnectionManager(
-            settings.connection_max_buffered_events,
-            max_connections=settings.limits_max_connections,
-            max_per_session=settings.limits_max_connections_per_session,
-            max_per_address=settings.limits_max_connections_per_address,
-            idle_timeout_s=settings.connection_idle_timeout_s,
-            max_buffered_bytes=settings.connection_max_buffered_bytes,
-        )
         async with Runtime(settings, worker=worker) as runtime:
-
-            def drain() -> None:
-                """Shutdown's first step (SIGTERM): refuse new requests and connections (503,
-                WebSocket 1012), close open ones with ``shutdown``, and stop this process's
-                worker taking jobs (running ones get ``shutdown_drain_s`` in the lifespan exit).
-                """
-                if not connections.draining:
-                    log.info("draining connections=%d", len(connections))
-                connections.drain("shutdown")
-                if runtime.worker is not None:
-                    runtime.worker.stop()
-
-            assert runtime.fanout is not None
             gateway = Gateway(
                 settings,
                 runtime.redis,
-                runtime.keys,
-                runtime.fanout,
-                runtime.auth,
-                connections,
-                runtime.models,
-                runtime.admit,
+                url=runtime.url,
+                node_id=runtime.node_id,
+                client_name=runtime.client_name,
+                models=runtime.models,
             )
-            app.state.runtime = runtime
-            app.state.gateway = gateway
-            app.state.connections = connections
-            app.state.drain = drain
-            try:
-                yield {"runtime": runtime, "gateway": gateway, "connections": connections}
-            finally:
-                drain()
+            async with gateway:
+                connections = gateway.connections
+
+                def drain() -> None:
+                    """Shutdown's first step (SIGTERM): refuse new requests and connections
+                    (503, WebSocket 1012), close open ones with ``shutdown``, and stop this
+                    process's worker taking jobs (running ones get ``shutdown_drain_s`` in
+                    the lifespan exit)."""
+                    if not connections.draining:
+                        log.info("draining connections=%d", len(connections))
+                    connections.drain("shutdown")
+                    if runtime.worker is not None:
+                        runtime.worker.stop()
+
+                app.state.runtime = runtime
+                app.state.gateway = gateway
+                app.state.connections = connections
+                app.state.drain = drain
+                try:
+                    yield {"runtime": runtime, "gateway": gateway, "connections": connections}
+                finally:
+                    drain()
 
     routes = [
         Route("/", _index, methods=["GET"]),

@@ -81,14 +81,14 @@ class Auth:
 
     @property
     def _store(self) -> str:
-        return f"{self.keys.prefix}:auth:keys"
+        return self.keys.auth_keys
 
     async def start(self) -> None:
         """Load the signing secret: configured, or shared through Redis (created once)."""
         if self.settings.auth_secret is not None:
             self._secret = self.settings.auth_secret.get_secret_value().encode()
         else:
-            key = f"{self.keys.prefix}:auth:secret"
+            key = self.keys.auth_secret
             await self.redis.set(key, secrets.token_urlsafe(48), nx=True)
             stored: Any = await self.redis.get(key)
             self._secret = stored if isinstance(stored, bytes) else str(stored).encode()
@@ -179,11 +179,11 @@ class Auth:
     async def login_code(self, ttl_s: int = 600) -> str:
         """A single-use code for ``/?login=``: the link ``tokenbridge serve`` prints."""
         code = secrets.token_urlsafe(24)
-        await self.redis.set(f"{self.keys.prefix}:auth:login:{digest(code)}", 1, ex=ttl_s)
+        await self.redis.set(self.keys.auth_login(digest(code)), 1, ex=ttl_s)
         return code
 
     async def use_login_code(self, code: str) -> Principal:
-        used: Any = await self.redis.getdel(f"{self.keys.prefix}:auth:login:{digest(code)}")
+        used: Any = await self.redis.getdel(self.keys.auth_login(digest(code)))
         if used is None:
             raise AuthError("invalid_login", "this login link was used or has expired", 401)
         return Principal("key", key_id="console")

@@ -60,8 +60,11 @@ def _estimate(batch: Batch) -> int:
 
 
 def batch_bytes(batch: Batch) -> int:
-    """About how many bytes ``batch`` takes on the wire; computed once per batch."""
-    return batch.encoded("_bytes", _estimate)
+    """About how many bytes ``batch`` takes on the wire; computed once per batch (shared
+    by every connection it is delivered to)."""
+    if batch.size_estimate < 0:
+        batch.size_estimate = _estimate(batch)
+    return batch.size_estimate
 
 
 def cap_send_buffers(sockets: Iterable[Any], nbytes: int) -> None:
@@ -231,6 +234,7 @@ class ClientConnection:
         """Everything buffered, waiting up to ``timeout_s``; ``[]`` on timeout, None once closed.
 
         While it waits, ``direct`` (if given) writes what is delivered (see the module doc)."""
+        self._writing_bytes = 0  # the previous take has been written (or had nothing to write)
         if not self._pending and self.closed_reason is None:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()

@@ -34,7 +34,7 @@ from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.frames import Batch, Frame, parse_entry_id
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
-from tokenbridge.store.resp import arg
+from tokenbridge.store.resp import XreadCommand, send_one
 from tokenbridge.store.scripts import Scripts, SessionState
 from tokenbridge.wire.events import decode_entry
 from tokenbridge.wire.keys import Keys
@@ -89,7 +89,7 @@ class _Feed:
     key_arg: bytes = field(init=False)
 
     def __post_init__(self) -> None:
-        self.key_arg = arg(self.key.encode())
+        self.key_arg = XreadCommand.key(self.key)
 
     def lost_entries(self, frames: list[Frame]) -> bool:
         """Track seq per generation; True if a generation's seq jumped (entries lost)."""
@@ -138,12 +138,10 @@ class _Reader:
         self.feeds: dict[str, _Feed] = {}
         self.wake_key = fanout.keys.wake(fanout.node_id, index)
         self.wake_key_bytes = self.wake_key.encode()
-        self.wake_arg = arg(self.wake_key_bytes)
+        self.wake_arg = XreadCommand.key(self.wake_key)
         self.wake_cursor = "$"
         count, block = fanout.settings_read
-        self.head = b"".join(
-            arg(a) for a in (b"XREAD", b"COUNT", str(count).encode(), b"BLOCK", str(block).encode())
-        ) + arg(b"STREAMS")
+        self.xread = XreadCommand(count, block)
 
     async def wake(self) -> None:
         """Make the blocked XREAD return so that it is issued again with the current feeds."""
@@ -186,10 +184,8 @@ class _Reader:
             self.wake_cursor = last[0][0].decode() if last else "0-0"
         feeds = list(self.feeds.values())
         keys = [self.wake_arg, *(feed.key_arg for feed in feeds)]
-        ids = [arg(self.wake_cursor.encode()), *(arg(f.cursor.encode()) for f in feeds)]
-        command = b"*%d\r\n%b%b%b" % (6 + 2 * len(keys), self.head, b"".join(keys), b"".join(ids))
-        await conn.send_packed_command(command, check_health=False)
-        reply = await conn.read_response()
+        command = self.xread.pack(keys, [self.wake_cursor, *(f.cursor for f in feeds)])
+        reply = await send_one(conn, command)
         by_key = {feed.key.encode(): feed for feed in feeds}
         for raw_key, entries in _stream_items(reply):
             if raw_key == self.wake_key_bytes:

@@ -54,14 +54,16 @@ class Frame:
     lock per access on Python 3.11: this object is on the per-token path.)
     """
 
-    __slots__ = ("_encoded", "_key", "entry_id", "epoch", "event")
+    __slots__ = ("_chunk", "_encoded", "_key", "_name", "entry_id", "epoch", "event")
 
     def __init__(self, entry_id: str, epoch: str, event: Event) -> None:
         self.entry_id = entry_id
         self.epoch = epoch
         self.event = event
         self._key: tuple[int, int] | None = None
-        self._encoded: dict[str, Any] | None = None
+        self._name: str | None = None  # the first encoding asked for, and its chunk ...
+        self._chunk: Any = None
+        self._encoded: dict[str, Any] | None = None  # ... and any other
 
     @property
     def key(self) -> tuple[int, int]:
@@ -75,25 +77,43 @@ class Frame:
         return format_event_id(self.epoch, self.entry_id)
 
     def encoded(self, name: str, encode: Callable[[Frame], _T]) -> _T:
-        """``encode(self)``, computed once per encoding ``name`` (stateless encodings only)."""
-        cache = self._encoded
-        if cache is None:
-            cache = self._encoded = {}
-        elif name in cache:
-            value: _T = cache[name]
-            return value
-        value = cache[name] = encode(self)
+        """``encode(self)``, computed once per encoding ``name`` (stateless encodings only).
+
+        One slot for the first encoding (a process usually serves one per session), a dict
+        for more: no dict per token on the common path."""
+        if self._name == name:
+            chunk: _T = self._chunk
+            return chunk
+        if self._name is None:
+            self._name, self._chunk = name, encode(self)
+            return self._chunk  # type: ignore[no-any-return]
+        return _more(self, name, encode)
+
+
+def _more(frame: Any, name: str, encode: Callable[[Any], _T]) -> _T:
+    cache = frame._encoded
+    if cache is None:
+        cache = frame._encoded = {}
+    elif name in cache:
+        value: _T = cache[name]
         return value
+    value = cache[name] = encode(frame)
+    return value
 
 
 class Batch:
     """Consecutive frames of one session, in stream order."""
 
-    __slots__ = ("_encoded", "frames")
+    __slots__ = ("_chunk", "_encoded", "_name", "frames", "size_estimate")
 
     def __init__(self, frames: list[Frame]) -> None:
         self.frames = frames
+        self._name: str | None = None
+        self._chunk: Any = None
         self._encoded: dict[str, Any] | None = None
+        # Bytes on the wire, estimated once per batch by the first connection that needs it
+        # (gateway/client_connection.py: the slow-client byte budget); -1 until then.
+        self.size_estimate = -1
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -107,15 +127,14 @@ class Batch:
         return self.frames[-1].key
 
     def encoded(self, name: str, encode: Callable[[Batch], _T]) -> _T:
-        """``encode(self)``, computed once per encoding ``name`` (stateless encodings only)."""
-        cache = self._encoded
-        if cache is None:
-            cache = self._encoded = {}
-        elif name in cache:
-            value: _T = cache[name]
-            return value
-        value = cache[name] = encode(self)
-        return value
+        """``encode(self)``, computed once per encoding ``name`` (as :meth:`Frame.encoded`)."""
+        if self._name == name:
+            chunk: _T = self._chunk
+            return chunk
+        if self._name is None:
+            self._name, self._chunk = name, encode(self)
+            return self._chunk  # type: ignore[no-any-return]
+        return _more(self, name, encode)
 
     def after(self, key: tuple[int, int]) -> Batch:
         """The frames strictly after ``key`` (the resume seam): this batch if all are."""

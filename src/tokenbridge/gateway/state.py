@@ -1,17 +1,24 @@
 """Gateway: the objects the gateway app owns for its life, handed to every route.
 
-Routes read ``request.state.gateway`` (one typed object) instead of the process's Runtime:
-the fan-out, auth, the connection manager, admission, the streaming options, and the two
-seams every front door uses, :meth:`Gateway.open_stream` (the connection context manager,
-``gateway/streaming.py``) and :meth:`Gateway.submit` (``gateway/submit.py``).
+Built and entered by the app's lifespan (``gateway/app.py``) on top of the process's
+:class:`~tokenbridge.runtime.Runtime`, whose Redis clients it shares: the fan-out and its
+readers (started here, stopped and awaited on exit), auth, the connection manager, admission,
+and the two seams every front door uses, :meth:`Gateway.open_stream` (the connection context
+manager, ``gateway/streaming.py``) and :meth:`Gateway.submit` (``gateway/submit.py``).
+Routes read ``request.state.gateway``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection
+import asyncio
+from collections.abc import Collection
+from functools import partial
+from types import TracebackType
 
 from redis.asyncio import Redis
 
+from tokenbridge.exceptions import RedisUnavailable
+from tokenbridge.gateway.admission import Admission
 from tokenbridge.gateway.auth import Auth
 from tokenbridge.gateway.client_connection import Transport
 from tokenbridge.gateway.connection_manager import ConnectionManager
@@ -19,6 +26,8 @@ from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.streaming import SessionStream, StreamOptions
 from tokenbridge.gateway.submit import GenerationSpec, Submission, SubmitContext, submit_generation
 from tokenbridge.settings import Settings
+from tokenbridge.store.client import REDIS_DOWN_ERRORS, blocking_pool
+from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.keys import Keys
 
 __all__ = ["Gateway"]
@@ -31,21 +40,38 @@ class Gateway:
         self,
         settings: Settings,
         redis: Redis,
-        keys: Keys,
-        fanout: SessionFanout,
-        auth: Auth,
-        connections: ConnectionManager,
+        *,
+        url: str,
+        node_id: str,
+        client_name: str,
         models: Collection[str],
-        admit: Callable[[str, str], Awaitable[None]],
     ) -> None:
         self.settings = settings
         self.redis = redis
-        self.keys = keys
-        self.fanout = fanout
-        self.auth = auth
-        self.connections = connections
+        self.keys = keys = Keys(settings.key_prefix)
+        self.fanout = SessionFanout(
+            redis,
+            Scripts(redis),
+            keys,
+            partial(blocking_pool, url, settings.fanout_block_ms, client_name=client_name),
+            readers=settings.fanout_readers,
+            block_ms=settings.fanout_block_ms,
+            read_count=settings.fanout_read_count,
+            orphan_ttl_ms=settings.stream_retention_s * 1000,
+            node_id=node_id,
+        )
+        self.auth = Auth(redis, keys, settings)
+        self.connections = ConnectionManager(
+            settings.connection_max_buffered_events,
+            max_connections=settings.limits_max_connections,
+            max_per_session=settings.limits_max_connections_per_session,
+            max_per_address=settings.limits_max_connections_per_address,
+            idle_timeout_s=settings.connection_idle_timeout_s,
+            max_buffered_bytes=settings.connection_max_buffered_bytes,
+        )
+        self.admission = Admission.from_settings(redis, keys, settings)
         self.stream_options = StreamOptions(
-            heartbeat_s=settings.sse_heartbeat_s,
+            heartbeat_s=settings.connection_heartbeat_s,
             history_batch=settings.history_batch,
             idle_timeout_s=settings.connection_idle_timeout_s,
             retry_ms=settings.sse_retry_ms,
@@ -55,10 +81,40 @@ class Gateway:
             keys=keys,
             settings=settings,
             models=models,
-            admit=admit,
-            subscribe_token=auth.subscribe_token,
-            token_ttl_s=auth.token_ttl_s,
+            admit=self.admission,
+            subscribe_token=self.auth.subscribe_token,
+            token_ttl_s=self.auth.token_ttl_s,
         )
+        self._fanout_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Gateway {self.fanout!r} {self.connections!r} {self.admission!r}>"
+
+    async def __aenter__(self) -> Gateway:
+        try:
+            await self.auth.start()
+        except REDIS_DOWN_ERRORS as exc:
+            raise RedisUnavailable(f"Redis failed during startup: {exc}") from None
+        self._fanout_task = asyncio.get_running_loop().create_task(self.fanout.run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.fanout.stop()
+        task, self._fanout_task = self._fanout_task, None
+        if task is None:
+            return
+        _, pending = await asyncio.wait([task], timeout=5)
+        for late in pending:
+            late.cancel()
+        await asyncio.wait([task])
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error
 
     def open_stream(
         self, session_id: str, transport: Transport, address: str | None

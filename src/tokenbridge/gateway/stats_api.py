@@ -18,46 +18,46 @@ from starlette.routing import Route
 
 from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway.auth import key_principal, reader_principal
-from tokenbridge.processors.status import (
+from tokenbridge.gateway.state import Gateway
+from tokenbridge.store.stats import (
     read_pipeline_status,
     read_processor_stats,
     read_session_stats,
     read_stats,
 )
-from tokenbridge.runtime import Runtime
 from tokenbridge.wire.keys import validate_id
 
 __all__ = ["routes"]
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.state.runtime
-    return runtime
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.state.gateway
+    return gateway
 
 
 async def stats(request: Request) -> Response:
     """Totals and per-model analytics, processor counters and pipeline lag (all processes)."""
-    runtime = _runtime(request)
-    await key_principal(runtime.auth, request)
-    body = await read_stats(runtime.redis, runtime.keys)
-    processors = await read_processor_stats(runtime.redis, runtime.keys)
+    gateway = _gateway(request)
+    await key_principal(gateway.auth, request)
+    body = await read_stats(gateway.redis, gateway.keys)
+    processors = await read_processor_stats(gateway.redis, gateway.keys)
     body["processors"] = processors["processors"]
     body["processor_processes"] = processors["processes"]
     body["pipeline"] = await read_pipeline_status(
-        runtime.redis, runtime.keys, runtime.settings.pipeline_shards
+        gateway.redis, gateway.keys, gateway.settings.pipeline_shards
     )
     return JSONResponse(body)
 
 
 async def session_stats(request: Request) -> Response:
     """One session's analytics and its newest generations (up to ``?limit=``, default 100)."""
-    runtime = _runtime(request)
+    gateway = _gateway(request)
     session_id = validate_id(request.path_params["session_id"], "session_id")
-    await reader_principal(runtime.auth, request, session_id)
+    await reader_principal(gateway.auth, request, session_id)
     raw_limit = request.query_params.get("limit", "100")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
         raise InvalidRequest("invalid_limit", "limit must be an integer from 1 to 1000")
-    body = await read_session_stats(runtime.redis, runtime.keys, session_id, int(raw_limit))
+    body = await read_session_stats(gateway.redis, gateway.keys, session_id, int(raw_limit))
     if body is None:
         raise InvalidRequest(
             "session_stats_not_found", f"no analytics recorded for session {session_id}", 404

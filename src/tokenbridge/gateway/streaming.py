@@ -11,6 +11,8 @@ Opening registers the connection with the :class:`ConnectionManager` at once (so
 WebSocket close code); :meth:`SessionStream.run` is the same subscribe / history / live seam and
 ``Last-Event-ID`` resume for every encoding (``gateway/pump.py``); leaving closes the
 connection, unsubscribes it from the fan-out and removes it from the manager, whatever happened.
+Open it last in a route, right before returning the response that enters it: a connection
+opened and never entered stays registered.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -98,11 +98,14 @@ def _writer(websocket: WebSocket) -> _WSWriter:
     return _WSWriter(websocket) if frames is None else _DirectWSWriter(websocket, frames)
 
 
-class _Command(Exception):
-    """A client message that restarts the stream (resume)."""
+@dataclass(slots=True)
+class _Commands:
+    """What the client's messages decided: a resume point, or a close code and reason."""
 
-    def __init__(self, last: tuple[str, str] | None) -> None:
-        self.last = last
+    resume: bool = False
+    last: tuple[str, str] | None = None
+    close_code: int | None = None
+    close_reason: str | None = None
 
 
 async def serve_websocket(
@@ -137,14 +140,13 @@ async def serve_websocket(
         except Draining as exc:
             await websocket.close(1012, reason=f"{exc.code}: {exc}"[:120])
             return
-        state: dict[str, Any] = {}  # "last" once the client asked to resume (a plain dict:
-        # an asyncio.Event would hold a deque per connection)
+        commands = _Commands()  # (not an asyncio.Event: that holds a deque per connection)
         encoder = encoding.open(StreamContext(session_id, resumed=last is not None))
         async with stream as conn:
             # A plain task rather than a TaskGroup (lighter per connection); a reader that
             # fails closes the connection, so the pump returns, and its error is raised here.
             reader = asyncio.get_running_loop().create_task(
-                _read_commands(websocket, conn, cancel, state, max_message_bytes)
+                _read_commands(websocket, conn, cancel, commands, max_message_bytes)
             )
             try:
                 await stream.run(encoder, _writer(websocket), last)
@@ -156,25 +158,25 @@ async def serve_websocket(
             error = None if reader.cancelled() else reader.exception()
             if error is not None:
                 raise error
-        if "last" in state:
-            last = state["last"]
+        if commands.resume:
+            last = commands.last
             continue
         reason = conn.closed_reason or "done"
-        close_code = state.get("close_code") or _CLOSE_CODES.get(reason, 1000)
+        close_code = commands.close_code or _CLOSE_CODES.get(reason, 1000)
         break
     if reason != "client_gone":
         # Bounded: a client that stopped reading never lets the close frame out; after
         # CLOSING_TIMEOUT_S, returning makes uvicorn drop the socket.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSING_TIMEOUT_S):
-                await websocket.close(close_code, reason=state.get("close_reason", reason)[:120])
+                await websocket.close(close_code, reason=(commands.close_reason or reason)[:120])
 
 
 async def _read_commands(
     websocket: WebSocket,
     conn: ClientConnection,
     cancel: Canceller,
-    state: dict[str, Any],
+    commands: _Commands,
     max_message_bytes: int,
 ) -> None:
     """Handle client messages until the connection closes (closing it on a bad message).
@@ -189,13 +191,13 @@ async def _read_commands(
                 conn.close("client_gone")
                 return
             if len(text) > max_message_bytes or len(text.encode()) > max_message_bytes:
-                state.update(close_code=1009, close_reason="message_too_big")
+                commands.close_code, commands.close_reason = 1009, "message_too_big"
                 conn.close("message_too_big")
                 return
-            code = await _command(websocket, conn, cancel, state, text)
+            code = await _command(websocket, conn, cancel, commands, text)
             if code is not None:
                 if code != "resume":
-                    state.update(close_code=1008, close_reason=code)
+                    commands.close_code, commands.close_reason = 1008, code
                 conn.close(code)
                 return
     except Exception:
@@ -204,7 +206,7 @@ async def _read_commands(
 
 
 async def _command(
-    websocket: WebSocket, conn: ClientConnection, cancel: Canceller, state: dict[str, Any],
+    websocket: WebSocket, conn: ClientConnection, cancel: Canceller, commands: _Commands,
     text: str,
 ) -> str | None:  # fmt: skip
     """Handle one client message; a close reason if the connection is to close."""
@@ -214,7 +216,8 @@ async def _command(
         if kind == "ping":
             await websocket.send_text('{"type":"pong"}')
         elif kind == "resume":
-            state["last"] = parse_last_event_id(message.get("last_event_id"))
+            commands.last = parse_last_event_id(message.get("last_event_id"))
+            commands.resume = True
             return "resume"
         elif kind == "cancel":
             generation_id = validate_id(message.get("generation_id"), "generation_id")

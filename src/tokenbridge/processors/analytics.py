@@ -40,10 +40,11 @@ from redis.commands.core import AsyncScript
 from tokenbridge.processors.batcher import ScriptCall, follow_up_each, run_script_group
 from tokenbridge.settings import Settings
 from tokenbridge.store.once import ApplyOnce
+from tokenbridge.text import as_text
 from tokenbridge.wire.keys import Keys
 from tokenbridge.wire.pipeline import PipelineBatch
 
-__all__ = ["AnalyticsProcessor", "GenerationFigures", "StatsKeys"]
+__all__ = ["AnalyticsProcessor", "GenerationFigures"]
 
 log = logging.getLogger(__name__)
 
@@ -169,38 +170,9 @@ def _outcome(batch: PipelineBatch) -> str:
     return terminal.reason if terminal.kind == "end" else f"error:{terminal.code}"
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else "" if value is None else str(value)
-
-
 def _n(value: Any) -> int | None:
-    text = _s(value)
+    text = as_text(value)
     return int(text) if text else None
-
-
-class StatsKeys:
-    """Names of the analytics keys (docs/wire-format.md, "Keys")."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.scope = f"{prefix}:{{stats}}"  # ApplyOnce markers of the totals' slot
-        self.total = f"{prefix}:{{stats}}:total"
-        self.models = f"{prefix}:{{stats}}:models"  # model -> generations: the index
-
-    def model(self, name: str) -> str:
-        return f"{self.prefix}:{{stats}}:model:{name}"
-
-    def session(self, session_id: str) -> str:
-        return f"{self.prefix}:{{{session_id}}}:stats"
-
-    def session_generations(self, session_id: str) -> str:
-        return f"{self.prefix}:{{{session_id}}}:stats:gens"
-
-    def generation(self, session_id: str, generation_id: str) -> str:
-        return f"{self.prefix}:{{{session_id}}}:stats:gen:{generation_id}"
-
-    def seen(self, session_id: str, generation_id: str) -> str:
-        return f"{self.prefix}:{{{session_id}}}:stats:seen:{generation_id}"
 
 
 class AnalyticsProcessor:
@@ -210,7 +182,7 @@ class AnalyticsProcessor:
 
     def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
         self.redis = redis
-        self.keys = StatsKeys(keys.prefix)
+        self.keys = keys
         self.ttl_ms = settings.analytics_retention_s * 1000
         self.once = ApplyOnce(redis, settings.once_ttl_ms())
         self._script: AsyncScript = redis.register_script(_BATCH)
@@ -245,9 +217,9 @@ class AnalyticsProcessor:
         completion = usage.get("completion_tokens")
         prompt = usage.get("prompt_tokens")
         keys = [
-            self.keys.generation(sid, gid),
-            self.keys.seen(sid, gid),
-            self.keys.session_generations(sid),
+            self.keys.generation_stats(sid, gid),
+            self.keys.generation_stats_seen(sid, gid),
+            self.keys.session_stats_generations(sid),
         ]
         args = [
             self.ttl_ms,
@@ -273,43 +245,42 @@ class AnalyticsProcessor:
         model, token_events, completion, prompt, start, first, end, outcome, cached = raw
         completion_tokens = _n(completion)
         figures = GenerationFigures.compute(
-            _s(model) or "(unknown)",
-            _s(outcome),
+            as_text(model) or "(unknown)",
+            as_text(outcome),
             completion_tokens if completion_tokens is not None else _n(token_events) or 0,
             _n(start),
             _n(first),
             _n(end),
             _n(prompt),
-            _s(cached) == "1",
+            as_text(cached) == "1",
         )
         increments = figures.increments()
         marker = f"gen:{generation_id}"
-        await self.once.hincrby(
-            self.keys.session(session_id), marker, {self.keys.session(session_id): increments}
-        )
+        session_key = self.keys.session_stats(session_id)
+        await self.once.hincrby(session_key, marker, {session_key: increments})
         model_name = await self._model_name(figures.model)
         await self.once.hincrby(
-            self.keys.scope,
+            self.keys.stats_scope,
             marker,
             {
-                self.keys.total: increments,
-                self.keys.model(model_name): increments,
-                self.keys.models: {model_name: 1},
+                self.keys.stats_total: increments,
+                self.keys.stats_model(model_name): increments,
+                self.keys.stats_models: {model_name: 1},
             },
         )
-        gen_key = self.keys.generation(session_id, generation_id)
+        gen_key = self.keys.generation_stats(session_id, generation_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(gen_key, mapping=_stored(figures))
             pipe.pexpire(gen_key, self.ttl_ms)
-            pipe.pexpire(self.keys.session(session_id), self.ttl_ms)
+            pipe.pexpire(self.keys.session_stats(session_id), self.ttl_ms)
             await pipe.execute()
         self.generations_counted += 1
 
     async def _model_name(self, model: str) -> str:
         """The model's name, or "(other)" once _MAX_MODELS distinct names are counted."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hexists(self.keys.models, model)
-            pipe.hlen(self.keys.models)
+            pipe.hexists(self.keys.stats_models, model)
+            pipe.hlen(self.keys.stats_models)
             known, count = await pipe.execute()
         return model if known or int(count) < _MAX_MODELS else "(other)"
 

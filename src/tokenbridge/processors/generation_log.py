@@ -40,6 +40,7 @@ from redis.commands.core import AsyncScript
 from tokenbridge.processors.analytics import GenerationFigures
 from tokenbridge.processors.batcher import ScriptCall, follow_up_each, run_script_group
 from tokenbridge.settings import Settings
+from tokenbridge.text import as_text
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import Keys
 from tokenbridge.wire.pipeline import PipelineBatch
@@ -80,10 +81,6 @@ _APPEND_ONCE = """
 if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return false end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
 """
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else "" if value is None else str(value)
 
 
 def _n(value: str | None) -> int | None:
@@ -175,9 +172,8 @@ class LoggingProcessor:
 
     def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
         self.redis = redis
-        self.prefix = keys.prefix
         self.keys = keys
-        self.stream = keys.generation_log
+        self.stream = keys.log
         self.once_ttl_ms = settings.once_ttl_ms()
         self.max_len = settings.generation_log_max_len
         self.path = settings.generation_log_path
@@ -191,7 +187,7 @@ class LoggingProcessor:
         return f"<LoggingProcessor sink={sink} logged={self.logged}>"
 
     def buffer_key(self, session_id: str, generation_id: str) -> str:
-        return f"{self.prefix}:{{{session_id}}}:glog:{generation_id}"
+        return self.keys.generation_log(session_id, generation_id)
 
     async def process(self, batch: PipelineBatch, entry_id: str) -> None:
         """Buffer ``batch``'s text; write the record once its generation is complete."""
@@ -238,13 +234,15 @@ class LoggingProcessor:
         raw: Any = await self.redis.hgetall(key)
         if not raw or b"logged" in raw:
             return  # written by a concurrent delivery of the same generation
-        record = build_record(session_id, generation_id, {_s(k): _s(v) for k, v in raw.items()})
+        record = build_record(
+            session_id, generation_id, {as_text(k): as_text(v) for k, v in raw.items()}
+        )
         if self.path is not None:
             line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
             await asyncio.to_thread(_append_line, self.path, line.encode())
         else:
             await self._append(
-                keys=[self.stream, self.keys.generation_log_once(generation_id)],
+                keys=[self.stream, self.keys.log_once(generation_id)],
                 args=[self.once_ttl_ms, self.max_len, *_flat(record)],
             )
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -273,5 +271,7 @@ def _append_line(path: str, line: bytes) -> None:
 
 async def read_log(redis: Redis, keys: Keys, count: int = 100) -> list[dict[str, str]]:
     """The newest ``count`` records of the Redis log stream, newest first."""
-    rows: Any = await redis.xrevrange(keys.generation_log, "+", "-", count=count)
-    return [{"entry_id": _s(i), **{_s(k): _s(v) for k, v in f.items()}} for i, f in rows]
+    rows: Any = await redis.xrevrange(keys.log, "+", "-", count=count)
+    return [
+        {"entry_id": as_text(i), **{as_text(k): as_text(v) for k, v in f.items()}} for i, f in rows
+    ]

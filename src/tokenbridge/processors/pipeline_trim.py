@@ -13,11 +13,12 @@ script:
 2. **cap**: if more than ``pipeline_max_len`` entries remain (the processors are stalled or
    too slow), ``XTRIM MAXLEN`` exactly to the cap. What it drops is *lost* to the processors.
 3. **accounting**: when the group's last-delivered id is now before the first entry kept,
-   every kept entry is undelivered: the true lag is ``XLEN``. Whatever lag Redis counted
-   beyond that is lost entries (dropped by the cap, or by anyone else); they are counted and
-   the group is moved past them (``XGROUP SETID ... ENTRIESREAD``), so ``lag`` shows only what
-   really waits. Pending entries below the first kept entry (delivered, then dropped) are
-   acked and counted as lost too (a live consumer may still finish one: counted anyway).
+   every kept entry is undelivered: the true lag is ``XLEN``. Whatever the group's read
+   counter (``entries-added - entries-read``) says waits beyond that is lost entries (dropped
+   by the cap, or by anyone else); they are counted and the group is moved past them
+   (``XGROUP SETID ... ENTRIESREAD``), so ``lag`` shows only what really waits. Pending
+   entries below the first kept entry (delivered, then dropped) are acked and counted as lost
+   too (a live consumer may still finish one: counted anyway).
 
 Lost entries are added to the hash ``<prefix>:pipeline:lost`` (field: shard; shown by
 ``tokenbridge stats`` and ``GET /v1/stats``), counted in this process (metrics) and logged
@@ -67,11 +68,11 @@ local function prev(id)
   if seq > 0 then return string.format('%d-%d', ms, seq - 1) end
   return string.format('%d-18446744073709551615', ms - 1)
 end
-local last, lag = nil, nil
+local last, read = nil, nil
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
   local info = {}
   for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-  if info['name'] == group then last = info['last-delivered-id']; lag = info['lag'] end
+  if info['name'] == group then last = info['last-delivered-id']; read = info['entries-read'] end
 end
 local safe = 0
 if last then
@@ -102,11 +103,15 @@ for i = 1, #stream, 2 do info[stream[i]] = stream[i + 1] end
 local before_first = (first == '' and less(last, info['last-generated-id']))
   or (first ~= '' and less(last, first))
 if before_first then
-  if lag then lost_undelivered = tonumber(lag) - len else lost_undelivered = capped end
-  if lost_undelivered > 0 or not lag then
+  -- Every entry kept is undelivered: what the group's counter says waits beyond them was lost.
+  local added, waiting = tonumber(info['entries-added']), nil
+  if read then waiting = added - tonumber(read)
+  elseif last == '0-0' then waiting = added end
+  if waiting then lost_undelivered = waiting - len else lost_undelivered = capped end
+  if lost_undelivered > 0 or not read then
     local to = info['last-generated-id']
     if first ~= '' then to = prev(first) end
-    redis.call('XGROUP', 'SETID', key, group, to, 'ENTRIESREAD', info['entries-added'] - len)
+    redis.call('XGROUP', 'SETID', key, group, to, 'ENTRIESREAD', added - len)
   end
   if lost_undelivered < 0 then lost_undelivered = 0 end
 end

@@ -20,16 +20,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
 from tokenbridge.exceptions import ConfigurationError
+from tokenbridge.processors.base import Processor
 from tokenbridge.settings import Settings
 from tokenbridge.wire.keys import Keys
-
-if TYPE_CHECKING:
-    from tokenbridge.processors.stream_processor import Processor
 
 __all__ = [
     "BUILTIN_PROCESSORS",

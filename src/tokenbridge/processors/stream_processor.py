@@ -44,22 +44,23 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from redis.asyncio import Redis
 
 from tokenbridge.consumers.dead_letters import DeadLetters
-from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
+from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
+from tokenbridge.processors.base import Processor
 from tokenbridge.processors.batcher import Batcher
 from tokenbridge.processors.pipeline_trim import PipelineTrimmer
 from tokenbridge.processors.registry import ProcessorContext, load_processors
 from tokenbridge.settings import Settings
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.wire.events import now_ms
-from tokenbridge.wire.keys import Keys
+from tokenbridge.wire.keys import PROCESSOR_GROUP, Keys
 from tokenbridge.wire.pipeline import PipelineBatch
 
 __all__ = [
@@ -71,30 +72,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROCESSOR_GROUP = "processors"
 _LOG_EVERY_S = 10.0
 _MAX_GROUP = 256  # entries handed to the processors at once
 _Item = tuple[PipelineBatch, str]  # an entry: its batch and its entry id
 _FORGET_AFTER_MS = 86_400_000  # published stats of a process silent for a day are dropped
-
-
-@runtime_checkable
-class Processor(Protocol):
-    """What StreamProcessor runs for each pipeline entry.
-
-    ``process`` is called once per delivery of an entry (after the processors listed before
-    it), concurrently with other entries (up to ``processors_concurrency`` per shard), in any
-    order: the entries of one generation may arrive out of order, and again after a crash.
-    Make its effects idempotent (see :attr:`PipelineBatch.once_key`). Raising counts as a
-    failure of this processor for this entry only. An optional ``async def aclose()`` is
-    awaited when the StreamProcessor closes; an optional ``async def process_many(items)``
-    (``items``: a list of ``(batch, entry_id)``) handles a group of entries at once and
-    returns, per item, its exception or None.
-    """
-
-    name: str
-
-    async def process(self, batch: PipelineBatch, entry_id: str) -> None: ...
 
 
 @dataclass
@@ -160,14 +141,14 @@ class StreamProcessor:
         self.stats = {p.name: ProcessorStats() for p in self.processors}
         self.consumers: list[StreamConsumer] = []
         self.trimmer = PipelineTrimmer(redis, keys, PROCESSOR_GROUP, shards, max_len, heartbeat_s)
-        self._options: dict[str, Any] = {
-            "concurrency": concurrency,
-            "count": concurrency,
-            "block_ms": block_ms,
-            "claim_idle_ms": claim_idle_ms,
-            "heartbeat_s": heartbeat_s,
-            "max_deliveries": max_deliveries,
-        }
+        self._options = ConsumerOptions(
+            concurrency=concurrency,
+            count=concurrency,
+            block_ms=block_ms,
+            claim_idle_ms=claim_idle_ms,
+            heartbeat_s=heartbeat_s,
+            max_deliveries=max_deliveries,
+        )
         self._stopping = asyncio.Event()
         self._batcher = Batcher(self._run_group, max_items=_MAX_GROUP)
         self._logged: dict[str, tuple[float, int]] = {}  # name -> (last log time, failures then)
@@ -189,9 +170,9 @@ class StreamProcessor:
             load_processors(ProcessorContext(redis, keys, settings)),
             shards=settings.pipeline_shards,
             concurrency=settings.processors_concurrency,
-            block_ms=settings.worker_block_ms,
-            claim_idle_ms=settings.worker_claim_idle_ms,
-            heartbeat_s=settings.worker_heartbeat_s,
+            block_ms=settings.consumer_block_ms,
+            claim_idle_ms=settings.consumer_claim_idle_ms,
+            heartbeat_s=settings.consumer_heartbeat_s,
             max_deliveries=settings.consumer_max_deliveries,
             dead_letters=dead_letters,
             dead_letter_failures=settings.processors_dead_letter,
@@ -221,8 +202,7 @@ class StreamProcessor:
                 PROCESSOR_GROUP,
                 self.name,
                 partial(self._handle, shard),
-                burst=burst,
-                **self._options,
+                replace(self._options, burst=burst),
             )
             for shard in range(self.shards)
         ]

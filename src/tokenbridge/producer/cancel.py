@@ -35,7 +35,7 @@ async def request_cancel(
     if record is not None and record.startswith(b"done"):
         return "finished"
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hset(gens, f"cancel:{generation_id}", 1)
+        pipe.hset(gens, Keys.cancel_field(generation_id), 1)
         pipe.publish(keys.cancel_channel, generation_id)
         await pipe.execute()
     return "cancelling"
@@ -43,5 +43,5 @@ async def request_cancel(
 
 async def cancel_requested(redis: Redis, keys: Keys, session_id: str, generation_id: str) -> bool:
     """Was a cancel asked for before the generation started?"""
-    flag: Any = await redis.hget(keys.generations(session_id), f"cancel:{generation_id}")
+    flag: Any = await redis.hget(keys.generations(session_id), Keys.cancel_field(generation_id))
     return flag is not None

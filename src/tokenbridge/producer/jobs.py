@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.producer.models.base import ChatRequest, GenerationParams
+from tokenbridge.text import as_text
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import ID_PATTERN, Keys
 
@@ -128,4 +129,4 @@ async def submit_job(
         pipe.set(keys.generation(job.generation_id), job.session_id, ex=lookup_ttl_s)
         pipe.xadd(keys.jobs, job.to_fields(), maxlen=max_len, approximate=True)  # type: ignore[arg-type]
         _, entry_id = await pipe.execute()
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return as_text(entry_id)

@@ -28,19 +28,21 @@ from redis.asyncio import Redis
 from tokenbridge.exceptions import ModelError
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel, Delta, Finish
-from tokenbridge.store.resp import arg, checkout, pack, read_replies
+from tokenbridge.store.resp import XaddTemplate, pack, pack_xadd, round_trip
 from tokenbridge.store.scripts import Scripts
-from tokenbridge.wire.events import Event, now_ms
+from tokenbridge.wire.events import SCHEMA, WIRE_VERSION, Event, now_ms
 from tokenbridge.wire.keys import Keys
-from tokenbridge.wire.pipeline import PipelineFeed, prompt_digest
+from tokenbridge.wire.pipeline import PipelineHeader, events_json, prompt_digest
 
 __all__ = ["GenerationResult", "Producer"]
 
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 4096
-_FEED_EVENTS = 256  # pipeline entry: at most this many events ...
-_FEED_S = 0.5  # ... or this old (the terminal event flushes at once)
+_PIPELINE_EVENTS = 256  # pipeline entry: at most this many events ...
+_PIPELINE_S = 0.5  # ... or this old (the terminal event flushes at once)
+# The fields a token entry packs per token, after v, kind and gen (wire/events.py SCHEMA).
+TOKEN_VALUES = (b"seq", b"ts", *(spec.name.encode() for spec in SCHEMA["token"]))
 
 
 @dataclass(slots=True)
@@ -69,63 +71,63 @@ class _Writer:
         self.gens_key = p.keys.generations(job.session_id).encode()
         self.meta_key = p.keys.meta(job.session_id).encode()
         self.gen = job.generation_id.encode()
-        self.maxlen = str(p.stream_max_len).encode()
-        self.xadd_head = b"".join(
-            arg(a) for a in (b"XADD", self.events_key, b"MAXLEN", b"~", self.maxlen, b"*")
+        # Every token entry shares its leading fields: only seq, ts and text are packed per
+        # token (the token's fields, as wire/events.py declares them).
+        self.token_xadd = XaddTemplate(
+            self.events_key,
+            p.stream_max_len,
+            [(b"v", WIRE_VERSION.encode()), (b"kind", b"token"), (b"gen", self.gen)],
+            TOKEN_VALUES,
         )
-        # Every token entry shares these bytes: only seq, ts and text are packed per token.
-        self.token_head = (
-            b"*18\r\n"
-            + self.xadd_head
-            + b"".join(arg(a) for a in (b"v", b"1", b"kind", b"token", b"gen", self.gen))
-        )
-        self.cancel_field = b"cancel:" + self.gen
+        self.cancel_field = Keys.cancel_field(job.generation_id).encode()
         # One pipeline entry per batch, for the processors (wire/pipeline.py).
-        self.feed: PipelineFeed | None = None
-        self.feed_pending: list[Event] = []
-        self.feed_since = 0.0
+        self.pipeline: tuple[XaddTemplate, XaddTemplate, bytes] | None = None
+        self.pipeline_pending: list[Event] = []
+        self.pipeline_since = 0.0
         if p.pipeline_shards:
             digest = prompt_digest([m.to_dict() for m in job.messages])
-            self.feed = PipelineFeed(
-                p.keys, job.session_id, job.generation_id, job.model, digest,
-                p.pipeline_shards, p.pipeline_max_len,
-            )  # fmt: skip
+            header = PipelineHeader.of(
+                p.keys, job.session_id, job.generation_id, job.model, digest, p.pipeline_shards
+            )
+            key, fields = header.key.encode(), header.fields()
+            self.pipeline = (
+                XaddTemplate(key, p.pipeline_max_len, fields, (b"events",)),
+                XaddTemplate(key, p.pipeline_max_len, fields, (b"prompt_sha256", b"events")),
+                digest.encode(),
+            )
 
     def _xadd(self, event: Event) -> bytes:
         if event.kind == "token":
-            text = event.text.encode()
-            return b"%b$3\r\nseq\r\n%b$2\r\nts\r\n%b$4\r\ntext\r\n%b" % (
-                self.token_head,
-                arg(b"%d" % event.seq),
-                arg(b"%d" % event.ts),
-                arg(text),
-            )
-        fields = [str(x).encode() for pair in event.to_fields().items() for x in pair]
-        return b"*%d\r\n%b%b" % (6 + len(fields), self.xadd_head, b"".join(map(arg, fields)))
+            return self.token_xadd.pack(b"%d" % event.seq, b"%d" % event.ts, event.text.encode())
+        fields = [(k.encode(), v.encode()) for k, v in event.to_fields().items()]
+        return pack_xadd(self.events_key, self.producer.stream_max_len, fields)
 
-    def _feed(self, batch: list[Event], terminal: bool) -> bytes | None:
+    def _pipeline_entry(self, batch: list[Event], terminal: bool) -> bytes | None:
         """The pipeline entry to write with this round trip, if one is due.
 
-        Events are gathered across round trips and sent as one entry per ``_FEED_EVENTS``
-        events or ``_FEED_S`` seconds (and with the terminal event): a slow model flushes one
+        Events are gathered across round trips and sent as one entry per ``_PIPELINE_EVENTS``
+        events or ``_PIPELINE_S`` seconds (and with the terminal event): a slow model flushes one
         token per round trip, and one pipeline entry per token would cost the processors
         ~50x more than the gateway spends delivering it.
         """
-        if self.feed is None:
+        if self.pipeline is None:
             return None
-        if not self.feed_pending:
-            self.feed_since = time.monotonic()
-        self.feed_pending.extend(batch)
+        if not self.pipeline_pending:
+            self.pipeline_since = time.monotonic()
+        self.pipeline_pending.extend(batch)
         due = (
             terminal
-            or len(self.feed_pending) >= _FEED_EVENTS
-            or time.monotonic() - self.feed_since >= _FEED_S
+            or len(self.pipeline_pending) >= _PIPELINE_EVENTS
+            or time.monotonic() - self.pipeline_since >= _PIPELINE_S
         )
         if not due:
             return None
-        command = self.feed.xadd(self.feed_pending)
-        self.feed_pending = []
-        return command
+        events, self.pipeline_pending = self.pipeline_pending, []
+        plain, with_prompt, digest = self.pipeline
+        body = events_json(events)
+        if any(e.kind == "start" for e in events):
+            return with_prompt.pack(digest, body)
+        return plain.pack(body)
 
     async def run(self) -> None:
         """Write until a terminal event is written."""
@@ -138,9 +140,9 @@ class _Writer:
             terminal = last.kind in ("end", "error")
             state = b"%b %d" % (b"done" if terminal else b"running", last.seq)
             commands = [self._xadd(event) for event in batch]
-            feed_xadd = self._feed(batch, terminal)
-            if feed_xadd is not None:  # before the HSET of the same round trip
-                commands.append(feed_xadd)
+            pipeline_xadd = self._pipeline_entry(batch, terminal)
+            if pipeline_xadd is not None:  # before the HSET of the same round trip
+                commands.append(pipeline_xadd)
             cancel_reply = len(commands) + 1
             commands.append(pack(b"HSET", self.gens_key, self.gen, state))
             commands.append(pack(b"HGET", self.gens_key, self.cancel_field))
@@ -151,9 +153,7 @@ class _Writer:
                 ttl = str(seconds).encode()
                 for key in (self.events_key, self.gens_key, self.meta_key):
                     commands.append(pack(b"EXPIRE", key, ttl))
-            async with checkout(p.redis) as conn:
-                await conn.send_packed_command(b"".join(commands), check_health=False)
-                replies = await read_replies(conn, len(commands))
+            replies = await round_trip(p.redis, commands)
             self.writes += 1
             if terminal:
                 return
@@ -221,29 +221,29 @@ class Producer:
         cancel = cancel or asyncio.Event()
         writer = _Writer(self, job, cancel)
         # The keys' safety TTL is max_generation_s: the generation must end before it.
-        feed = _Feed(job, model, writer, max(1.0, self.max_generation_s - 5))
+        reader = _ModelReader(job, model, writer, max(1.0, self.max_generation_s - 5))
         async with asyncio.TaskGroup() as group:
             write_task = group.create_task(writer.run())
-            feed_task = group.create_task(feed.run())
-            watch = group.create_task(_cancel_on(cancel, feed_task))
+            read_task = group.create_task(reader.run())
+            watch = group.create_task(_cancel_on(cancel, read_task))
             try:
-                await asyncio.shield(feed_task)
+                await asyncio.shield(read_task)
             except asyncio.CancelledError:
-                feed_task.cancel()  # our own cancellation: end the stream, then re-raise
+                read_task.cancel()  # our own cancellation: end the stream, then re-raise
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     async with asyncio.timeout(10):  # bounded: the writer drains the queue
-                        await asyncio.wait({feed_task})
+                        await asyncio.wait({read_task})
                         await asyncio.shield(write_task)
                 raise
             finally:
                 watch.cancel()
         return GenerationResult(
             job.generation_id,
-            feed.outcome,
-            feed.tokens,
+            reader.outcome,
+            reader.tokens,
             writer.writes,
-            feed.first_token_s,
-            time.monotonic() - feed.started,
+            reader.first_token_s,
+            time.monotonic() - reader.started,
         )
 
 
@@ -252,7 +252,7 @@ async def _cancel_on(cancel: asyncio.Event, task: asyncio.Task[None]) -> None:
     task.cancel()
 
 
-class _Feed:
+class _ModelReader:
     """Reads the model and queues its events; exactly one terminal event, whatever happens."""
 
     def __init__(self, job: GenerationJob, model: ChatModel, writer: _Writer, max_s: float) -> None:

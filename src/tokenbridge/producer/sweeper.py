@@ -15,7 +15,7 @@ gets ``error`` with code ``generation_lost``, at the next ``seq``. Two sweepers,
 sweeper and a reclaiming worker, never both write it.
 
 Bound: a generation whose producer stopped gets its terminal event within
-``deadline_s = 2 x worker_claim_idle_ms + worker_heartbeat_s`` plus one heartbeat.
+``deadline_s = 2 x consumer_claim_idle_ms + consumer_heartbeat_s`` plus one heartbeat.
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ class GenerationSweeper:
                 await self.sweep()
             except REDIS_DOWN_ERRORS as exc:
                 log.debug("generation sweep skipped (%s)", exc)
+            except Exception as exc:  # never takes the worker down with it
+                log.warning("generation sweep failed (%r); retrying next time", exc)
 
     async def sweep(self) -> int:
         """End the generations whose deadline passed; returns how many this call ended."""

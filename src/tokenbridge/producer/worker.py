@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
-from tokenbridge.consumers.stream_consumer import Delivery, StreamConsumer
+from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.producer.cancel import cancel_requested
 from tokenbridge.producer.jobs import GenerationJob
@@ -38,14 +38,15 @@ from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
 from tokenbridge.producer.sweeper import GenerationSweeper
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
+from tokenbridge.text import as_text
 from tokenbridge.wire.events import Event, now_ms
-from tokenbridge.wire.keys import Keys
+from tokenbridge.wire.keys import WORKER_GROUP, Keys
 
 __all__ = ["WORKER_GROUP", "GenerationWorker", "live_workers"]
 
 log = logging.getLogger(__name__)
 
-WORKER_GROUP = "workers"
+# the consumer group name lives in wire/keys.py with every other name
 
 
 def _worker_name() -> str:
@@ -83,14 +84,14 @@ class GenerationWorker:
         self.heartbeat_s = heartbeat_s
         self.name = _worker_name()
         self.generations_done = 0
-        self._options: dict[str, Any] = {
-            "concurrency": concurrency,
-            "block_ms": block_ms,
-            "count": concurrency,
-            "claim_idle_ms": claim_idle_ms,
-            "heartbeat_s": heartbeat_s,
-            "max_deliveries": max_deliveries,
-        }
+        self._options = ConsumerOptions(
+            concurrency=concurrency,
+            block_ms=block_ms,
+            count=concurrency,
+            claim_idle_ms=claim_idle_ms,
+            heartbeat_s=heartbeat_s,
+            max_deliveries=max_deliveries,
+        )
         self.consumer: StreamConsumer | None = None
         # Set by Runtime: the response cache (processors/cache.py), and hooks run before a
         # model call (the rate limiter notes who pays for the tokens).
@@ -127,7 +128,7 @@ class GenerationWorker:
     async def run(self) -> None:
         """Start the job consumer (in the service) and send heartbeats until stopped."""
         self.consumer = self.service.start_consumer(
-            self.keys.jobs, WORKER_GROUP, self.name, self._handle, **self._options
+            self.keys.jobs, WORKER_GROUP, self.name, self._handle, self._options
         )
         try:
             async with asyncio.TaskGroup() as group:
@@ -183,7 +184,7 @@ class GenerationWorker:
                 await pubsub.subscribe(self.keys.cancel_channel)
                 backoff.reset()
                 async for message in pubsub.listen():
-                    event = self._running.get(_text(message.get("data")))
+                    event = self._running.get(as_text(message.get("data")))
                     if event is not None:
                         event.set()
             except REDIS_DOWN_ERRORS as exc:
@@ -296,7 +297,3 @@ class _Cache(Protocol):
     async def replay(self, job: GenerationJob, producer: Producer) -> bool:
         """Write the cached answer of ``job``; False if there is none."""
         ...
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

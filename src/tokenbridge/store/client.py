@@ -9,12 +9,11 @@ whatever the number of clients. Redis error prefixes are matched here, once.
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from redis import exceptions as redis_exc
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff, ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 __all__ = [
@@ -91,17 +90,19 @@ def blocking_pool(url: str, block_ms: int, client_name: str | None = None) -> Co
 
 
 class Backoff:
-    """Exponential backoff with jitter for reconnect loops: ``await asyncio.sleep(b.next())``."""
+    """Reconnect-loop delays: redis-py's equal-jitter backoff (the curve its own ``Retry``
+    uses), counting failures: ``await asyncio.sleep(b.next())``, ``b.reset()`` on success."""
+
+    __slots__ = ("_curve", "failures")
 
     def __init__(self, base_s: float = 0.05, cap_s: float = 2.0) -> None:
-        self.base_s = base_s
-        self.cap_s = cap_s
-        self.attempt = 0
+        self._curve = EqualJitterBackoff(cap=cap_s, base=base_s)
+        self.failures = 0
 
     def next(self) -> float:
-        delay = min(self.cap_s, self.base_s * (2**self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return random.uniform(delay / 2, delay)
+        delay = self._curve.compute(self.failures)
+        self.failures = min(self.failures + 1, 30)
+        return delay
 
     def reset(self) -> None:
-        self.attempt = 0
+        self.failures = 0

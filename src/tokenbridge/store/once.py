@@ -16,6 +16,8 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from tokenbridge.wire.keys import Keys
+
 __all__ = ["ApplyOnce"]
 
 _APPLY_ONCE = """
@@ -54,7 +56,7 @@ class ApplyOnce:
 
         Integer amounts use HINCRBY, floats HINCRBYFLOAT.
         """
-        keys = [f"{scope}:once:{entry_id}"]
+        keys = [Keys.once(scope, entry_id)]
         args: list[str | int] = [self.ttl_ms]
         for key, fields in increments.items():
             keys.append(key)

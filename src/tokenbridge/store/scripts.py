@@ -19,6 +19,8 @@ from typing import Literal
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from tokenbridge.text import as_text
+
 __all__ = ["RateLimitCheck", "Scripts", "SessionState"]
 
 _SESSION_STATE = """
@@ -126,10 +128,6 @@ class SessionState:
         return bool(self.last_id)
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class Scripts:
     """The Lua scripts of tokenbridge, bound to one client."""
 
@@ -154,7 +152,7 @@ class Scripts:
             keys=[meta_key, events_key],
             args=[new_epoch, orphan_ttl_ms, "" if extend_ttl_ms is None else extend_ttl_ms],
         )
-        epoch, last, maxdel, first = (_s(v) for v in reply)
+        epoch, last, maxdel, first = (as_text(v) for v in reply)
         return SessionState(epoch, last, maxdel if maxdel != "0-0" else "", first)
 
     async def rate_limit(

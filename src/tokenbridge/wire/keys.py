@@ -16,11 +16,19 @@ from tokenbridge.exceptions import InvalidRequest
 
 __all__ = [
     "ID_PATTERN",
+    "PROCESSOR_GROUP",
+    "WORKER_GROUP",
     "Keys",
     "new_generation_id",
     "new_session_id",
     "validate_id",
 ]
+
+WORKER_GROUP = "workers"
+"""The consumer group of the job stream: generation workers."""
+
+PROCESSOR_GROUP = "processors"
+"""The consumer group of the pipeline streams: processor processes."""
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """Session and generation ids: 1-64 characters of ``A-Z a-z 0-9 _ -``."""
@@ -65,6 +73,11 @@ class Keys:
     def generations(self, session_id: str) -> str:
         """Hash: generation id -> ``running <seq>`` or ``done <seq>`` (worker recovery)."""
         return f"{self.prefix}:{{{session_id}}}:gens"
+
+    @staticmethod
+    def cancel_field(generation_id: str) -> str:
+        """The field of :meth:`generations` that flags a cancel request for a generation."""
+        return f"cancel:{generation_id}"
 
     def session_of(self, events_key: str) -> str:
         """The session id inside an events key."""
@@ -115,16 +128,97 @@ class Keys:
         """The dead-letter stream of every consumer group (docs/operations.md)."""
         return f"{self.prefix}:dlq"
 
-    @property
-    def generation_log(self) -> str:
-        """Stream: one record per finished generation (processors/generation_log.py)."""
-        return f"{self.prefix}:log"
-
-    def generation_log_once(self, generation_id: str) -> str:
-        """Marker: the generation was logged. Hash tag ``{<prefix>:log}``: the slot of the
-        log stream (whose name has no braces), so one script can write both."""
-        return f"{self.prefix}:log:once:{{{self.prefix}:log}}:{generation_id}"
-
     def wake(self, node_id: str, reader: int) -> str:
         """Private stream a gateway writes to wake its own blocked fan-out reader."""
         return f"{self.prefix}:wake:{node_id}:{reader}"
+
+    @staticmethod
+    def once(scope: str, entry_id: str) -> str:
+        """ApplyOnce marker of ``entry_id`` under ``scope`` (a key whose hash tag it shares)."""
+        return f"{scope}:once:{entry_id}"
+
+    # Auth (gateway/auth.py)
+
+    @property
+    def auth_keys(self) -> str:
+        """Hash: digest of an API key -> JSON record (its id, name, created, revoked)."""
+        return f"{self.prefix}:auth:keys"
+
+    @property
+    def auth_secret(self) -> str:
+        """String: the token-signing secret shared by every gateway."""
+        return f"{self.prefix}:auth:secret"
+
+    def auth_login(self, code_digest: str) -> str:
+        """String: a one-time login code (its sha256), until used or expired."""
+        return f"{self.prefix}:auth:login:{code_digest}"
+
+    # Analytics (processors/analytics.py; read by tokenbridge/stats.py)
+
+    @property
+    def stats_scope(self) -> str:
+        """Hash tag of the totals' slot (ApplyOnce markers of the totals)."""
+        return f"{self.prefix}:{{stats}}"
+
+    @property
+    def stats_total(self) -> str:
+        return f"{self.prefix}:{{stats}}:total"
+
+    @property
+    def stats_models(self) -> str:
+        """Hash: model -> generations (the index of :meth:`stats_model` keys)."""
+        return f"{self.prefix}:{{stats}}:models"
+
+    def stats_model(self, name: str) -> str:
+        return f"{self.prefix}:{{stats}}:model:{name}"
+
+    def session_stats(self, session_id: str) -> str:
+        return f"{self.prefix}:{{{session_id}}}:stats"
+
+    def session_stats_generations(self, session_id: str) -> str:
+        return f"{self.prefix}:{{{session_id}}}:stats:gens"
+
+    def generation_stats(self, session_id: str, generation_id: str) -> str:
+        return f"{self.prefix}:{{{session_id}}}:stats:gen:{generation_id}"
+
+    def generation_stats_seen(self, session_id: str, generation_id: str) -> str:
+        return f"{self.prefix}:{{{session_id}}}:stats:seen:{generation_id}"
+
+    # Generation log (processors/generation_log.py)
+
+    @property
+    def log(self) -> str:
+        """Stream: one record per finished generation."""
+        return f"{self.prefix}:log"
+
+    def generation_log(self, session_id: str, generation_id: str) -> str:
+        """Hash: a running generation's text per batch, then a ``logged`` marker."""
+        return f"{self.prefix}:{{{session_id}}}:glog:{generation_id}"
+
+    def log_once(self, generation_id: str) -> str:
+        """Marker: the generation was logged (kept ``processors_once_ttl_s``). Hash tag
+        ``{<prefix>:log}``: the slot of the log stream (whose name has no braces), so one
+        script can write both; and it starts with the prefix, like every key."""
+        return f"{self.prefix}:log:once:{{{self.prefix}:log}}:{generation_id}"
+
+    # Response cache (producer/cache.py; filled by processors/cache.py)
+
+    def cache_answer(self, digest: str) -> str:
+        return f"{self.prefix}:{{cache:{digest}}}:answer"
+
+    @property
+    def cache_lru(self) -> str:
+        return f"{self.prefix}:cache:lru"
+
+    def cache_note(self, generation_id: str) -> str:
+        return f"{self.prefix}:cache:gen:{generation_id}"
+
+    # Rate limits (gateway/admission.py; charged by processors/rate_limit.py)
+
+    def rate_limit(self, kind: str, digest: str) -> str:
+        """Hash of one limit scope (``kind`` key or model; a digest of who and which model)."""
+        return f"{self.prefix}:{{rl:{kind}:{digest}}}"
+
+    def rate_limit_note(self, generation_id: str) -> str:
+        """String: who pays for a generation's tokens."""
+        return f"{self.prefix}:rl:gen:{generation_id}"

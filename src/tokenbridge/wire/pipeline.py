@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenbridge.exceptions import InvalidEntry
-from tokenbridge.store.resp import arg
 from tokenbridge.wire.events import Event, event_from_data
 from tokenbridge.wire.keys import ID_PATTERN, Keys
 
-__all__ = ["PipelineBatch", "PipelineFeed", "prompt_digest", "shard_of"]
+__all__ = ["PipelineBatch", "PipelineHeader", "events_json", "prompt_digest", "shard_of"]
 
 _MAX_EVENTS = 100_000
 _MAX_MODEL = 256
@@ -63,36 +62,40 @@ def _event_json(event: Event) -> str:
     return json.dumps({"kind": event.kind, **data}, separators=(",", ":"))
 
 
-class PipelineFeed:
-    """Packs the pipeline ``XADD`` of one generation's batches (constant parts packed once)."""
+@dataclass(frozen=True, slots=True)
+class PipelineHeader:
+    """The fields every pipeline entry of one generation starts with, and its stream.
 
-    __slots__ = ("_head", "_prompt", "key")
+    The producer packs them once per generation (``store/resp.py``); each entry adds
+    ``events`` (:func:`events_json`) and, with the ``start`` event, ``prompt_sha256``.
+    """
 
-    def __init__(
-        self,
-        keys: Keys,
-        session_id: str,
-        generation_id: str,
-        model: str,
-        prompt_sha256: str,
+    key: str
+    session_id: str
+    generation_id: str
+    model: str
+    prompt_sha256: str
+
+    @classmethod
+    def of(
+        cls, keys: Keys, session_id: str, generation_id: str, model: str, prompt_sha256: str,
         shards: int,
-        max_len: int,
-    ) -> None:
-        self.key = keys.pipeline(shard_of(session_id, shards))
-        head = [b"XADD", self.key.encode(), b"MAXLEN", b"~", b"%d" % max_len, b"*"]
-        head += [b"v", b"1", b"sid", session_id.encode(), b"gen", generation_id.encode()]
-        head += [b"model", model.encode()]
-        self._head = (len(head), b"".join(arg(a) for a in head))
-        self._prompt = arg(b"prompt_sha256") + arg(prompt_sha256.encode())
+    ) -> PipelineHeader:  # fmt: skip
+        key = keys.pipeline(shard_of(session_id, shards))
+        return cls(key, session_id, generation_id, model, prompt_sha256)
 
-    def xadd(self, events: Sequence[Event]) -> bytes:
-        """The RESP bytes of the one pipeline entry carrying ``events``."""
-        body = ("[" + ",".join(_event_json(e) for e in events) + "]").encode()
-        n, head = self._head
-        with_start = any(e.kind == "start" for e in events)
-        extra = self._prompt if with_start else b""
-        count = n + 2 + (2 if with_start else 0)
-        return b"*%d\r\n%b%b%b%b" % (count, head, extra, arg(b"events"), arg(body))
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"v", b"1"),
+            (b"sid", self.session_id.encode()),
+            (b"gen", self.generation_id.encode()),
+            (b"model", self.model.encode()),
+        ]
+
+
+def events_json(events: Sequence[Event]) -> bytes:
+    """The ``events`` field of a pipeline entry: the events as a JSON array."""
+    return ("[" + ",".join(_event_json(e) for e in events) + "]").encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,9 +141,10 @@ class FrameEncoding:
         return batch.encoded(self.name, self._join_batch)
 
     def _join_batch(self, batch: Batch) -> Any:
-        if len(batch.frames) == 1:
-            return self.encode_frame(batch.frames[0])
-        return self.join([self.encode_frame(f) for f in batch.frames])
+        frames, name, frame = batch.frames, self.name, self.frame
+        if len(frames) == 1:
+            return frames[0].encoded(name, frame)
+        return self.join([f.encoded(name, frame) for f in frames])
 
     def encode(self, batches: list[Batch]) -> Chunk | None:
         if len(batches) == 1:

@@ -16,9 +16,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from tokenbridge.processors.analytics import StatsKeys
-from tokenbridge.processors.stream_processor import PROCESSOR_GROUP
-from tokenbridge.wire.keys import Keys
+from tokenbridge.text import as_text
+from tokenbridge.wire.keys import PROCESSOR_GROUP, Keys
 
 __all__ = [
     "read_pipeline_status",
@@ -29,18 +28,14 @@ __all__ = [
 ]
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else "" if value is None else str(value)
-
-
 def _n(value: Any) -> int | None:
-    text = _s(value)
+    text = as_text(value)
     return int(text) if text else None
 
 
 def summarize(counters: Mapping[Any, Any]) -> dict[str, Any]:
     """Counters of one scope (hash) -> the figures the API shows."""
-    c = {_s(k): int(float(_s(v))) for k, v in counters.items()}
+    c = {as_text(k): int(float(as_text(v))) for k, v in counters.items()}
 
     def avg(total: str, n: str) -> float | None:
         return round(c[total] / c[n], 3) if c.get(n) else None
@@ -65,15 +60,15 @@ def summarize(counters: Mapping[Any, Any]) -> dict[str, Any]:
 
 async def read_stats(redis: Redis, keys: Keys) -> dict[str, Any]:
     """Totals and per-model figures, as every process sees them."""
-    k = StatsKeys(keys.prefix)
-    total: Any = await redis.hgetall(k.total)
-    names: Any = await redis.hkeys(k.models)
-    models = sorted(_s(n) for n in names)
+    k = keys
+    total: Any = await redis.hgetall(k.stats_total)
+    names: Any = await redis.hkeys(k.stats_models)
+    models = sorted(as_text(n) for n in names)
     per_model: dict[str, Any] = {}
     if models:
         async with redis.pipeline(transaction=False) as pipe:
             for name in models:
-                pipe.hgetall(k.model(name))
+                pipe.hgetall(k.stats_model(name))
             rows = await pipe.execute()
         per_model = {name: summarize(row) for name, row in zip(models, rows, strict=True)}
     return {"total": summarize(total), "models": per_model}
@@ -83,23 +78,23 @@ async def read_session_stats(
     redis: Redis, keys: Keys, session_id: str, limit: int = 100
 ) -> dict[str, Any] | None:
     """One session's figures and its newest ``limit`` generations; None if none recorded."""
-    k = StatsKeys(keys.prefix)
-    counters: Any = await redis.hgetall(k.session(session_id))
-    ids: Any = await redis.zrevrange(k.session_generations(session_id), 0, limit - 1)
+    k = keys
+    counters: Any = await redis.hgetall(k.session_stats(session_id))
+    ids: Any = await redis.zrevrange(k.session_stats_generations(session_id), 0, limit - 1)
     if not counters and not ids:
         return None
     generations = []
     if ids:
         async with redis.pipeline(transaction=False) as pipe:
             for gid in ids:
-                pipe.hgetall(k.generation(session_id, _s(gid)))
+                pipe.hgetall(k.generation_stats(session_id, as_text(gid)))
             rows = await pipe.execute()
-        generations = [_generation(_s(gid), row) for gid, row in zip(ids, rows, strict=True)]
+        generations = [_generation(as_text(gid), row) for gid, row in zip(ids, rows, strict=True)]
     return {"session_id": session_id, "total": summarize(counters), "generations": generations}
 
 
 def _generation(generation_id: str, row: Mapping[Any, Any]) -> dict[str, Any]:
-    h = {_s(k): _s(v) for k, v in row.items()}
+    h = {as_text(k): as_text(v) for k, v in row.items()}
     finished = h.get("applied") == "1"
     tokens = int(h["tokens"]) if finished else int(h.get("token_events", 0) or 0)
     rate_ms = _n(h.get("rate_ms"))
@@ -160,7 +155,7 @@ async def read_pipeline_status(redis: Redis, keys: Keys, shards: int) -> list[di
             groups: Any = await redis.xinfo_groups(key)
             for group in groups:
                 name = group["name"]
-                if (name.decode() if isinstance(name, bytes) else name) == PROCESSOR_GROUP:
+                if as_text(name) == PROCESSOR_GROUP:
                     row["pending"] = int(group["pending"])
                     row["lag"] = group.get("lag")
         out.append(row)
