@@ -14,8 +14,9 @@ import uvicorn
 
 from tests.servers import _Server, free_port
 from tokenbridge.gateway.client_connection import ClientConnection
-from tokenbridge.gateway.direct_http import DirectBody, LightEvent, uvicorn_options
+from tokenbridge.gateway.direct_http import DirectBody, LightEvent
 from tokenbridge.gateway.frames import Batch, Frame
+from tokenbridge.gateway.websocket import uvicorn_options
 from tokenbridge.settings import Settings
 from tokenbridge.wire.events import Event
 

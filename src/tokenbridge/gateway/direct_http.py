@@ -25,13 +25,13 @@ from typing import Any, Protocol
 
 from uvicorn.protocols.http.flow_control import FlowControl
 
-from tokenbridge.settings import Settings
-
-__all__ = ["EXTENSION", "Closable", "DirectBody", "LightEvent", "uvicorn_options"]
+__all__ = ["EXTENSION", "Closable", "DirectBody", "DirectHttpProtocol", "LightEvent"]
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "tokenbridge.direct"
+
+_CRLF = bytes((13, 10))  # HTTP/1.1 chunk framing (RFC 9112, 7.1), not RESP: kept out of store/
 
 
 class Closable(Protocol):
@@ -131,27 +131,6 @@ class _Pipeline(list[Any]):
         self.insert(0, item)
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's protocol options for these settings (``tokenbridge serve`` and the tests).
-
-    uvicorn refuses WebSocket messages over 16 x our limit before buffering them (close 1009);
-    ours, past ``limits_max_websocket_message_bytes``, gets the clean close 1009
-    ``message_too_big``. HTTP is :class:`DirectHttpProtocol` when httptools is installed,
-    WebSocket :class:`~tokenbridge.gateway.direct_ws.DirectWSProtocol` when wsproto is.
-    """
-    options: dict[str, Any] = {
-        "ws_max_size": 16 * settings.limits_max_websocket_message_bytes,
-        "ws_per_message_deflate": settings.websocket_compression,
-    }
-    if DirectHttpProtocol is not None:
-        options["http"] = DirectHttpProtocol
-    from tokenbridge.gateway.direct_ws import DirectWSProtocol  # it imports this module
-
-    if DirectWSProtocol is not None:
-        options["ws"] = DirectWSProtocol
-    return options
-
-
 if HttpToolsProtocol is not None:
 
     class DirectHttpProtocol(HttpToolsProtocol):
@@ -237,7 +216,7 @@ class DirectBody:
     def write(self, chunk: bytes) -> None:
         """Write body bytes now (framed as one chunk when the response is chunked)."""
         if self.chunked:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self.transport.write(b"%x%b%b%b" % (len(chunk), _CRLF, chunk, _CRLF))
         else:
             self.transport.write(chunk)
 

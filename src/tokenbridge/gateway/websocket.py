@@ -23,6 +23,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -30,13 +31,14 @@ from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExc
 from tokenbridge.gateway import encodings
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
-from tokenbridge.gateway.direct_http import uvicorn_options
-from tokenbridge.gateway.direct_ws import DirectFrames
+from tokenbridge.gateway.direct_http import DirectHttpProtocol
+from tokenbridge.gateway.direct_ws import DirectFrames, DirectWSProtocol
 from tokenbridge.gateway.encodings.base import Chunk, Encoding, StreamContext
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.pump import CLOSING_TIMEOUT_S
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.gateway.streaming import SessionStream, StreamOptions
+from tokenbridge.settings import Settings
 from tokenbridge.wire.keys import validate_id
 
 __all__ = ["serve_websocket", "uvicorn_options"]
@@ -55,6 +57,25 @@ _CLOSE_CODES = {
 
 Canceller = Callable[[str, str], Awaitable[bool]]
 Authorizer = Callable[[str], Awaitable[None]]
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's protocol options for these settings (``tokenbridge serve`` and the tests).
+
+    uvicorn refuses WebSocket messages over 16 x our limit before buffering them (close 1009);
+    ours, past ``limits_max_websocket_message_bytes``, gets the clean close 1009
+    ``message_too_big``. HTTP is :class:`DirectHttpProtocol` when httptools is installed,
+    WebSocket :class:`~tokenbridge.gateway.direct_ws.DirectWSProtocol` when wsproto is.
+    """
+    options: dict[str, Any] = {
+        "ws_max_size": 16 * settings.limits_max_websocket_message_bytes,
+        "ws_per_message_deflate": settings.websocket_compression,
+    }
+    if DirectHttpProtocol is not None:
+        options["http"] = DirectHttpProtocol
+    if DirectWSProtocol is not None:
+        options["ws"] = DirectWSProtocol
+    return options
 
 
 class _WSWriter:
