@@ -27,26 +27,27 @@ def batch(*ids: str) -> Batch:
 
 async def test_parked_connection_writes_through_its_direct_writer_in_order() -> None:
     conn = ClientConnection("s", "sse", max_buffered_events=100)
-    written: list[str] = []
+    written: list[list[str]] = []
     accept = True
 
-    def direct(b: Batch) -> bool:
+    def direct(batches: list[Batch]) -> bool:
         if accept:
-            written.extend(f.entry_id for f in b.frames)
+            written.append([f.entry_id for b in batches for f in b.frames])
         return accept
 
     waiting = asyncio.create_task(conn.next_batches(30.0, direct))
     await asyncio.sleep(0)  # let the task park (its first step), not a timing wait
     conn.deliver(batch("1-0"))
-    assert written == ["1-0"] and conn.buffered_events == 0 and not waiting.done()
-    accept = False  # e.g. flow control paused the transport: queued, the task wakes
-    conn.deliver(batch("2-0"))
-    accept = True
-    conn.deliver(batch("3-0"))  # behind a queued batch: never written ahead of it
+    conn.deliver(batch("2-0"))  # same loop iteration: one write for both
+    await asyncio.sleep(0)  # the loop's flush callback runs
+    assert written == [["1-0", "2-0"]] and conn.buffered_events == 0
+    assert not waiting.done()
+    accept = False  # e.g. flow control paused the transport: the task wakes and writes
+    conn.deliver(batch("3-0"))
     got = await asyncio.wait_for(waiting, 10)
-    assert written == ["1-0"]
-    assert got is not None and [f.entry_id for b in got for f in b.frames] == ["2-0", "3-0"]
-    conn.deliver(batch("4-0"))  # not parked: queued
+    assert written == [["1-0", "2-0"]]
+    assert got is not None and [f.entry_id for b in got for f in b.frames] == ["3-0"]
+    conn.deliver(batch("4-0"))  # not parked: queued for the task
     assert conn.buffered_events == 1
 
 

@@ -20,12 +20,15 @@ neither the cut nor a shutdown would ever reach that connection's task. The abor
 writing task and takes that cancellation back (``Task.uncancel``), as ``asyncio.timeout`` does,
 without a timeout object per write.
 
-While a connection's task is parked waiting for events with nothing queued, its pump may lend
-it a *direct writer* (:meth:`ClientConnection.next_batches`): :meth:`deliver` then hands the
-batch to it, which writes it to the socket at once if the transport is not paused, instead of
-queueing it and waking the task (one task switch and one trip down the ASGI send chain less per
-batch). Anything it cannot write now (flow control paused the transport) is queued as before,
-and the task writes it in order once woken.
+While a connection's task is parked waiting for events, its pump may lend it a *direct
+writer* (:meth:`ClientConnection.next_batches`). :meth:`deliver` then queues the batch as
+always but, instead of waking the task, puts the connection on its event loop's flush list: one
+``call_soon`` per loop iteration (not per connection) hands every listed connection's queue to
+its direct writer, which writes it to the socket at once, all batches in one write, unless
+flow control paused the transport; then the task is woken and writes it the ordinary way, in
+order. So a token costs no task switch and no trip down the ASGI send chain, the fan-out
+reader sends its next read before the writes run (as when tasks did them), and batches
+delivered within one iteration are coalesced.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import logging
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar
 
@@ -47,8 +51,9 @@ Transport = Literal["sse", "websocket"]
 
 _T = TypeVar("_T")
 
-DirectWriter = Callable[[Batch], bool]
-"""Writes a batch to the client now and returns True, or returns False (it cannot now)."""
+DirectWriter = Callable[[list[Batch]], bool]
+"""Writes batches to the client now and returns True, or returns False (it cannot now, and
+did nothing)."""
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +96,7 @@ class ClientConnection:
     __slots__ = (
         "_aborted",
         "_direct",
+        "_flushing",
         "_pending",
         "_pending_bytes",
         "_pending_events",
@@ -139,6 +145,7 @@ class ClientConnection:
         self._writing_bytes = 0  # taken by next_batches, until the write returns
         self._waiter: asyncio.Future[None] | None = None
         self._direct: DirectWriter | None = None  # lent by the parked pump (next_batches)
+        self._flushing = False  # on the loop's flush list
         self._write_task: asyncio.Task[Any] | None = None  # the task inside write()
         self._aborted = False
 
@@ -166,9 +173,6 @@ class ClientConnection:
         """Queue a batch for the client, never waiting; a full buffer closes as ``slow_client``."""
         if self.closed_reason is not None:
             return
-        direct = self._direct
-        if direct is not None and not self._pending and direct(batch):
-            return
         nbytes = batch_bytes(batch) if self.max_buffered_bytes else 0
         held = self._pending_bytes + self._writing_bytes
         if self._pending_events + len(batch) > self.max_buffered_events or (
@@ -189,6 +193,25 @@ class ClientConnection:
         self._pending.append(batch)
         self._pending_events += len(batch)
         self._pending_bytes += nbytes
+        if self._direct is None:
+            _wake(self._waiter)
+        elif not self._flushing:
+            self._flushing = True
+            _flush_soon(self)
+
+    def _flush(self) -> None:
+        """Hand the queue to the direct writer (the flush list's callback); if it cannot
+        write now, or the task is no longer parked, wake the task instead."""
+        self._flushing = False
+        direct = self._direct
+        if not self._pending or self.closed_reason is not None:
+            return
+        if direct is not None:
+            batches, events, nbytes = self._pending, self._pending_events, self._pending_bytes
+            self._pending, self._pending_events, self._pending_bytes = [], 0, 0
+            if direct(batches):
+                return
+            self._pending, self._pending_events, self._pending_bytes = batches, events, nbytes
         _wake(self._waiter)
 
     def close(self, reason: str) -> None:
@@ -266,6 +289,29 @@ class ClientConnection:
             self.events_sent += len(batch)
         self.bytes_sent += nbytes
         self.last_activity = time.monotonic()
+
+
+_flush_lists: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[ClientConnection]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _flush_soon(conn: ClientConnection) -> None:
+    """Put ``conn`` on its loop's flush list; the first one of an iteration schedules it."""
+    loop = asyncio.get_running_loop()
+    pending = _flush_lists.get(loop)
+    if pending is None:
+        pending = _flush_lists[loop] = []
+    if not pending:
+        loop.call_soon(_flush_all, pending)
+    pending.append(conn)
+
+
+def _flush_all(pending: list[ClientConnection]) -> None:
+    conns = pending[:]
+    pending.clear()
+    for conn in conns:
+        conn._flush()
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:

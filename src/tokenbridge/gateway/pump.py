@@ -15,9 +15,10 @@ follows gets at most ``CLOSING_TIMEOUT_S``.
 
 Direct writes: a transport that can write synchronously (:class:`DirectTransport`: SSE on
 uvicorn, ``gateway/direct_http.py``) gets, for the live phase, a :class:`_Live` writer that the
-connection uses while the pump is parked (``ClientConnection.next_batches``): a batch delivered
-to an idle connection is cut, encoded and written by the fan-out's ``deliver`` itself, without
-waking this task. The heartbeat then counts from the last write (``conn.last_activity``).
+connection uses while the pump is parked (``ClientConnection.next_batches``): batches delivered
+to an idle connection are cut, encoded and written by one loop callback per iteration for all
+connections, without waking this task. The heartbeat then counts from the last write
+(``conn.last_activity``).
 """
 
 from __future__ import annotations
@@ -72,24 +73,29 @@ class _Live:
         self.encoder = encoder
         self.transport = transport
 
-    def __call__(self, batch: Batch) -> bool:
-        """Write ``batch`` now (True), or leave it to the task (False: paused or gone)."""
+    def __call__(self, batches: list[Batch]) -> bool:
+        """Write ``batches`` now, in one write (True), or leave them to the task (False:
+        paused or gone; nothing done)."""
         transport = self.transport
         if not transport.ready():
             return False
         conn = self.conn
-        unsent = batch.after(conn.last_key)
-        if not unsent.frames:
+        cut = []
+        for batch in batches:
+            unsent = batch.after(conn.last_key)
+            if unsent.frames:
+                cut.append(unsent)
+                conn.mark_sent(unsent, 0)
+        if not cut:
             return True
-        try:  # runs in the fan-out's loop: an encoder's bug must not reach it
-            chunk = self.encoder.encode([unsent])
+        try:  # runs in a loop callback: an encoder's bug must end this connection only
+            chunk = self.encoder.encode(cut)
             if chunk is not None:
                 conn.bytes_sent += transport.write_now(chunk)
         except Exception:
             log.exception("direct write failed session=%s", conn.session_id)
             conn.close("internal_error")
             return True
-        conn.mark_sent(unsent, 0)
         if self.encoder.finished:
             conn.close("done")
         return True
