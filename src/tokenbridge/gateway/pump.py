@@ -34,7 +34,7 @@ from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.frames import Batch
 from tokenbridge.gateway.resume import iter_history, plan_resume
 
-__all__ = ["CLOSING_TIMEOUT_S", "DirectTransport", "Transport", "pump"]
+__all__ = ["CLOSING_TIMEOUT_S", "DIRECT_MAX_EVENTS", "DirectTransport", "Transport", "pump"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,12 @@ class Transport(Protocol):
         """The server ends the stream, with these last bytes if any (not when the client left)."""
 
 
+DIRECT_MAX_EVENTS = 64
+"""Events a direct write may carry; a larger burst goes through the connection's task, which
+waits for the socket before each (bounded) write, so a client that stops reading holds at most
+one such write beyond flow control's high-water mark."""
+
+
 class DirectTransport(Transport, Protocol):
     """A transport that can also write at once, outside the connection's task."""
 
@@ -66,18 +72,30 @@ class DirectTransport(Transport, Protocol):
 class _Live:
     """The direct writer of one connection's live phase (see the module docstring)."""
 
-    __slots__ = ("conn", "encoder", "transport")
+    __slots__ = ("conn", "encoder", "max_events", "transport")
 
-    def __init__(self, conn: ClientConnection, encoder: Encoder, transport: DirectTransport):
+    def __init__(
+        self,
+        conn: ClientConnection,
+        encoder: Encoder,
+        transport: DirectTransport,
+        max_events: int,
+    ) -> None:
         self.conn = conn
         self.encoder = encoder
         self.transport = transport
+        self.max_events = max_events
 
     def __call__(self, batches: list[Batch]) -> bool:
         """Write ``batches`` now, in one write (True), or leave them to the task (False:
         paused or gone; nothing done)."""
         transport = self.transport
         if not transport.ready():
+            return False
+        # A burst goes to the task, which waits for the socket before each bounded write.
+        if (len(batches) > 1 or len(batches[0]) > self.max_events) and sum(
+            len(b) for b in batches
+        ) > self.max_events:
             return False
         conn = self.conn
         cut = []
@@ -121,7 +139,7 @@ async def pump(
     await _start(conn, fanout, last_event_id, encoder, transport, history_batch)
     live = None
     if getattr(transport, "write_now", None) is not None:
-        live = _Live(conn, encoder, cast(DirectTransport, transport))
+        live = _Live(conn, encoder, cast(DirectTransport, transport), DIRECT_MAX_EVENTS)
     # Live events until the connection is closed. Kept in this frame rather than a helper's:
     # every idle connection holds the frames it waits in (one less is ~300 bytes less).
     last_beat = time.monotonic()
