@@ -18,6 +18,7 @@ from rich.console import Console
 
 from benchmarks.connections import Transport, idle_connections, many_sessions
 from benchmarks.live import sessions_live
+from benchmarks.openai_chat import openai_chat
 from benchmarks.processes import GatewayProcess, machine_info, new_runner, raise_open_files_limit
 from benchmarks.report import print_report
 from benchmarks.scenarios import Bench, ScenarioResult, fanout, latency, pipeline, single_session
@@ -37,6 +38,7 @@ SCENARIOS = (
     "sessions-ws",
     "sessions-live",
     "pipeline",
+    "openai-chat",
 )
 
 
@@ -61,6 +63,8 @@ class Options:
     live_sessions: tuple[int, ...] = (200, 2000)
     live_rate: float = 20.0
     live_transports: tuple[Transport, ...] = ("sse", "ws")
+    openai_tokens: int = 8_000
+    openai_rounds: int = 10
 
 
 def _parse(argv: Sequence[str] | None) -> Options:
@@ -108,6 +112,13 @@ def _parse(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--live-transports", default="sse,ws", help="sessions-live: sse, ws or both (sse,ws)"
     )
+    parser.add_argument(
+        "--openai-tokens",
+        type=int,
+        default=8000,
+        help="openai-chat: tokens per generation (8,000: under stream_max_len)",
+    )
+    parser.add_argument("--openai-rounds", type=int, help="openai-chat: rounds (10; quick 3)")
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -136,6 +147,8 @@ def _parse(argv: Sequence[str] | None) -> Options:
         live_transports=tuple(
             "sse" if t.strip() == "sse" else "ws" for t in args.live_transports.split(",")
         ),
+        openai_tokens=args.openai_tokens,
+        openai_rounds=args.openai_rounds or (3 if quick else 10),
     )
 
 
@@ -184,6 +197,10 @@ async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult
             options.spread_sessions,
             options.spread_tokens,
             options.timeout_s,
+        )
+    if name == "openai-chat":
+        return await openai_chat(
+            bench, options.openai_tokens, options.openai_rounds, options.timeout_s
         )
     if name == "pipeline":
         return await pipeline(

@@ -41,7 +41,7 @@ async def sessions_live(
 ) -> ScenarioResult:
     """``sessions`` sessions x ``rate`` tokens/s, one ``transport`` reader each."""
     label = "SSE" if transport == "sse" else "WebSocket"
-    result = ScenarioResult(f"7. live, {sessions:,} sessions x {rate:g} tokens/s, {label}")
+    result = ScenarioResult(f"8. live, {sessions:,} sessions x {rate:g} tokens/s, {label}")
     tag = f"{bench.tag}{transport}{sessions}"
     tallies = [StreamTally(s, latency=True) for s in paced_session_ids(tag, sessions)]
     args = ["paced", "--tag", tag, "--sessions", str(sessions)]

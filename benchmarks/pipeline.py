@@ -52,6 +52,7 @@ async def run_feed(generations: int, tokens: int, rate: float) -> dict[str, Any]
                 messages=[Message(role="user", content=f"pipeline benchmark prompt {i}")],
                 params=GenerationParams(max_tokens=tokens, rate=rate),
                 identity="bench",
+                background=True,  # nobody reads these streams: exempt from orphan_grace_s
             )
             await submit_job(runtime.redis, keys, job, settings.jobs_max_len, 3600)
         ended = entries = written = 0

@@ -183,14 +183,30 @@ you want it. An empty table is rejected. Unknown keys are rejected.
 Adapters:
 
 - `demo`: deterministic words, no network. Request `params.rate` is its speed in tokens/s
-  (default 20; 0 means unpaced) and `params.max_tokens` its length (default 40 words).
+  (default 20; 0 means unpaced) and `params.max_tokens` its length (default 40 words). The
+  words depend only on the request (messages and `seed`), never on `rate` or timing, so a cut
+  and resumed stream can be compared with an uncut one. With `tools` and a `tool_choice` of
+  `required` or `{{"type": "function", ...}}` it answers with one call of that function (the
+  first tool for `required`), arguments drawn the same way, and finishes with `tool_calls`.
 - `openai`: any OpenAI-compatible chat-completions API: OpenAI, vLLM, Ollama, llama.cpp
   server, LiteLLM. It POSTs `{{base_url}}/chat/completions` with `stream: true` and
-  `stream_options.include_usage`; `base_url` defaults to `https://api.openai.com/v1`.
+  `stream_options.include_usage`; `base_url` defaults to `https://api.openai.com/v1`. Messages
+  go as they are (`developer` as `system`, which every compatible server knows), with
+  `max_tokens`, `temperature`, `top_p`, `stop`, `seed`, `user`, `tools`, `tool_choice`,
+  `parallel_tool_calls` and `response_format`. Streamed `tool_calls` deltas become
+  `tool_call` events; `finish_reason` is kept (`stop`, `length`, `tool_calls`,
+  `content_filter`).
 - `anthropic`: the Anthropic Messages API. It POSTs `{{base_url}}/messages` with
   `stream: true` and `anthropic-version: 2023-06-01`; `base_url` defaults to
-  `https://api.anthropic.com/v1`. System messages become the top-level `system`;
-  `max_tokens` defaults to 4096 (the API requires one); `seed` is not sent (the API has none).
+  `https://api.anthropic.com/v1`. System and developer messages become the top-level
+  `system`; assistant `tool_calls` become `tool_use` blocks and `tool` messages `tool_result`
+  blocks (consecutive turns of one role merged); `tools` become `{{name, description,
+  input_schema}}`; `tool_choice` `auto`/`none`/`required`/`{{function}}` becomes
+  `auto`/`none`/`any`/`tool` (`parallel_tool_calls: false`: `disable_parallel_tool_use`);
+  `user` goes to `metadata.user_id`. `max_tokens` defaults to 4096 (the API requires one);
+  `seed` and `response_format` are not sent (the API has none). Streamed `tool_use` blocks
+  become `tool_call` events; `stop_reason` `end_turn`/`stop_sequence` -> `stop`, `max_tokens`
+  -> `length`, `tool_use` -> `tool_calls`, `refusal` -> `content_filter`.
 
 The API key is never in the table: `api_key_env` names the environment variable that holds it,
 read once when the adapter is built, and sent as `Authorization: Bearer <key>` (`x-api-key:

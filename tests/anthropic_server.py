@@ -5,10 +5,12 @@ The same machinery as :class:`tests.model_server.ModelServer` (raw asyncio HTTP/
 ``POST /v1/messages`` answered the way Anthropic's API answers ``"stream": true``:
 
     Answer          message_start (input tokens), content_block_start, ping, one
-                    content_block_delta (text_delta) per token, content_block_stop,
+                    content_block_delta (text_delta) per token, content_block_stop, then per
+                    tool call a tool_use block (content_block_start with id and name, one
+                    input_json_delta per piece of its arguments, content_block_stop),
                     message_delta (stop_reason, output tokens), message_stop. ``finish_reason``
-                    "stop" is sent as ``end_turn``, "length" as ``max_tokens``, others as is;
-                    ``done=False`` leaves out message_stop
+                    "stop" is sent as ``end_turn``, "length" as ``max_tokens``, "tool_calls" as
+                    ``tool_use``, others as is; ``done=False`` leaves out message_stop
     FailMidStream   message_start, a few tokens, then an ``error`` event (overloaded_error)
     HttpError       a non-2xx status with Anthropic's ``{"type": "error", "error": {...}}``
     Stall           optional tokens, then nothing until the server stops
@@ -34,7 +36,7 @@ from tokenbridge.settings import ModelConfig
 
 __all__ = ["AnthropicServer"]
 
-_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -108,6 +110,15 @@ class AnthropicServer(ModelServer):
             await _send_event(w, "error", {"error": error})
         elif isinstance(reply, Answer):
             await _send_event(w, "content_block_stop", {"index": 0})
+            for index, call in enumerate(reply.tool_calls, 1):
+                block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+                await _send_event(
+                    w, "content_block_start", {"index": index, "content_block": block}
+                )
+                for piece in call.arguments:
+                    delta = {"type": "input_json_delta", "partial_json": piece}
+                    await _send_event(w, "content_block_delta", {"index": index, "delta": delta})
+                await _send_event(w, "content_block_stop", {"index": index})
             reason = _STOP_REASONS.get(reply.finish_reason, reply.finish_reason)
             delta = {"stop_reason": reason, "stop_sequence": None}
             await _send_event(

@@ -4,8 +4,10 @@ A raw asyncio HTTP/1.1 server on a free 127.0.0.1 port, run in a background thre
 own event loop, so the adapter under test goes through a real socket. It records each request
 body (``.requests``) and headers (``.headers``) and answers with a scripted :data:`Reply`:
 
-    Answer          role chunk, one chunk per token, a finish chunk, a usage chunk with empty
-                    choices (when the request asked for it), then ``data: [DONE]``
+    Answer          role chunk, one chunk per token, then per tool call (``tool_calls``) a chunk
+                    with its id and name and one per piece of its arguments, a finish chunk,
+                    a usage chunk with empty choices (when the request asked for it), then
+                    ``data: [DONE]``
     FailMidStream   a few token chunks, then ``data: {"error": {...}}`` and the end of the body
     HttpError       a non-2xx status and a JSON error body, before any streaming
     Stall           optional token chunks, then nothing until the server stops
@@ -30,7 +32,16 @@ from typing import Any, NoReturn
 
 from tokenbridge.settings import ModelConfig
 
-__all__ = ["Answer", "FailMidStream", "HttpError", "ModelServer", "Reply", "Stall"]
+__all__ = ["Answer", "FailMidStream", "HttpError", "ModelServer", "Reply", "Stall", "ToolCall"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model makes; ``arguments`` is streamed in these pieces."""
+
+    name: str = "get_weather"
+    arguments: Sequence[str] = ('{"city": ', '"Paris"}')
+    id: str = "call_1"
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,8 @@ class Answer:
     finish_reason: str = "stop"
     done: bool = True
     linger: bool = False
+    tool_calls: Sequence[ToolCall] = ()
+    tool_call_index: bool = True  # False: fragments without "index" (as older Ollama sends)
 
 
 @dataclass(frozen=True)
@@ -233,6 +246,14 @@ class ModelServer:
         tokens = reply.tokens if not isinstance(reply, HttpError) else ()
         for token in tokens:
             await _send_event(w, self._chunk({"content": token}))
+        for index, call in enumerate(reply.tool_calls if isinstance(reply, Answer) else ()):
+            at = {"index": index} if isinstance(reply, Answer) and reply.tool_call_index else {}
+            head = at | {"id": call.id, "type": "function"}
+            head["function"] = {"name": call.name, "arguments": ""}
+            await _send_event(w, self._chunk({"tool_calls": [head]}))
+            for piece in call.arguments:
+                fragment = at | {"function": {"arguments": piece}}
+                await _send_event(w, self._chunk({"tool_calls": [fragment]}))
         if isinstance(reply, Stall):
             await self._stall()
         if isinstance(reply, FailMidStream):
@@ -256,12 +277,18 @@ class ModelServer:
         await self._stop.wait()
         raise _Stopping
 
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         return self._envelope("chat.completion.chunk") | {"choices": [choice]}
 
     def _completion(self, body: dict[str, Any], reply: Answer) -> dict[str, Any]:
-        message = {"role": "assistant", "content": "".join(reply.tokens)}
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.tokens)}
+        if reply.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": "".join(c.arguments)}}
+                for c in reply.tool_calls
+            ]  # fmt: skip
         choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason}
         usage = {"usage": _usage(body, reply.tokens)}
         return self._envelope("chat.completion") | {"choices": [choice]} | usage

@@ -139,6 +139,16 @@ async def test_demo_is_deterministic_and_exact() -> None:
     )
 
 
+async def test_demo_output_depends_only_on_the_request() -> None:
+    """Pacing changes when tokens come, never which: a cut-and-resumed stream can be compared
+    with an uncut one, whatever ``rate`` each ran at."""
+    fast, _ = await collect(DemoModel(), chat(max_tokens=30, rate=0, seed=3))
+    paced, _ = await collect(DemoModel(), chat(max_tokens=30, rate=3000, seed=3))
+    longer, _ = await collect(DemoModel(), chat(max_tokens=60, rate=0, seed=3))
+    assert fast == paced
+    assert longer[:30] == fast
+
+
 async def test_demo_default_length_finishes_with_stop() -> None:
     texts, finish = await collect(DemoModel(), chat(rate=0))
     assert len(texts) == 40

@@ -9,7 +9,7 @@ Served at ``GET /metrics`` (text exposition format; an API key is needed, like `
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -24,6 +24,13 @@ __all__ = ["CONTENT_TYPE", "TokenBridgeCollector", "render"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+class WorkerCounts(Protocol):
+    """What the metrics read of this process's generation worker."""
+
+    generations_done: int
+    generations_abandoned: int
+
+
 class TokenBridgeCollector(Collector):
     """Reads the connection manager's, the fan-out's and the consumers' counters per scrape."""
 
@@ -32,18 +39,35 @@ class TokenBridgeCollector(Collector):
         connections: ConnectionManager,
         fanout_stats: object | None,
         consumers: StreamConsumerService,
+        worker: WorkerCounts | None = None,
         trimmer: object | None = None,
     ) -> None:
         self.connections = connections
         self.fanout_stats = fanout_stats
         self.consumers = consumers
+        self.worker = worker
         self.trimmer = trimmer  # the processors' PipelineTrimmer, where they run
 
     def collect(self) -> Iterator[Any]:
         yield from self._connections()
         yield from self._fanout()
         yield from self._consumers()
+        yield from self._worker()
         yield from self._pipeline()
+
+    def _worker(self) -> Iterator[Any]:
+        worker = self.worker
+        if worker is None:
+            return
+        yield CounterMetricFamily(
+            "tokenbridge_generations_done", "Generations this process's worker ran to an end",
+            value=worker.generations_done,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "tokenbridge_generations_abandoned",
+            "Generations cancelled because no client read them for orphan_grace_s",
+            value=worker.generations_abandoned,
+        )  # fmt: skip
 
     def _connections(self) -> Iterator[Any]:
         stats = self.connections.stats()
@@ -115,10 +139,12 @@ def render(
     connections: ConnectionManager,
     fanout_stats: object | None,
     consumers: StreamConsumerService,
+    worker: WorkerCounts | None = None,
     trimmer: object | None = None,
 ) -> bytes:
     """The exposition text for one scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TokenBridgeCollector(connections, fanout_stats, consumers, trimmer))
+    collector = TokenBridgeCollector(connections, fanout_stats, consumers, worker, trimmer)
+    registry.register(collector)
     output: bytes = generate_latest(registry)
     return output

@@ -110,6 +110,7 @@ class Runtime:
                 claim_idle_ms=settings.consumer_claim_idle_ms,
                 heartbeat_s=settings.consumer_heartbeat_s,
                 max_deliveries=settings.consumer_max_deliveries,
+                orphan_grace_s=settings.orphan_grace_s,
             )
         # The processor pipeline (processors/): reads the pipeline shards in group "processors".
         run_processors = settings.run_processors if processors is None else processors

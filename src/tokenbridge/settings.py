@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         ge=10,
         description="Safety TTL of a session's keys while a generation runs (crashed producers).",
     )
+    openai_response_retention_s: int = Field(
+        default=7 * 86_400,
+        ge=60,
+        description="How long a stored Responses API response (POST /v1/responses, store: "
+        "true) can be retrieved, continued (previous_response_id) and deleted.",
+    )
 
     # -- Gateway fan-out -----------------------------------------------------------------
     fanout_readers: int = Field(
@@ -230,6 +236,13 @@ class Settings(BaseSettings):
         ge=0,
         description="On stop, how long running generations (and uvicorn's open requests) get "
         "to finish; generations still running then end with reason `cancelled`.",
+    )
+    orphan_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="A generation (not `background`) that no client reads on any gateway node "
+        "for this long is cancelled; its stream ends with reason `abandoned`. 0: never. Use "
+        "the same value on every gateway and worker process.",
     )
     producer_max_pending: int = Field(
         default=4096, ge=1, description="Events a producer buffers before the model waits."

@@ -233,7 +233,11 @@ async def status(request: Request) -> Response:
         },
         "worker": None
         if worker is None
-        else {"name": worker.name, "generations_done": worker.generations_done},
+        else {
+            "name": worker.name,
+            "generations_done": worker.generations_done,
+            "generations_abandoned": worker.generations_abandoned,
+        },
         "consumers": runtime.consumers.status(),
         "groups": await runtime.consumers.group_status(runtime.keys.jobs),
         "dead_letters": await runtime.dead_letters.count(),
@@ -276,5 +280,7 @@ async def metrics(request: Request) -> Response:
     await key_principal(gateway.auth, request)
     runtime = _runtime(request)
     trimmer = runtime.processor.trimmer if runtime.processor is not None else None
-    body = render_metrics(gateway.connections, gateway.fanout.stats, runtime.consumers, trimmer)
+    body = render_metrics(
+        gateway.connections, gateway.fanout.stats, runtime.consumers, runtime.worker, trimmer
+    )
     return Response(body, media_type=METRICS_CONTENT_TYPE)

@@ -29,8 +29,9 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
-from tokenbridge.gateway import api, stats_api
+from tokenbridge.gateway import api, openai_routes, stats_api
 from tokenbridge.gateway.openapi import openapi_schema
+from tokenbridge.gateway.presence import presence_for
 from tokenbridge.gateway.state import Gateway
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings
@@ -214,7 +215,10 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                 client_name=runtime.client_name,
                 models=runtime.models,
             )
-            async with gateway:
+            presence = presence_for(
+                settings, runtime.redis, gateway.keys, runtime.node_id, gateway.connections
+            )
+            async with gateway, presence:
                 connections = gateway.connections
 
                 def drain() -> None:
@@ -256,6 +260,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         ),
         WebSocketRoute("/v1/sessions/{session_id}/ws", api.session_websocket),
         *stats_api.routes,
+        *openai_routes.routes(_StreamEndpoint),
     ]
     middleware = []
     if settings.cors_origins:
@@ -264,7 +269,14 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["authorization", "content-type", "last-event-id"],
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "last-event-id",
+                    "api-key",
+                    "x-api-key",
+                ],
+                expose_headers=["x-resume-url"],  # the OpenAI chat stream's resume URL
                 max_age=600,
             )
         )

@@ -13,6 +13,7 @@ registration it guards can never interleave with another connection's. Refusals 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Collection
 from typing import Any
 
 from tokenbridge.exceptions import Draining, LimitExceeded
@@ -53,6 +54,8 @@ class ConnectionManager:
         self.refused: Counter[str] = Counter()
         self.events_sent = 0
         self.bytes_sent = 0
+        # Told of every connection opened (gateway/presence.py marks its session as read).
+        self.on_session_open: Callable[[str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -107,6 +110,8 @@ class ConnectionManager:
         self._by_session.setdefault(session_id, set()).add(conn.id)
         if client_address is not None:
             self._by_address[client_address] += 1
+        if self.on_session_open is not None:
+            self.on_session_open(session_id)
         return conn
 
     def _refuse(self, code: str, message: str, retry_after_s: float | None = None) -> None:
@@ -132,6 +137,10 @@ class ConnectionManager:
         self.closed_reasons[conn.closed_reason or "unknown"] += 1
         self.events_sent += conn.events_sent
         self.bytes_sent += conn.bytes_sent
+
+    def session_ids(self) -> Collection[str]:
+        """The sessions with at least one connection here (a live view)."""
+        return self._by_session.keys()
 
     def connections_for_session(self, session_id: str) -> list[ClientConnection]:
         return [self._connections[i] for i in self._by_session.get(session_id, ())]

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from tokenbridge.gateway.api import GenerationRequest
+from tokenbridge.gateway.openai_openapi import openai_components, openai_paths
 from tokenbridge.wire.keys import ID_PATTERN
 
 __all__ = ["openapi_schema"]
@@ -217,6 +218,8 @@ def openapi_schema(version: str) -> dict[str, Any]:
             }
         },
     }
+    paths.update(openai_paths())
+    components.update(openai_components())
     return {
         "openapi": "3.1.0",
         "info": {"title": "tokenbridge", "version": version},
@@ -227,6 +230,8 @@ def openapi_schema(version: str) -> dict[str, Any]:
                 "bearer": {"type": "http", "scheme": "bearer", "description": "API key"},
                 "token": {"type": "apiKey", "in": "query", "name": "token"},
                 "console": {"type": "apiKey", "in": "cookie", "name": "tb_console"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "api-key"},
+                "xApiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
             },
         },
     }

@@ -192,6 +192,9 @@ async def _start(
             head = gap if head is None else head + gap  # type: ignore[operator]  # same type
     if head is not None:
         await conn.write(transport.send(head))
+    if encoder.finished:  # e.g. an OpenAI encoding ends the stream at a gap
+        conn.close("done")
+        return
     async for batch in iter_history(
         fanout.redis,
         fanout.keys.events(conn.session_id),

@@ -9,8 +9,8 @@ and usage; the model is not called. A miss leaves a note (generation -> key) for
 Fill (``CachingProcessor`` in ``processors/cache.py``, from the pipeline): at a generation's
 ``end`` with reason ``stop`` or ``length`` and a note, its events are read back from the session
 stream and kept only if complete (``start`` and every token ``1..n``, ``n`` equal to the
-``end``'s count); errors, cancels and trimmed answers are never cached. A redelivered entry
-finds the note gone and does nothing.
+``end``'s count); errors, cancels, trimmed answers and answers with tool calls are never
+cached. A redelivered entry finds the note gone and does nothing.
 
 Cacheable: ``cache_enabled`` with the pipeline running the ``cache`` processor (nothing else
 fills it), ``params.cache`` not false, and deterministic (temperature 0, or a ``demo`` model)
@@ -181,6 +181,8 @@ class ResponseCache:
                 if end is None:
                     if event.kind != "end" or event.reason not in _CACHED_REASONS:
                         return None
+                    if event.seq != event.tokens + 1:
+                        return None  # tool calls (a forced one ends with `stop`): text only here
                     if event.tokens > self.max_tokens:
                         return None
                     end = event

@@ -9,15 +9,31 @@ it when it starts. Either way the stream gets ``end`` with reason ``cancelled``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 from redis.asyncio import Redis
 
 from tokenbridge.wire.keys import Keys
 
-__all__ = ["CancelOutcome", "request_cancel"]
+__all__ = ["CancelOutcome", "CancelSignal", "request_cancel"]
 
 CancelOutcome = Literal["cancelling", "finished", "not_found"]
+
+
+class CancelSignal(asyncio.Event):
+    """The cancel event of one running generation, with the reason its ``end`` will carry:
+    ``cancelled`` (asked for, or shutdown) or ``abandoned`` (no client read it, see
+    ``producer/orphans.py``). The first reason given wins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = "cancelled"
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self.is_set():
+            self.reason = reason
+            self.set()
 
 
 async def request_cancel(

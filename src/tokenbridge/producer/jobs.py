@@ -13,15 +13,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     SerializerFunctionWrapHandler,
     ValidationError,
     model_serializer,
+    model_validator,
 )
+from pydantic.config import JsonDict
 from redis.asyncio import Redis
 
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.producer.models.base import ChatRequest, GenerationParams
-from tokenbridge.text import as_text
 from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import ID_PATTERN, Keys
 
@@ -33,12 +35,12 @@ class FunctionCall(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=256)
-    arguments: str = Field(max_length=1_000_000)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    arguments: str = Field(max_length=1_000_000, description="The call's arguments as JSON.")
 
 
 class ToolCall(BaseModel):
-    """One tool call of an assistant message (OpenAI chat format)."""
+    """A function call an assistant message made (OpenAI's ``tool_calls`` entry)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -47,41 +49,73 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class Message(BaseModel):
-    """One chat message (OpenAI chat format; content-part arrays are flattened by the route).
+_NULL: JsonDict = {"type": "null"}
+_TEXT: JsonDict = {"type": "string"}
+# The role rules of Message._fits_its_role, for the OpenAPI schema (and its fuzzer).
+_ROLE_RULES: list[JsonValue] = [
+    {
+        "properties": {"role": {"enum": ["system", "developer", "user"]}, "content": _TEXT,
+                       "tool_calls": _NULL, "tool_call_id": _NULL},
+        "required": ["content"],
+    },
+    {
+        "properties": {"role": {"const": "assistant"}, "content": _TEXT, "tool_call_id": _NULL},
+        "required": ["content"],
+    },
+    {
+        "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array"},
+                       "tool_call_id": _NULL},
+        "required": ["tool_calls"],
+    },
+    {
+        "properties": {"role": {"const": "tool"}, "content": _TEXT, "tool_call_id": _TEXT,
+                       "tool_calls": _NULL},
+        "required": ["content", "tool_call_id"],
+    },
+]  # fmt: skip
 
-    ``tool`` messages answer the call ``tool_call_id`` names; ``assistant`` messages may carry
-    ``tool_calls`` and no content.
+
+class Message(BaseModel):
+    """One chat message in OpenAI's format (roles system, developer, user, assistant, tool).
+
+    ``content`` may be null only on an assistant message that carries ``tool_calls``; a
+    ``tool`` message answers the call named by its ``tool_call_id``. Dumped without the
+    fields left unset, so a plain message is ``{"role": ..., "content": ...}``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"anyOf": _ROLE_RULES})
 
-    role: str = Field(pattern=r"^(system|developer|user|assistant|tool)$")
-    content: str | None
-    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, min_length=1, max_length=128)
     tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
-    name: str | None = Field(default=None, min_length=1, max_length=256)
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _fits_its_role(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only it has one")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     @model_serializer(mode="wrap")
-    def _without_unset_tool_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
-        """Unset tool fields are left out, so that a plain message dumps as ``{role, content}``
-        everywhere (adapters, prompt digests, cache keys, the job JSON) as it always did."""
-        data = handler(self)
-        for name in ("tool_calls", "tool_call_id", "name"):
-            if data.get(name) is None:
-                data.pop(name, None)
-        return data
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
-        """The message as adapters and digests see it."""
+        """The message as adapters and digests see it (unset fields left out)."""
         data: dict[str, Any] = self.model_dump()
         return data
 
     @property
     def text_length(self) -> int:
         """Characters of content and tool-call arguments (the prompt size limit counts them)."""
-        calls = sum(len(c.function.arguments) for c in self.tool_calls or ())
-        return len(self.content or "") + calls
+        calls = self.tool_calls or ()
+        return len(self.content or "") + sum(len(c.function.arguments) for c in calls)
 
 
 class GenerationJob(BaseModel):
@@ -97,7 +131,7 @@ class GenerationJob(BaseModel):
     submitted_ms: int = Field(default_factory=now_ms)
     # Who asked (API key id, or client address without auth): token budgets charge it.
     identity: str | None = Field(default=None, max_length=256)
-    # A background generation is never cancelled as abandoned (no client reading it).
+    # Runs to its end even when no client reads it (no orphan_grace_s cancel, see worker.py).
     background: bool = False
 
     def to_fields(self) -> dict[str, str]:
@@ -129,4 +163,4 @@ async def submit_job(
         pipe.set(keys.generation(job.generation_id), job.session_id, ex=lookup_ttl_s)
         pipe.xadd(keys.jobs, job.to_fields(), maxlen=max_len, approximate=True)  # type: ignore[arg-type]
         _, entry_id = await pipe.execute()
-    return as_text(entry_id)
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

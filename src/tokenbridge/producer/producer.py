@@ -8,7 +8,8 @@ the next tokens queue up, so the batch size follows the speed of the model relat
 one event per write for a slow model, thousands for a fast one. A full queue makes the model
 wait (backpressure) instead of growing memory.
 
-Every generation ends with exactly one terminal event: ``end`` (stop, length, cancelled) or
+Every generation ends with exactly one terminal event: ``end`` (stop, length, tool_calls,
+content_filter, cancelled, abandoned) or
 ``error`` (with a code). Then the session's keys get their retention TTL. A cancel request
 (``producer/cancel.py``) is seen through the flag read with every write, or at once through
 the ``cancel`` event the worker sets on a pub/sub notice.
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from tokenbridge.exceptions import ModelError
+from tokenbridge.producer.cancel import CancelSignal
 from tokenbridge.producer.jobs import GenerationJob
-from tokenbridge.producer.models.base import ChatModel, Delta, Finish
+from tokenbridge.producer.models.base import ChatModel, Delta, Finish, ToolCallDelta
 from tokenbridge.store.resp import XaddTemplate, pack, pack_xadd, round_trip
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.events import SCHEMA, WIRE_VERSION, Event, now_ms
@@ -50,7 +52,7 @@ class GenerationResult:
     """How a generation ended, with its figures."""
 
     generation_id: str
-    outcome: str  # stop | length | cancelled | error:<code>
+    outcome: str  # stop | length | tool_calls | content_filter | cancelled | abandoned | error:<c>
     tokens: int
     writes: int
     first_token_s: float | None
@@ -214,7 +216,8 @@ class Producer:
         """Run ``job`` on ``model`` to its terminal event.
 
         A model error becomes an ``error`` event. Setting ``cancel`` (or the job's cancel flag
-        in Redis) stops the model call and writes ``end`` with reason ``cancelled``; so does
+        in Redis) stops the model call and writes ``end`` with reason ``cancelled`` (or the
+        reason of a :class:`CancelSignal`, such as ``abandoned``); so does
         cancelling this coroutine, which then re-raises. Redis errors propagate.
         """
         await self.prepare(job.session_id)
@@ -282,8 +285,9 @@ class _ModelReader:
             message = f"stopped after {self.max_s}s (TOKENBRIDGE_STREAM_MAX_GENERATION_S)"
             terminal = Event("error", gid, self.seq + 1, code="max_duration", message=message)
         except asyncio.CancelledError:
-            self.outcome = "cancelled"
-            terminal = Event("end", gid, self.seq + 1, reason="cancelled", tokens=self.tokens)
+            cancel = self.writer.cancel
+            self.outcome = cancel.reason if isinstance(cancel, CancelSignal) else "cancelled"
+            terminal = Event("end", gid, self.seq + 1, reason=self.outcome, tokens=self.tokens)
         await put(terminal)
 
     async def _tokens(self) -> Event:
@@ -292,17 +296,23 @@ class _ModelReader:
         stream = self.model.stream(self.job.chat_request())
         async with contextlib.aclosing(stream) as items:
             async for item in items:
-                if isinstance(item, Delta):
+                if isinstance(item, Delta | ToolCallDelta):
                     if self.first_token_s is None:
                         self.first_token_s = time.monotonic() - self.started
-                    event = Event("token", gid, self.seq + 1, now_ms(), item.text)
+                    if isinstance(item, Delta):
+                        event = Event("token", gid, self.seq + 1, now_ms(), item.text)
+                    else:  # shares seq with the tokens; `tokens` counts text tokens only
+                        event = Event(
+                            "tool_call", gid, self.seq + 1, index=item.index,
+                            call_id=item.call_id, name=item.name, arguments=item.arguments,
+                        )  # fmt: skip
                     try:
                         queue.put_nowait(event)
                     except asyncio.QueueFull:
                         await queue.put(event)
                     # Counted once queued: a cancel while waiting leaves no hole in seq.
                     self.seq += 1
-                    self.tokens += 1
+                    self.tokens += event.kind == "token"
                 elif isinstance(item, Finish):
                     self.outcome = item.reason
                     return Event(

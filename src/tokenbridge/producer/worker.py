@@ -32,9 +32,10 @@ from redis.asyncio import Redis
 
 from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
-from tokenbridge.producer.cancel import cancel_requested
+from tokenbridge.producer.cancel import CancelSignal, cancel_requested
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel
+from tokenbridge.producer.orphans import OrphanWatch
 from tokenbridge.producer.producer import Producer
 from tokenbridge.producer.sweeper import GenerationSweeper
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
@@ -75,6 +76,7 @@ class GenerationWorker:
         claim_idle_ms: int,
         heartbeat_s: float,
         max_deliveries: int = 5,
+        orphan_grace_s: float = 0.0,
     ) -> None:
         self.redis = redis
         self.service = service
@@ -84,6 +86,11 @@ class GenerationWorker:
         self.heartbeat_s = heartbeat_s
         self.name = _worker_name()
         self.generations_done = 0
+        self.generations_abandoned = 0
+        # Cancels, as abandoned, what no client reads (orphan_grace_s; 0: never).
+        self.orphans: OrphanWatch | None = None
+        if orphan_grace_s > 0:
+            self.orphans = OrphanWatch(redis, keys, orphan_grace_s, heartbeat_s)
         self._options = ConsumerOptions(
             concurrency=concurrency,
             block_ms=block_ms,
@@ -99,7 +106,7 @@ class GenerationWorker:
         self.before_model: list[Callable[[GenerationJob], Awaitable[None]]] = []
         self.cached = 0
         self._stopping = asyncio.Event()
-        self._running: dict[str, asyncio.Event] = {}  # generation id -> its cancel event
+        self._running: dict[str, CancelSignal] = {}  # generation id -> its cancel signal
         self._sessions: dict[str, str] = {}  # generation id -> session id, while running
         # Generations whose producer failed on Redis: registered as due once Redis is back.
         self._unfinished: dict[str, str] = {}
@@ -116,6 +123,7 @@ class GenerationWorker:
     def __repr__(self) -> str:
         return (
             f"<GenerationWorker {self.name} done={self.generations_done} cached={self.cached} "
+            f"abandoned={self.generations_abandoned} "
             f"{self.consumer!r}>"
         )
 
@@ -137,6 +145,8 @@ class GenerationWorker:
                     group.create_task(self._listen_for_cancels()),
                     group.create_task(self.sweeper.run()),
                 ]
+                if self.orphans is not None:
+                    helpers.append(group.create_task(self.orphans.run()))
                 try:
                     await self._stopping.wait()
                 finally:
@@ -186,7 +196,7 @@ class GenerationWorker:
                 async for message in pubsub.listen():
                     event = self._running.get(as_text(message.get("data")))
                     if event is not None:
-                        event.set()
+                        event.cancel()
             except REDIS_DOWN_ERRORS as exc:
                 log.debug("cancel listener: redis unavailable (%s)", exc)
                 await asyncio.sleep(backoff.next())
@@ -238,8 +248,10 @@ class GenerationWorker:
             job.model,
             self.name,
         )
-        cancel = self._running[gid] = asyncio.Event()
+        cancel = self._running[gid] = CancelSignal()
         self._sessions[gid] = job.session_id
+        if self.orphans is not None:
+            self.orphans.watch(job, cancel)
         try:
             await self.sweeper.register([(job.session_id, gid)])
             result = await self.producer.run(job, model, cancel)
@@ -253,9 +265,12 @@ class GenerationWorker:
         finally:
             self._running.pop(gid, None)
             self._sessions.pop(gid, None)
+            if self.orphans is not None:
+                self.orphans.forget(gid)
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await self.sweeper.done(job.session_id, gid)
         self.generations_done += 1
+        self.generations_abandoned += result.outcome == "abandoned"
         log.info(
             "generation finished generation=%s outcome=%s tokens=%d writes=%d duration_s=%.3f",
             result.generation_id,

@@ -16,6 +16,7 @@ from tokenbridge.producer.models.base import (
     Delta,
     Finish,
     GenerationParams,
+    ToolCallDelta,
 )
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.producer.models.openai import OpenAIChatModel
@@ -30,6 +31,7 @@ __all__ = [
     "Finish",
     "GenerationParams",
     "OpenAIChatModel",
+    "ToolCallDelta",
     "build_model",
 ]
 

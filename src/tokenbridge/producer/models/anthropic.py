@@ -1,15 +1,22 @@
 """AnthropicChatModel: the Anthropic Messages API (``POST {base_url}/messages``), streamed.
 
 Owns one ``httpx.AsyncClient`` per model instance (bounded pool), closed by :meth:`aclose`.
-System messages are joined into the top-level ``system`` field; the others go to
-``messages`` in order. ``max_tokens`` is required by the API: :data:`DEFAULT_MAX_TOKENS` when
-the request leaves it unset.
+The request maps OpenAI's chat format to Anthropic's (``anthropic_messages.py``): system and
+developer messages are joined into the top-level ``system``; assistant ``tool_calls`` become
+``tool_use`` blocks and ``tool`` messages ``tool_result`` blocks; ``tools`` take the
+``input_schema`` form and ``tool_choice`` auto/none/required/{function} becomes
+auto/none/any/tool (``parallel_tool_calls: false`` sets ``disable_parallel_tool_use``);
+``user`` goes to ``metadata.user_id``. ``max_tokens`` is required by the API:
+:data:`DEFAULT_MAX_TOKENS` when the request leaves it unset.
 
-Promises: a Delta per non-empty ``text_delta`` of a ``content_block_delta`` event, in order,
-then one Finish at ``message_stop`` with the ``stop_reason`` of ``message_delta``
-(``max_tokens`` -> ``"length"``, anything else -> ``"stop"``) and the usage: input tokens from
+Promises: a Delta per non-empty ``text_delta`` of a ``content_block_delta`` event, and a
+ToolCallDelta per ``tool_use`` block start (call id and name) and per ``input_json_delta``
+(argument text; ``{}`` for a call that streamed none), in order, then one Finish at
+``message_stop`` with the ``stop_reason`` of ``message_delta`` (``end_turn``/``stop_sequence``
+-> ``"stop"``, ``max_tokens`` -> ``"length"``, ``tool_use`` -> ``"tool_calls"``, ``refusal``
+-> ``"content_filter"``, anything else -> ``"stop"``) and the usage: input tokens from
 ``message_start`` (plus cache reads and writes), output tokens from ``message_delta``.
-``ping`` events and content blocks other than text are skipped. Failures are raised with the
+``ping`` events and other content blocks (thinking, ...) are skipped. Failures are raised with the
 same stable codes as the OpenAI adapter, and a message that never contains the API key:
 
     provider_error          an ``error`` event inside the stream (e.g. ``overloaded_error``)
@@ -22,6 +29,8 @@ same stable codes as the OpenAI adapter, and a message that never contains the A
     provider_unreachable    the connection could not be made
     provider_disconnected   the connection broke mid-response
     provider_timeout        connect/read/pool timeout (ProviderTimeout)
+    invalid_tool_arguments  the chat cannot be said in Anthropic's format (tool call arguments
+                            that are not a JSON object); nothing is sent
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ from typing import Any
 import httpx
 
 from tokenbridge.exceptions import ProviderError
-from tokenbridge.producer.models.base import ChatRequest, Delta, Finish
+from tokenbridge.producer.models.anthropic_messages import anthropic_request
+from tokenbridge.producer.models.base import ChatRequest, Delta, Finish, ToolCallDelta
 from tokenbridge.producer.models.provider_errors import ProviderErrors
 from tokenbridge.producer.models.sse import sse_data
 from tokenbridge.settings import ModelConfig
@@ -46,6 +56,13 @@ ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
 _LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=32)
 _INPUT_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+_STOP_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
 
 
 class AnthropicChatModel(ProviderErrors):
@@ -80,7 +97,9 @@ class AnthropicChatModel(ProviderErrors):
         """Close the HTTP client; open streams are cut."""
         await self._client.aclose()
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[Delta | Finish, None]:
+    async def stream(
+        self, request: ChatRequest
+    ) -> AsyncGenerator[Delta | ToolCallDelta | Finish, None]:
         """POST the messages with ``stream: true`` and yield their text, then one Finish."""
         try:
             async with self._client.stream("POST", self._url, json=self._body(request)) as resp:
@@ -101,28 +120,14 @@ class AnthropicChatModel(ProviderErrors):
             raise self._transport_error(exc) from exc
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
-        system = [m["content"] for m in request.messages if m.get("role") == "system"]
-        messages = [
-            {"role": m["role"], "content": m["content"]}
-            for m in request.messages
-            if m.get("role") != "system"
-        ]
-        params = request.params
-        body: dict[str, Any] = {
-            "model": self.upstream,
-            "messages": messages,
-            "max_tokens": params.max_tokens or DEFAULT_MAX_TOKENS,
-            "stream": True,
-        }
-        if system:
-            body["system"] = "\n\n".join(system)
-        if params.temperature is not None:
-            body["temperature"] = params.temperature  # the API takes 0..1; it says so if not
-        if params.top_p is not None:
-            body["top_p"] = params.top_p
-        if params.stop:
-            body["stop_sequences"] = list(params.stop)
-        return body  # seed: the API has none; rate and cache are tokenbridge's own
+        try:
+            body = anthropic_request(request, self.upstream, DEFAULT_MAX_TOKENS)
+        except ValueError as exc:
+            raise ProviderError(
+                f"model {self.name!r}: {exc}", code="invalid_tool_arguments"
+            ) from None
+        body["stream"] = True
+        return body
 
     def _parse(self, data: str) -> dict[str, Any]:
         try:
@@ -153,15 +158,19 @@ class AnthropicChatModel(ProviderErrors):
 
 
 class _State:
-    """What one stream has said so far: the stop reason and the usage figures."""
+    """What one stream has said so far: the stop reason, the usage figures, the tool calls."""
 
     def __init__(self) -> None:
         self.started = False
+        self.calls: dict[int, int] = {}  # content block index -> tool call index
+        self.call_args: set[int] = set()  # tool calls that got argument text
         self.reason: str | None = None
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
 
-    def feed(self, event: dict[str, Any], model: AnthropicChatModel) -> Delta | Finish | None:
+    def feed(
+        self, event: dict[str, Any], model: AnthropicChatModel
+    ) -> Delta | ToolCallDelta | Finish | None:
         """The item one event yields, if any; raises on an ``error`` event."""
         kind = event.get("type")
         if kind == "error":
@@ -174,6 +183,8 @@ class _State:
                 counts = [usage[k] for k in _INPUT_KEYS if type(usage.get(k)) is int]
                 self.input_tokens = sum(counts) if counts else None
                 self._output(usage)
+        elif kind == "content_block_start":
+            return self._block_start(event, model)
         elif kind == "content_block_delta":
             delta = event.get("delta")
             if isinstance(delta, dict) and delta.get("type") == "text_delta":
@@ -181,6 +192,12 @@ class _State:
                 if not isinstance(text, str):
                     raise model._bad_response("a text_delta has no text")
                 return Delta(text) if text else None
+            if isinstance(delta, dict) and delta.get("type") == "input_json_delta":
+                return self._arguments(event.get("index"), delta.get("partial_json"), model)
+        elif kind == "content_block_stop":
+            call = self.calls.get(event.get("index"))  # type: ignore[arg-type]
+            if call is not None and call not in self.call_args:
+                return ToolCallDelta(call, arguments="{}")  # a call without arguments
         elif kind == "message_delta":
             delta = event.get("delta")
             reason = delta.get("stop_reason") if isinstance(delta, dict) else None
@@ -192,8 +209,36 @@ class _State:
         elif kind == "message_stop":
             if not self.started:
                 raise model._bad_response("message_stop came before message_start")
-            return Finish("length" if self.reason == "max_tokens" else "stop", self.usage())
-        return None  # ping, content_block_start/stop, and event types added later
+            return Finish(_STOP_REASONS.get(self.reason or "", "stop"), self.usage())
+        return None  # ping, other blocks, and event types added later
+
+    def _block_start(
+        self, event: dict[str, Any], model: AnthropicChatModel
+    ) -> ToolCallDelta | None:
+        """A ``tool_use`` block opens a call: its id and name (arguments follow as deltas)."""
+        block = event.get("content_block")
+        if not isinstance(block, dict) or block.get("type") != "tool_use":
+            return None
+        index, call_id, name = event.get("index"), block.get("id"), block.get("name")
+        if type(index) is not int or not isinstance(call_id, str) or not isinstance(name, str):
+            raise model._bad_response("a tool_use block lacks its index, id or name")
+        call = self.calls[index] = len(self.calls)
+        given = block.get("input")
+        arguments = json.dumps(given) if isinstance(given, dict) and given else ""
+        if arguments:
+            self.call_args.add(call)
+        return ToolCallDelta(call, arguments=arguments, call_id=call_id, name=name)
+
+    def _arguments(
+        self, index: object, text: object, model: AnthropicChatModel
+    ) -> ToolCallDelta | None:
+        call = self.calls.get(index) if type(index) is int else None
+        if call is None or not isinstance(text, str):
+            raise model._bad_response("an input_json_delta outside a tool_use block")
+        if not text:
+            return None
+        self.call_args.add(call)
+        return ToolCallDelta(call, arguments=text)
 
     def _output(self, usage: dict[str, Any]) -> None:
         if type(usage.get("output_tokens")) is int:

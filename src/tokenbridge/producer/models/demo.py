@@ -6,6 +6,12 @@ request always yields the same tokens. Each token is one word; every token but t
 a leading space. Pacing follows absolute deadlines on the event loop's clock, so a slow
 consumer or a busy loop never makes the rate drift: a model behind schedule yields the
 overdue tokens at once.
+
+Function calling, for demos and tests without a provider: when ``params.tool_choice`` is
+``required`` or names a function, the answer is one call of that function (else the first
+tool) instead of text, its arguments an object with a drawn word per property of the tool's
+``parameters``, streamed in fragments of at most 8 characters at ``rate``; it finishes with
+``"tool_calls"``. With ``auto`` (or no choice) the demo answers in words as usual.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import json
 import random
 from collections.abc import AsyncGenerator
 
-from tokenbridge.producer.models.base import ChatRequest, Delta, Finish
+from tokenbridge.producer.models.base import ChatRequest, Delta, Finish, ToolCallDelta
 from tokenbridge.settings import ModelConfig
 
 __all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_RATE", "DemoModel"]
@@ -56,9 +62,15 @@ class DemoModel:
     def __repr__(self) -> str:
         return f"DemoModel(name={self.name!r})"
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[Delta | Finish, None]:
-        """Yield exactly the requested number of tokens, then one Finish."""
+    async def stream(
+        self, request: ChatRequest
+    ) -> AsyncGenerator[Delta | ToolCallDelta | Finish, None]:
+        """Yield exactly the requested number of tokens (or one forced call), then one Finish."""
         params = request.params
+        if _forced_function(request) is not None:
+            async for item in _call(request):
+                yield item
+            return
         capped = params.max_tokens is not None
         total = params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS
         rate = params.rate if params.rate is not None else DEFAULT_RATE
@@ -104,3 +116,43 @@ def _seed(request: ChatRequest) -> int:
         [request.messages, request.params.seed], sort_keys=True, separators=(",", ":")
     )
     return int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "big")
+
+
+def _forced_function(request: ChatRequest) -> str | None:
+    """The function ``tool_choice`` makes the demo call, if it forces one."""
+    params = request.params
+    choice = params.tool_choice
+    if not params.tools or choice is None or choice in ("auto", "none"):
+        return None
+    if isinstance(choice, str):  # required: the first tool
+        return params.tools[0].function.name
+    return choice.function.name
+
+
+async def _call(request: ChatRequest) -> AsyncGenerator[ToolCallDelta | Finish, None]:
+    """One call of the forced function, its arguments drawn like the words of an answer."""
+    name = _forced_function(request)
+    assert name is not None and request.params.tools
+    rng = random.Random(_seed(request))
+    spec = next((t.function for t in request.params.tools if t.function.name == name), None)
+    schema = spec.parameters if spec is not None and spec.parameters else {}
+    properties = schema.get("properties")
+    fields = sorted(properties) if isinstance(properties, dict) else []
+    arguments = json.dumps({field: rng.choice(_WORDS) for field in fields})
+    pieces = [arguments[i : i + 8] for i in range(0, len(arguments), 8)]
+    call_id = f"call_{rng.getrandbits(64):016x}"
+    rate = request.params.rate if request.params.rate is not None else DEFAULT_RATE
+    yield ToolCallDelta(0, call_id=call_id, name=name)
+    for piece in pieces:
+        if rate > 0:
+            await asyncio.sleep(1 / rate)
+        yield ToolCallDelta(0, arguments=piece)
+    prompt_tokens = sum(len(m.get("content", "").split()) for m in request.messages)
+    yield Finish(
+        "tool_calls",
+        usage={
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(pieces),
+            "total_tokens": prompt_tokens + len(pieces),
+        },
+    )

@@ -1,9 +1,17 @@
 """OpenAIChatModel: any OpenAI-compatible chat-completions API, streamed over httpx.
 
 Owns one ``httpx.AsyncClient`` per model instance (bounded pool), closed by :meth:`aclose`.
-Promises: a Delta per non-empty ``choices[0].delta.content`` in order, then one Finish after
-``data: [DONE]`` with the last ``finish_reason`` (mapped to ``"stop"``/``"length"``; any
-other reason, such as ``content_filter``, counts as ``"stop"``) and the usage chunk, if any.
+Request: the messages as given (``developer`` sent as ``system``, which every compatible
+server knows and OpenAI treats alike), and the params the API has: ``max_tokens``,
+``temperature``, ``top_p``, ``stop``, ``seed``, ``user``, ``tools``, ``tool_choice``,
+``parallel_tool_calls``, ``response_format``; tokenbridge's own (``rate``, ``cache``) never.
+
+Promises: a Delta per non-empty ``choices[0].delta.content`` and a ToolCallDelta per entry of
+``choices[0].delta.tool_calls`` (``id`` and ``function.name`` on a call's first fragment, then
+``function.arguments`` pieces), in order, then one Finish after ``data: [DONE]`` with the last
+``finish_reason`` (``stop``, ``length``, ``tool_calls``, ``content_filter``; the legacy
+``function_call`` counts as ``tool_calls``, anything else as ``stop``) and the usage chunk, if
+any.
 Failures are raised with a stable ``code`` and a message that never contains the API key:
 
     provider_error          an ``{"error": ...}`` object inside the stream
@@ -26,9 +34,16 @@ from contextlib import aclosing
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
 from tokenbridge.exceptions import ProviderError
-from tokenbridge.producer.models.base import ChatRequest, Delta, Finish
+from tokenbridge.producer.models.base import (
+    FINISH_REASONS,
+    ChatRequest,
+    Delta,
+    Finish,
+    ToolCallDelta,
+)
 from tokenbridge.producer.models.provider_errors import ProviderErrors
 from tokenbridge.producer.models.sse import sse_data
 from tokenbridge.settings import ModelConfig
@@ -38,6 +53,8 @@ __all__ = ["DEFAULT_BASE_URL", "OpenAIChatModel"]
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=32)
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+_SAMPLING = ("max_tokens", "temperature", "top_p", "stop", "seed", "user", "parallel_tool_calls")
+_NESTED = ("tools", "tool_choice", "response_format")
 
 
 class OpenAIChatModel(ProviderErrors):
@@ -73,10 +90,13 @@ class OpenAIChatModel(ProviderErrors):
         """Close the HTTP client; open streams are cut."""
         await self._client.aclose()
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[Delta | Finish, None]:
+    async def stream(
+        self, request: ChatRequest
+    ) -> AsyncGenerator[Delta | ToolCallDelta | Finish, None]:
         """POST the chat with ``stream: true`` and yield its tokens, then one Finish."""
         reason: str | None = None
         usage: dict[str, int] | None = None
+        call_ids: list[str] = []  # ids of the calls seen, for servers that omit the index
         try:
             async with self._client.stream("POST", self._url, json=self._body(request)) as resp:
                 if not resp.is_success:
@@ -86,33 +106,44 @@ class OpenAIChatModel(ProviderErrors):
                         if not data:
                             continue  # an empty keep-alive event
                         if data == "[DONE]":
-                            yield Finish("length" if reason == "length" else "stop", usage)
+                            yield Finish(_finish_reason(reason), usage)
                             return
                         chunk = self._parse(data)
                         usage = _usage(chunk.get("usage")) or usage
-                        content, reason = self._choice(chunk, reason)
+                        content, calls, reason = self._choice(chunk, reason, call_ids)
                         if content:
                             yield Delta(content)
+                        for call in calls:
+                            yield call
                 raise self._bad_response("the stream ended before data: [DONE]")
         except (httpx.TransportError, httpx.DecodingError) as exc:
             raise self._transport_error(exc) from exc
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
+        messages = [
+            {**m, "role": "system"} if m.get("role") == "developer" else m for m in request.messages
+        ]
         body: dict[str, Any] = {
             "model": self.upstream,
-            "messages": request.messages,
+            "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
         params = request.params
-        for key in ("max_tokens", "temperature", "top_p", "stop", "seed"):
+        for key in _SAMPLING:
             value = getattr(params, key)
             if value is not None:
                 body[key] = value
+        for key in _NESTED:
+            value = getattr(params, key)
+            if value is not None:
+                body[key] = _plain(value)
         return body
 
-    def _choice(self, chunk: dict[str, Any], reason: str | None) -> tuple[str, str | None]:
-        """The text of ``choices[0].delta.content`` and the finish reason seen so far."""
+    def _choice(
+        self, chunk: dict[str, Any], reason: str | None, call_ids: list[str]
+    ) -> tuple[str, list[ToolCallDelta], str | None]:
+        """``choices[0].delta``'s text and call fragments, and the finish reason seen so far."""
         if chunk.get("error") is not None:
             raise ProviderError(
                 f"model {self.name!r}: the provider reported an error mid-stream: "
@@ -121,17 +152,56 @@ class OpenAIChatModel(ProviderErrors):
             )
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices:
-            return "", reason  # the usage chunk has no choices
+            return "", [], reason  # the usage chunk has no choices
         choice = choices[0]
         if not isinstance(choice, dict):
             raise self._bad_response("a choice is not an object")
         delta = choice.get("delta")
-        content = delta.get("content") if isinstance(delta, dict) else None
+        if not isinstance(delta, dict):
+            delta = {}
+        content = delta.get("content")
         finish = choice.get("finish_reason")
         return (
             content if isinstance(content, str) else "",
+            self._tool_calls(delta.get("tool_calls"), call_ids),
             finish if isinstance(finish, str) else reason,
         )
+
+    def _tool_calls(self, value: object, call_ids: list[str]) -> list[ToolCallDelta]:
+        """The call fragments of one delta; a fragment that says nothing is dropped.
+
+        A fragment without ``index`` (some servers, e.g. older Ollama, send each call whole
+        without one) belongs to the call its ``id`` names, or else to the last call.
+        """
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self._bad_response("delta.tool_calls is not a list")
+        calls = []
+        for item in value:
+            if not isinstance(item, dict):
+                raise self._bad_response("a tool call fragment is not an object")
+            index, call_id = item.get("index"), _str(item.get("id"))
+            if type(index) is not int or index < 0:
+                if call_id:
+                    index = call_ids.index(call_id) if call_id in call_ids else len(call_ids)
+                elif call_ids:
+                    index = len(call_ids) - 1
+                else:
+                    raise self._bad_response("a tool call fragment has neither index nor id")
+            if call_id and call_id not in call_ids:
+                call_ids.append(call_id)
+            function = item.get("function")
+            function = function if isinstance(function, dict) else {}
+            call = ToolCallDelta(
+                index,
+                arguments=_str(function.get("arguments")),
+                call_id=call_id,
+                name=_str(function.get("name")),
+            )
+            if call.arguments or call.call_id or call.name:
+                calls.append(call)
+        return calls
 
     def _parse(self, data: str) -> dict[str, Any]:
         try:
@@ -150,6 +220,25 @@ class OpenAIChatModel(ProviderErrors):
         if isinstance(error, str):
             return self._excerpt(error)
         return self._excerpt(json.dumps(payload))
+
+
+def _plain(value: object) -> object:
+    """A params value as JSON-ready data (models dumped without their unset fields)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason == "function_call":  # the pre-tools name of the same thing
+        return "tool_calls"
+    return reason if reason in FINISH_REASONS else "stop"
 
 
 def _usage(value: object) -> dict[str, int] | None:
