@@ -157,7 +157,8 @@ class Stopped:
 
 
 async def serve_embedded_then_sigterm() -> Stopped:
-    gateway = GatewayProcess({})
+    gateway = GatewayProcess({}, args=["serve", "--ephemeral"])  # today's throwaway server
+    gateway.args += ["--port", str(gateway.port)]
     gateway.env = clean_env()  # no TOKENBRIDGE_REDIS_URL: serve starts its own server
     gateway.start()
     assert gateway.process is not None and gateway.process.stdout is not None

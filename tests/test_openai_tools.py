@@ -13,9 +13,8 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
-import tests.model_server as model_server
 from tests.anthropic_server import AnthropicServer
-from tests.model_server import Answer, ModelServer
+from tests.model_server import Answer, ModelServer, ToolCall
 from tests.servers import Gateway
 from tokenbridge.settings import Settings
 from tokenbridge.wire.events import Event
@@ -175,21 +174,13 @@ async def test_responses_function_calls(
 
 # -- end to end: the adapters turn a provider's tool calls into the wire events ------------
 
-# The adapters' side (tool_call events from providers, the demo's forced call, the servers'
-# scripted calls) is built on the openai-models branch; these run once both are merged.
-needs_adapter_tools = pytest.mark.skipif(
-    not hasattr(model_server, "ToolCall"), reason="model adapters without tool calls yet"
-)
 
-
-@needs_adapter_tools
 @pytest.mark.parametrize("adapter", ["openai", "anthropic"])
 async def test_model_server_tool_calls_end_to_end(adapter: str, settings_factory: Any) -> None:
     """A real local provider answers with a function call; the SDK gets it, whole and streamed,
     as Chat Completions ``tool_calls`` and as a Responses ``function_call`` item."""
     server_type = AnthropicServer if adapter == "anthropic" else ModelServer
-    call = model_server.ToolCall()  # type: ignore[attr-defined]
-    reply = Answer(tokens=("Checking.",), finish_reason="tool_calls", tool_calls=(call,))  # type: ignore[call-arg]
+    reply = Answer(tokens=("Checking.",), finish_reason="tool_calls", tool_calls=(ToolCall(),))
     with server_type(reply) as srv:
         settings = settings_factory(models={"m": srv.model_config()})
         async with (
@@ -228,7 +219,6 @@ async def test_model_server_tool_calls_end_to_end(adapter: str, settings_factory
         assert sent["tools"][0]["name"] == "get_weather"
 
 
-@needs_adapter_tools
 async def test_demo_forced_call_then_the_answer(gateway: Gateway) -> None:
     """The demo model calls a function when tool_choice forces it; the conversation goes on
     with the call's output (Responses, previous_response_id)."""

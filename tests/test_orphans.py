@@ -8,9 +8,11 @@ import asyncio
 from typing import Any
 
 import httpx
+from websockets.asyncio.client import connect
 
 from tests.servers import Gateway, GatewayProcess
 from tests.test_token_path import collect_until_end, start
+from tests.test_websocket_cancel import ws_events, ws_url
 from tokenbridge.settings import Settings
 from tokenbridge.wire.events import Event, decode_entry
 
@@ -107,3 +109,15 @@ async def test_client_on_another_gateway_process_keeps_it_alive(settings_factory
     assert events[-1].data["reason"] == "length"
     assert len([e for e in events if e.event == "token"]) == 120
     assert abandoned == 0
+
+
+async def test_websocket_reader_keeps_it_alive(settings_factory: Any) -> None:
+    """Presence is the connection manager's, whatever the transport."""
+    settings: Settings = settings_factory(orphan_grace_s=GRACE_S)
+    async with Gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        started = await start(http, params={"max_tokens": 120, "rate": 40})  # 3 s: three graces
+        async with asyncio.timeout(30), connect(ws_url(gw.url, started["session_id"])) as ws:
+            events = await ws_events(ws, started["generation_id"])
+    assert events[-1]["event"] == "end"
+    assert events[-1]["data"]["reason"] == "length"
+    assert gw.runtime.worker.orphans.abandoned == 0

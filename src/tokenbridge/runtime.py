@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
+from tokenbridge.presence import presence_of
 from tokenbridge.processors.stream_processor import StreamProcessor
 from tokenbridge.producer.cache import ResponseCache
 from tokenbridge.producer.models import build_model
@@ -126,6 +127,7 @@ class Runtime:
             self.worker.before_model.append(self.rate_limiter.track)
             if self.cache.enabled:
                 self.worker.cache = self.cache
+        self.presence = presence_of(self)  # the deployment view (presence.py)
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -149,6 +151,7 @@ class Runtime:
             self._tasks.append(self._group.create_task(self.worker.run()))
         if self.processor is not None:
             self._tasks.append(self._group.create_task(self.processor.run()))
+        self._tasks.append(self._group.create_task(self.presence.run()))
         return self
 
     async def __aexit__(
@@ -161,6 +164,7 @@ class Runtime:
             self.worker.stop()
         if self.processor is not None:
             self.processor.stop()
+        self.presence.stop()
         assert self._group is not None
         try:
             # Consumers drain (bounded by shutdown_drain_s), then the loops return.

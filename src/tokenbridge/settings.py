@@ -251,6 +251,27 @@ class Settings(BaseSettings):
         default=100_000, ge=100, description="Approximate max entries kept in the job stream."
     )
 
+    # -- Operations (presence, dashboard, embedded Redis data) ---------------------------
+    presence_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often every process publishes its presence record (roles, counters) "
+        "to Redis; the record expires after three of these.",
+    )
+    dashboard_update_s: float = Field(
+        default=2.0,
+        ge=0.1,
+        le=60,
+        description="How often the dashboard stream (/v1/admin/dashboard/events) sends a "
+        "fresh picture of the deployment.",
+    )
+    data_dir: str | None = Field(
+        default=None,
+        description="Where `tokenbridge serve` keeps the embedded Redis's data (AOF); unset: "
+        "the platform's user data directory. `serve --ephemeral` keeps nothing.",
+    )
+
     # -- Input bounds --------------------------------------------------------------------
     max_prompt_chars: int = Field(
         default=100_000, ge=1, description="Max characters of a prompt or of all messages."

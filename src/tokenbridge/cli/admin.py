@@ -1,63 +1,43 @@
-"""Admin commands on the shared Redis: ``tokenbridge dlq list|replay|purge``, ``consumers``."""
+"""Admin commands: ``dlq list|replay|purge``, ``consumers``, ``keys create|list|revoke``,
+``login-link``; through a gateway (``--url``/``--api-key``) or on Redis (``--redis-url``),
+see ``cli/target.py``."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tokenbridge.cli.app import app
+from tokenbridge.cli.local import DataDir
+from tokenbridge.cli.target import API_KEY, DEFAULT_URL, REDIS_URL, URL, GatewayTarget, target
 from tokenbridge.consumers.dead_letters import DeadLetters
-from tokenbridge.consumers.stream_consumer_service import group_status
-from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
+from tokenbridge.exceptions import ConfigurationError
+from tokenbridge.gateway.overview import consumer_groups
 from tokenbridge.settings import load_settings
-from tokenbridge.store.client import REDIS_DOWN_ERRORS, command_client
 from tokenbridge.wire.keys import Keys
 
 dlq_app = typer.Typer(help="List, replay and purge dead-lettered entries.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in Redis).")
+app.add_typer(keys_app, name="keys")
 out = Console()
-T = TypeVar("T")
-
-
-@asynccontextmanager
-async def _redis() -> AsyncIterator[tuple[Any, Keys]]:
-    settings = load_settings()
-    url = settings.redis_url_value()
-    if url is None:
-        raise ConfigurationError(
-            "TOKENBRIDGE_REDIS_URL is not set: admin commands work on the Redis the service "
-            "uses (`tokenbridge serve` prints its embedded server's URL)"
-        )
-    redis = command_client(url, 4, settings.redis_socket_timeout_s)
-    try:
-        await redis.ping()
-    except REDIS_DOWN_ERRORS as exc:
-        raise RedisUnavailable(f"cannot reach Redis at TOKENBRIDGE_REDIS_URL: {exc}") from None
-    try:
-        yield redis, Keys(settings.key_prefix)
-    finally:
-        await redis.aclose()
-        await redis.connection_pool.disconnect()
-
-
-def _run(make: Callable[[Any, Keys], Awaitable[T]]) -> T:
-    async def go() -> T:
-        async with _redis() as (redis, keys):
-            return await make(redis, keys)
-
-    return asyncio.run(go())
 
 
 def _time(ms: int) -> str:
     return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _selection(ids: list[str] | None, stream: str | None) -> dict[str, Any]:
+    if ids:
+        return {"ids": ids}
+    if stream is not None:
+        return {"stream": stream}
+    return {"all": True}
 
 
 @dlq_app.command("list")
@@ -65,40 +45,61 @@ def dlq_list(
     count: int = typer.Option(50, help="How many, oldest first."),
     stream: str | None = typer.Option(None, help="Only dead letters of this source stream."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
+    url: str | None = URL,
+    api_key: str | None = API_KEY,
+    redis_url: str | None = REDIS_URL,
 ) -> None:
     """Show dead letters: source, original id, deliveries, error."""
+    where = target(url, api_key, redis_url)
+    if isinstance(where, GatewayTarget):
+        body = where.call("GET", "/v1/admin/dead-letters", limit=count, stream=stream)
+    else:
 
-    async def go(redis: Any, keys: Keys) -> tuple[int, list[Any]]:
-        dlq = DeadLetters(redis, keys.dead_letters)
-        return await dlq.count(), await dlq.letters(count, stream)
+        async def go(redis: Any, keys: Keys) -> dict[str, Any]:
+            dlq = DeadLetters(redis, keys.dead_letters)
+            letters = await dlq.letters(count, stream)
+            return {"count": await dlq.count(), "letters": [lt.as_dict() for lt in letters]}
 
-    total, letters = _run(go)
+        body = where.run(go)
     if as_json:
-        for letter in letters:
-            print(json.dumps(letter.as_dict()))
+        for letter in body["letters"]:
+            print(json.dumps(letter))
         return
-    table = Table(title=f"dead letters: {len(letters)} shown of {total}")
+    table = Table(title=f"dead letters: {len(body['letters'])} shown of {body['count']}")
     for column in ("dlq id", "stream", "group", "entry id", "deliveries", "dead at", "error"):
         table.add_column(column)
-    for lt in letters:
+    for lt in body["letters"]:
         table.add_row(
-            lt.dlq_id, lt.stream, lt.group, lt.entry_id, str(lt.deliveries), _time(lt.dead_ms),
-            lt.error[:80],
+            lt["dlq_id"], lt["stream"], lt["group"], lt["entry_id"], str(lt["deliveries"]),
+            _time(lt["dead_ms"]), lt["error"][:80],
         )  # fmt: skip
     out.print(table)
+
+
+def _dlq_action(action: str, chosen: dict[str, Any], where: Any) -> int:
+    if isinstance(where, GatewayTarget):
+        body = where.call("POST", f"/v1/admin/dead-letters/{action}", chosen)
+        return int(body["replayed" if action == "replay" else "purged"])
+
+    async def go(redis: Any, keys: Keys) -> int:
+        dlq = DeadLetters(redis, keys.dead_letters)
+        method = dlq.replay if action == "replay" else dlq.purge
+        return await method(chosen.get("ids"), chosen.get("stream"))
+
+    n: int = where.run(go)
+    return n
 
 
 @dlq_app.command("replay")
 def dlq_replay(
     ids: list[str] = typer.Argument(None, help="Dead-letter ids (as listed); none: all."),
     stream: str | None = typer.Option(None, help="Only dead letters of this source stream."),
+    url: str | None = URL,
+    api_key: str | None = API_KEY,
+    redis_url: str | None = REDIS_URL,
 ) -> None:
     """Append dead letters back to their source streams, then remove them from the DLQ."""
-
-    async def go(redis: Any, keys: Keys) -> int:
-        return await DeadLetters(redis, keys.dead_letters).replay(ids or None, stream)
-
-    n = _run(go)
+    n = _dlq_action("replay", _selection(ids, stream), target(url, api_key, redis_url))
     out.print(f"replayed {n} dead letter(s) into their source streams")
 
 
@@ -107,43 +108,45 @@ def dlq_purge(
     ids: list[str] = typer.Argument(None, help="Dead-letter ids; none: all (asks first)."),
     stream: str | None = typer.Option(None, help="Only dead letters of this source stream."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before purging all."),
+    url: str | None = URL,
+    api_key: str | None = API_KEY,
+    redis_url: str | None = REDIS_URL,
 ) -> None:
     """Delete dead letters for good."""
     if not ids and stream is None and not yes:
         typer.confirm("Purge every dead letter?", abort=True)
-
-    async def go(redis: Any, keys: Keys) -> int:
-        return await DeadLetters(redis, keys.dead_letters).purge(ids or None, stream)
-
-    n = _run(go)
+    n = _dlq_action("purge", _selection(ids, stream), target(url, api_key, redis_url))
     out.print(f"purged {n} dead letter(s)")
 
 
 @app.command()
 def consumers(
     as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
+    url: str | None = URL,
+    api_key: str | None = API_KEY,
+    redis_url: str | None = REDIS_URL,
 ) -> None:
-    """Consumer groups and consumers of the job stream, as Redis sees them (every process)."""
-
-    async def go(redis: Any, keys: Keys) -> list[dict[str, Any]]:
-        return await group_status(redis, keys.jobs)
-
-    groups = _run(go)
+    """Consumer groups of the job and pipeline streams, as Redis sees them (every process)."""
+    where = target(url, api_key, redis_url)
+    if isinstance(where, GatewayTarget):
+        groups = where.call("GET", "/v1/admin/consumers")["groups"]
+    else:
+        shards = where.settings.pipeline_shards
+        groups = where.run(lambda redis, keys: consumer_groups(redis, keys, shards))
     if as_json:
         print(json.dumps(groups))
         return
     table = Table(title="consumer groups")
-    for column in ("stream", "group", "consumer", "pending", "idle", "lag"):
+    for column in ("stream", "group", "consumer", "pending", "idle", "lag", "oldest pending"):
         table.add_column(column)
     for g in groups:
-        table.add_row(g["stream"], g["group"], "", str(g["pending"]), "", str(g["lag"]))
+        oldest = g.get("oldest_pending_ms")
+        age = "" if oldest is None else f"{oldest / 1000:.1f}s"
+        table.add_row(g["stream"], g["group"], "", str(g["pending"]), "", str(g["lag"]), age)
         for c in g["consumers"]:
-            table.add_row("", "", c["name"], str(c["pending"]), f"{c['idle_ms'] / 1000:.1f}s", "")
+            idle = f"{c['idle_ms'] / 1000:.1f}s"
+            table.add_row("", "", c["name"], str(c["pending"]), idle, "", "")
     out.print(table)
-
-
-keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in Redis).")
-app.add_typer(keys_app, name="keys")
 
 
 def _auth(redis: Any, keys: Keys) -> Any:
@@ -153,43 +156,76 @@ def _auth(redis: Any, keys: Keys) -> Any:
 
 
 @keys_app.command("create")
-def keys_create(name: str = typer.Option("cli", help="A label to tell keys apart.")) -> None:
+def keys_create(
+    name: str = typer.Option("cli", help="A label to tell keys apart."),
+    url: str | None = URL,
+    api_key: str | None = API_KEY,
+    redis_url: str | None = REDIS_URL,
+) -> None:
     """Make a new API key; it is printed once and only its digest is kept."""
+    where = target(url, api_key, redis_url)
+    if isinstance(where, GatewayTarget):
+        body = where.call("POST", "/v1/admin/keys", {"name": name})
+        key_id, key = body["id"], body["key"]
+    else:
 
-    async def go(redis: Any, keys: Keys) -> tuple[str, str]:
-        created: tuple[str, str] = await _auth(redis, keys).create_key(name)
-        return created
+        async def go(redis: Any, keys: Keys) -> tuple[str, str]:
+            created: tuple[str, str] = await _auth(redis, keys).create_key(name)
+            return created
 
-    key_id, key = _run(go)
+        key_id, key = where.run(go)
     out.print(f"created key {key_id} ({name}); shown once, keep it:")
     print(key)
 
 
 @keys_app.command("list")
-def keys_list() -> None:
+def keys_list(
+    url: str | None = URL,
+    api_key: str | None = API_KEY,
+    redis_url: str | None = REDIS_URL,
+) -> None:
     """Key ids and labels (never the keys)."""
-
-    async def go(redis: Any, keys: Keys) -> list[dict[str, Any]]:
-        listed: list[dict[str, Any]] = await _auth(redis, keys).list_keys()
-        return listed
-
+    where = target(url, api_key, redis_url)
+    if isinstance(where, GatewayTarget):
+        rows = where.call("GET", "/v1/admin/keys")["keys"]
+    else:
+        rows = where.run(lambda redis, keys: _auth(redis, keys).list_keys())
     table = Table(title="API keys")
     for column in ("id", "name", "created"):
         table.add_column(column)
-    for row in _run(go):
+    for row in rows:
         created = _time(row["created_ms"]) if "created_ms" in row else ""
         table.add_row(row["id"], row["name"], created)
     out.print(table)
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: str = typer.Argument(..., help="The id shown by `keys list`.")) -> None:
+def keys_revoke(
+    key_id: str = typer.Argument(..., help="The id shown by `keys list`."),
+    url: str | None = URL,
+    api_key: str | None = API_KEY,
+    redis_url: str | None = REDIS_URL,
+) -> None:
     """Revoke a stored key at once, on every gateway."""
-
-    async def go(redis: Any, keys: Keys) -> bool:
-        revoked: bool = await _auth(redis, keys).revoke_key(key_id)
-        return revoked
-
-    if not _run(go):
+    where = target(url, api_key, redis_url)
+    if isinstance(where, GatewayTarget):
+        where.call("DELETE", f"/v1/admin/keys/{key_id}")
+    elif not where.run(lambda redis, keys: _auth(redis, keys).revoke_key(key_id)):
         raise ConfigurationError(f"no stored key with id {key_id} (see `tokenbridge keys list`)")
     out.print(f"revoked key {key_id}")
+
+
+@app.command("login-link")
+def login_link(
+    url: str | None = URL,
+    api_key: str | None = API_KEY,
+    redis_url: str | None = REDIS_URL,
+) -> None:
+    """Print a fresh one-time link that signs a browser in to the chat page and dashboard."""
+    where = target(url, api_key, redis_url)
+    if isinstance(where, GatewayTarget):
+        print(where.call("POST", "/v1/admin/login-link")["url"])
+        return
+    code = where.run(lambda redis, keys: _auth(redis, keys).login_code())
+    base = url or DataDir(where.settings.data_dir).url() or DEFAULT_URL
+    print(f"{base.rstrip('/')}/?login={code}")

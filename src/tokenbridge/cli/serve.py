@@ -12,15 +12,14 @@ from typing import Any
 
 import typer
 import uvicorn
-from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from tokenbridge.cli.app import app
+from tokenbridge.cli.local import DataDir, first_key, start_embedded
 from tokenbridge.exceptions import ConfigurationError
 from tokenbridge.logs import configure_logging
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings, load_settings
-from tokenbridge.store.embedded import EmbeddedRedis
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -36,6 +35,7 @@ class _Server(uvicorn.Server):
         self.send_buffer_bytes = send_buffer_bytes
         self.public_url = url
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.data_dir: DataDir | None = None
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -57,9 +57,9 @@ class _Server(uvicorn.Server):
         if gateway is None or gateway.auth.disabled:
             return None
         auth = gateway.auth
-        if not await auth.has_keys():
-            key_id, key = await auth.create_key("default")
-            print(f"API key {key_id} (shown once, keep it): {key}", flush=True)
+        await first_key(auth, self.data_dir)  # cli/local.py: made once, kept in the data dir
+        if self.data_dir is not None:
+            self.data_dir.save_url(self.public_url)
         code: str = await auth.login_code()
         return code
 
@@ -100,14 +100,6 @@ def _loopback_unless_keys(settings: Settings) -> None:
         )
 
 
-def _with_redis(settings: Settings, stack: contextlib.ExitStack) -> Settings:
-    if settings.redis_url is not None:
-        return settings
-    server = stack.enter_context(EmbeddedRedis())
-    print(f"embedded redis: {server.binary} {server.version} at {server.url}", flush=True)
-    return settings.model_copy(update={"redis_url": SecretStr(server.url)})
-
-
 @app.command()
 def serve(
     host: str | None = typer.Option(None, help="Bind address (TOKENBRIDGE_HOST)."),
@@ -122,6 +114,15 @@ def serve(
     ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
     log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
+    data_dir: str | None = typer.Option(
+        None,
+        "--data-dir",
+        help="Keep the embedded Redis's data here (TOKENBRIDGE_DATA_DIR; default: the "
+        "platform's user data directory).",
+    ),
+    ephemeral: bool = typer.Option(
+        False, "--ephemeral", help="Embedded Redis in a temporary directory: nothing is kept."
+    ),
 ) -> None:
     """Run the gateway and a generation worker; with no Redis configured, an embedded one."""
     configure_logging(log_level, log_json)
@@ -140,7 +141,9 @@ def serve(
     from tokenbridge.gateway.websocket import uvicorn_options
 
     with contextlib.ExitStack() as stack:
-        settings = _with_redis(settings, stack)
+        where = None
+        if settings.redis_url is None:  # cli/local.py: persistent unless --ephemeral
+            settings, _, where = start_embedded(settings, stack, data_dir, ephemeral)
         application = create_app(settings)
         config = uvicorn.Config(
             application,
@@ -154,6 +157,7 @@ def serve(
         shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         url = f"http://{shown_host}:{settings.port}/"
         server = _Server(config, url, application, settings.connection_send_buffer_bytes)
+        server.data_dir = where
         server.run()
         if not server.started:
             sys.exit(1)

@@ -1,8 +1,8 @@
-"""``tokenbridge stats``: analytics and processor figures from the shared Redis (all processes)."""
+"""``tokenbridge stats``: analytics and processor figures of every process, through a gateway
+(``--url``/``--api-key``) or from Redis (``--redis-url``), see ``cli/target.py``."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -11,9 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tokenbridge.cli.app import app
-from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
-from tokenbridge.settings import Settings, load_settings
-from tokenbridge.store.client import REDIS_DOWN_ERRORS, command_client
+from tokenbridge.cli.target import API_KEY, REDIS_URL, URL, GatewayTarget, target
+from tokenbridge.exceptions import ConfigurationError
 from tokenbridge.store.stats import (
     read_pipeline_status,
     read_processor_stats,
@@ -37,32 +36,17 @@ _COLUMNS = (
 )
 
 
-async def _collect(settings: Settings, session: str | None) -> dict[str, Any]:
-    url = settings.redis_url_value()
-    if url is None:
-        raise ConfigurationError(
-            "TOKENBRIDGE_REDIS_URL is not set: stats are read from the Redis the service uses "
-            "(`tokenbridge serve` prints its embedded server's URL)"
-        )
-    redis = command_client(url, 4, settings.redis_socket_timeout_s)
-    keys = Keys(settings.key_prefix)
-    try:
-        try:
-            await redis.ping()
-        except REDIS_DOWN_ERRORS as exc:
-            raise RedisUnavailable(f"cannot reach Redis at TOKENBRIDGE_REDIS_URL: {exc}") from None
-        if session is not None:
-            found = await read_session_stats(redis, keys, session)
-            if found is None:
-                raise ConfigurationError(f"no analytics recorded for session {session}")
-            return found
-        body = await read_stats(redis, keys)
-        body["processors"] = (await read_processor_stats(redis, keys))["processors"]
-        body["pipeline"] = await read_pipeline_status(redis, keys, settings.pipeline_shards)
-        return body
-    finally:
-        await redis.aclose()
-        await redis.connection_pool.disconnect()
+async def _collect(redis: Any, keys: Keys, shards: int, session: str | None) -> dict[str, Any]:
+    """What ``GET /v1/stats`` (or ``/v1/sessions/{id}/stats``) answers, read from Redis."""
+    if session is not None:
+        found = await read_session_stats(redis, keys, session)
+        if found is None:
+            raise ConfigurationError(f"no analytics recorded for session {session}")
+        return found
+    body = await read_stats(redis, keys)
+    body["processors"] = (await read_processor_stats(redis, keys))["processors"]
+    body["pipeline"] = await read_pipeline_status(redis, keys, shards)
+    return body
 
 
 def _cell(value: Any) -> str:
@@ -125,11 +109,20 @@ def _show_session(body: dict[str, Any]) -> None:
 def stats(
     session: str | None = typer.Option(None, help="One session's figures and generations."),
     as_json: bool = typer.Option(False, "--json", help="JSON instead of tables."),
+    url: str | None = URL,
+    api_key: str | None = API_KEY,
+    redis_url: str | None = REDIS_URL,
 ) -> None:
     """Generations, tokens, TTFT, tokens/s, errors per model and in total; processor health."""
     if session is not None:
         validate_id(session)
-    body = asyncio.run(_collect(load_settings(), session))
+    where = target(url, api_key, redis_url)
+    if isinstance(where, GatewayTarget):
+        path = "/v1/stats" if session is None else f"/v1/sessions/{session}/stats"
+        body = where.call("GET", path)
+    else:
+        shards = where.settings.pipeline_shards
+        body = where.run(lambda redis, keys: _collect(redis, keys, shards, session))
     if as_json:
         print(json.dumps(body))
     elif session is not None:

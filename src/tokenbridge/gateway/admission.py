@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
+from tokenbridge.exceptions import LimitExceeded
 from tokenbridge.rate_limits import RateLimiter
 from tokenbridge.settings import Settings
 from tokenbridge.wire.keys import Keys
@@ -26,6 +27,7 @@ class Admission:
 
     def __init__(self, checks: list[AdmissionCheck] | None = None) -> None:
         self.checks: list[AdmissionCheck] = checks or []
+        self.refused = 0  # requests refused here (the dashboard shows the sum over processes)
 
     @classmethod
     def from_settings(cls, redis: Redis, keys: Keys, settings: Settings) -> Admission:
@@ -37,5 +39,9 @@ class Admission:
         return f"<Admission checks={len(self.checks)}>"
 
     async def __call__(self, identity: str, model: str) -> None:
-        for check in self.checks:
-            await check(identity, model)
+        try:
+            for check in self.checks:
+                await check(identity, model)
+        except LimitExceeded:
+            self.refused += 1
+            raise

@@ -29,10 +29,11 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
-from tokenbridge.gateway import api, openai_routes, stats_api
+from tokenbridge.gateway import admin_api, api, dashboard, openai_routes, stats_api
 from tokenbridge.gateway.openapi import openapi_schema
 from tokenbridge.gateway.presence import presence_for
 from tokenbridge.gateway.state import Gateway
+from tokenbridge.presence import add_gateway
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings
 
@@ -133,7 +134,7 @@ def _index_html() -> str:
 async def _index(request: Request) -> Response:
     code = request.query_params.get("login")
     if code:
-        return await api.login_link(request, code)
+        return await dashboard.login_link(request, code)  # an HTML page if the link failed
     return HTMLResponse(
         request.app.state.index_html,
         headers={
@@ -232,6 +233,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                     if runtime.worker is not None:
                         runtime.worker.stop()
 
+                add_gateway(runtime.presence, gateway)  # presence.py: the dashboard's view
                 app.state.runtime = runtime
                 app.state.gateway = gateway
                 app.state.connections = connections
@@ -260,6 +262,8 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         ),
         WebSocketRoute("/v1/sessions/{session_id}/ws", api.session_websocket),
         *stats_api.routes,
+        *admin_api.routes,  # admin over HTTP and the dashboard (gateway/admin_api.py)
+        *dashboard.routes,
         *openai_routes.routes(_StreamEndpoint),
     ]
     middleware = []

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from tokenbridge.gateway.admin_schema import admin_components, admin_paths
 from tokenbridge.gateway.api import GenerationRequest
 from tokenbridge.gateway.openai_openapi import openai_components, openai_paths
 from tokenbridge.wire.keys import ID_PATTERN
@@ -218,6 +219,8 @@ def openapi_schema(version: str) -> dict[str, Any]:
             }
         },
     }
+    paths.update(admin_paths())  # gateway/admin_schema.py
+    components.update(admin_components())
     paths.update(openai_paths())
     components.update(openai_components())
     return {

