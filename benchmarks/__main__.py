@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console
 
@@ -21,7 +22,16 @@ from benchmarks.live import sessions_live
 from benchmarks.openai_chat import openai_chat
 from benchmarks.processes import GatewayProcess, machine_info, new_runner, raise_open_files_limit
 from benchmarks.report import print_report
-from benchmarks.scenarios import Bench, ScenarioResult, fanout, latency, pipeline, single_session
+from benchmarks.scenarios import (
+    Bench,
+    Figure,
+    ScenarioResult,
+    fanout,
+    latency,
+    pipeline,
+    single_session,
+)
+from benchmarks.storm import storm
 from tokenbridge.exceptions import TokenBridgeError
 from tokenbridge.store.embedded import EmbeddedRedis
 
@@ -38,6 +48,9 @@ SCENARIOS = (
     "sessions-ws",
     "sessions-live",
     "pipeline",
+    "storm",
+    "storm-fresh",
+    "sessions-fast",
     "openai-chat",
 )
 
@@ -60,9 +73,12 @@ class Options:
     spread_connections: int = 1000
     spread_sessions: int = 100
     spread_tokens: int = 2000
+    storm_clients: tuple[int, ...] = (1000, 2500, 5000)
+    storm_missed: int = 4
     live_sessions: tuple[int, ...] = (200, 2000)
     live_rate: float = 20.0
     live_transports: tuple[Transport, ...] = ("sse", "ws")
+    cluster: bool = False
     openai_tokens: int = 8_000
     openai_rounds: int = 10
 
@@ -106,11 +122,14 @@ def _parse(argv: Sequence[str] | None) -> Options:
         "--spread-tokens", type=int, help="sessions-sse/ws: tokens per session (2,000; quick 200)"
     )
     parser.add_argument(
-        "--live-sessions", default="200,2000", help="sessions-live: session counts (200,2000)"
+        "--clients",
+        help="storm: clients resuming at once, comma-separated (1000,2500,5000; quick 500)",
     )
-    parser.add_argument("--live-rate", type=float, default=20.0, help="sessions-live: tokens/s")
+    parser.add_argument("--storm-missed", type=int, default=4, help="storm: events missed")
     parser.add_argument(
-        "--live-transports", default="sse,ws", help="sessions-live: sse, ws or both (sse,ws)"
+        "--cluster",
+        action="store_true",
+        help="run on a Redis Cluster (3 primaries + 3 replicas) instead of one Redis",
     )
     parser.add_argument(
         "--openai-tokens",
@@ -119,6 +138,13 @@ def _parse(argv: Sequence[str] | None) -> Options:
         help="openai-chat: tokens per generation (8,000: under stream_max_len)",
     )
     parser.add_argument("--openai-rounds", type=int, help="openai-chat: rounds (10; quick 3)")
+    parser.add_argument(
+        "--live-sessions", default="200,2000", help="sessions-live: session counts (200,2000)"
+    )
+    parser.add_argument("--live-rate", type=float, default=20.0, help="sessions-live: tokens/s")
+    parser.add_argument(
+        "--live-transports", default="sse,ws", help="sessions-live: sse, ws or both (sse,ws)"
+    )
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -142,11 +168,16 @@ def _parse(argv: Sequence[str] | None) -> Options:
         spread_connections=args.spread_connections,
         spread_sessions=args.spread_sessions,
         spread_tokens=args.spread_tokens or (200 if quick else 2000),
+        storm_clients=tuple(int(n) for n in args.clients.split(","))
+        if args.clients
+        else ((500,) if quick else (1000, 2500, 5000)),
+        storm_missed=args.storm_missed,
         live_sessions=tuple(int(n) for n in args.live_sessions.split(",") if n.strip()),
         live_rate=args.live_rate,
         live_transports=tuple(
             "sse" if t.strip() == "sse" else "ws" for t in args.live_transports.split(",")
         ),
+        cluster=args.cluster,
         openai_tokens=args.openai_tokens,
         openai_rounds=args.openai_rounds or (3 if quick else 10),
     )
@@ -160,17 +191,23 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _live(bench: Bench, options: Options) -> list[ScenarioResult]:
-    results = []
-    for transport in options.live_transports:
-        for sessions in options.live_sessions:
-            results.append(
-                await sessions_live(
-                    bench, transport, sessions, options.live_rate, options.duration_s,
-                    options.timeout_s,
-                )
-            )  # fmt: skip
-    return results
+async def _scenarios(bench: Bench, name: str, options: Options) -> list[ScenarioResult]:
+    if name in ("storm", "storm-fresh"):  # one result per client count, smallest first
+        fresh = name == "storm-fresh"
+        return [
+            await storm(bench, clients, options.storm_missed, options.timeout_s, fresh)
+            for clients in sorted(options.storm_clients)
+        ]
+    if name == "sessions-live":  # one result per transport and session count
+        return [
+            await sessions_live(
+                bench, transport, sessions, options.live_rate, options.duration_s,
+                options.timeout_s,
+            )
+            for transport in options.live_transports
+            for sessions in options.live_sessions
+        ]  # fmt: skip
+    return [await _scenario(bench, name, options)]
 
 
 async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult:
@@ -188,6 +225,11 @@ async def _scenario(bench: Bench, name: str, options: Options) -> ScenarioResult
         return await idle_connections(
             bench, transport, options.idle_connections, options.idle_sessions, options.timeout_s
         )
+    if name == "sessions-fast":  # the real Producer into many sessions at once
+        return await many_sessions(
+            bench, "sse", options.spread_connections, options.spread_sessions,
+            options.spread_tokens, options.timeout_s, producer="fast",
+        )  # fmt: skip
     if name in ("sessions-sse", "sessions-ws"):
         spread: Transport = "sse" if name == "sessions-sse" else "ws"
         return await many_sessions(
@@ -220,8 +262,10 @@ async def _run(options: Options, console: Console) -> int:
     raise_open_files_limit()  # thousands of client sockets in this process
     results: list[ScenarioResult] = []
     failures: list[tuple[str, str]] = []
-    with EmbeddedRedis() as redis_server:
-        machine = machine_info(redis_server.version)
+    target: Any = _cluster() if options.cluster else EmbeddedRedis()
+    with target as redis_server:
+        version = redis_server.nodes[0].version if options.cluster else redis_server.version
+        machine = machine_info(version + (" (cluster: 3 primaries + 3 replicas)" * options.cluster))
         gateway = GatewayProcess(redis_server.url)
         try:
             gateway.start()
@@ -231,10 +275,7 @@ async def _run(options: Options, console: Console) -> int:
                 for name in ("warm-up", *options.scenarios):
                     with console.status(f"running {name}"):
                         try:
-                            if name == "sessions-live":
-                                results += await _live(bench, options)
-                                continue
-                            result = await _scenario(bench, name, options)
+                            done = await _scenarios(bench, name, options)
                         except (Exception, ExceptionGroup) as exc:  # report, go on with the next
                             failures.append((name, _describe(exc)))
                             if name == "warm-up" or not gateway.running:
@@ -242,13 +283,40 @@ async def _run(options: Options, console: Console) -> int:
                                 break
                             continue
                     if name != "warm-up":
-                        results.append(result)
+                        results.extend(_per_primary(r) if options.cluster else r for r in done)
             finally:
                 await bench.aclose()
         finally:
             gateway.stop()
     print_report(console, machine, results, failures)
     return 1 if failures else 0
+
+
+def _cluster() -> Any:
+    """The tests' RedisCluster (3 primaries + 3 replicas of redis-server on free ports)."""
+    from tests.servers import RedisCluster  # run from the source checkout
+
+    return RedisCluster()
+
+
+def _per_primary(result: ScenarioResult) -> ScenarioResult:
+    """A cluster run: Redis CPU per delivered token and the share of appends, per primary."""
+    tokens = max(result.tokens_delivered, 1)
+    appends = {k.split("@")[1]: v for k, v in result.per_node.items() if k.startswith("evalsha@")}
+    total = sum(appends.values()) or 1
+    for key, cpu_s in sorted(result.per_node.items()):
+        if not key.startswith("redis:"):
+            continue
+        port = key.split(":")[1]
+        if port not in appends and cpu_s < 0.01:
+            continue  # a replica, idle
+        result.figures.append(
+            Figure(f"Redis CPU per delivered token, node {port}", 1e6 * cpu_s / tokens, "us")
+        )
+        if port in appends:
+            share = 100 * appends[port] / total
+            result.figures.append(Figure(f"share of append calls on node {port}", share, "%"))
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -131,7 +131,7 @@ async def idle_connections(
         raise RuntimeError("cannot read the gateway's VmRSS (/proc)")
     per_connection_kb = (rss_after - rss_before) / connections / 1024
     settings = load_settings(redis_url=bench.redis_server.url)
-    bound = settings.redis_max_connections + settings.fanout_readers  # gateway, no worker
+    bound = settings.redis_max_connections + 1  # gateway, no worker
     result.figures = [
         Figure(
             "resident memory per idle connection",
@@ -163,23 +163,26 @@ async def many_sessions(
     sessions: int,
     tokens: int,
     timeout_s: float,
+    producer: str = "spread",
 ) -> ScenarioResult:
-    """Delivered tokens/s with ``connections`` clients spread over ``sessions`` sessions."""
+    """Delivered tokens/s with ``connections`` clients spread over ``sessions`` sessions;
+    ``producer="fast"``: the real Producer, one generation per session, all at once."""
     label = "SSE" if transport == "sse" else "WebSocket"
-    result = ScenarioResult(f"{label}: {connections:,} connections on {sessions} sessions")
+    by = ", real producer" if producer == "fast" else ""
+    result = ScenarioResult(f"{label}: {connections:,} connections on {sessions} sessions{by}")
     tag = f"{bench.tag}{transport}{tokens}"
     ids = spread_session_ids(tag, sessions)
     tallies = [StreamTally(ids[i % sessions]) for i in range(connections)]
     gateway = bench.gateway
     async with asyncio.TaskGroup() as group:
         await _open(gateway.host, gateway.port, transport, tallies, group, 60)
-        produced, window = await bench.run_producer(
-            ["spread", "--tag", tag, "--sessions", str(sessions), "--tokens", str(tokens)],
-            timeout_s,
-        )
+        args = ["spread", "--tag", tag, "--sessions", str(sessions), "--tokens", str(tokens)]
+        if producer == "fast":
+            args = ["fast", "--session", tag, "--sessions", str(sessions), "--tokens", str(tokens)]
+        produced, window = await bench.run_producer(args, timeout_s)
         await bench.until_ended(tallies, timeout_s)
         await bench.close_window(window, result, produced["cpu_s"])
-    if produced["errors"]:
+    if produced.get("errors"):
         result.notes.append(f"producer errors: {produced['errors']}")
     first = min(t.first_token_at for t in tallies if t.first_token_at is not None)
     last = max(t.end_at for t in tallies if t.end_at is not None)

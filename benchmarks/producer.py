@@ -30,6 +30,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 import hiredis
@@ -40,7 +41,9 @@ from tokenbridge.producer.models.base import GenerationParams
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.producer.producer import Producer
 from tokenbridge.settings import load_settings
-from tokenbridge.store.client import command_client
+from tokenbridge.store.client import close_client, command_client
+from tokenbridge.store.live import APPEND_SCRIPT, AppendCommand
+from tokenbridge.store.resp import pack
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.keys import Keys, new_generation_id
 
@@ -66,13 +69,20 @@ def spread_session_ids(tag: str, sessions: int) -> list[str]:
     return [f"bench-{tag}-spread-{i}" for i in range(sessions)]
 
 
-async def run_fast(session_id: str, tokens: int) -> dict[str, Any]:
-    """One generation of ``tokens`` demo tokens, unpaced, with the settings' defaults."""
+async def run_fast(session_id: str, tokens: int, sessions: int = 0) -> dict[str, Any]:
+    """One generation of ``tokens`` demo tokens, unpaced, with the settings' defaults; with
+    ``sessions``, one such generation in each of the spread sessions of tag ``session_id``
+    at once (standalone or cluster: the real Producer routes by slot)."""
     settings = load_settings()
     url = settings.redis_url_value()
     if url is None:
         raise SystemExit("TOKENBRIDGE_REDIS_URL is not set")
-    redis = command_client(url, settings.redis_max_connections, settings.redis_socket_timeout_s)
+    redis = command_client(
+        url,
+        settings.redis_max_connections,
+        settings.redis_socket_timeout_s,
+        cluster=settings.redis_cluster,
+    )
     try:
         producer = Producer(
             redis,
@@ -86,36 +96,34 @@ async def run_fast(session_id: str, tokens: int) -> dict[str, Any]:
             pipeline_shards=settings.pipeline_shards if settings.pipeline_enabled else 0,
             pipeline_max_len=settings.pipeline_max_len,
         )
-        job = GenerationJob(
-            generation_id=new_generation_id(),
-            session_id=session_id,
-            model="demo",
-            messages=[Message(role="user", content="benchmark")],
-            params=GenerationParams(max_tokens=tokens, rate=0.0),
-        )
+        ids = spread_session_ids(session_id, sessions) if sessions else [session_id]
+        jobs = [
+            GenerationJob(
+                generation_id=new_generation_id(),
+                session_id=sid,
+                model="demo",
+                messages=[Message(role="user", content="benchmark")],
+                params=GenerationParams(max_tokens=tokens, rate=0.0),
+            )
+            for sid in ids
+        ]
         await redis.ping()
         await _ready_then_go()
         cpu = time.process_time()
-        result = await producer.run(job, DemoModel())
+        started = time.monotonic()
+        results = await asyncio.gather(*(producer.run(job, DemoModel()) for job in jobs))
+        result = results[0]
         cpu = time.process_time() - cpu
     finally:
-        await redis.aclose()
-        await redis.connection_pool.disconnect()
+        await close_client(redis)
     return {
         "outcome": result.outcome,
-        "tokens": result.tokens,
-        "writes": result.writes,
-        "duration_s": result.duration_s,
+        "tokens": sum(r.tokens for r in results),
+        "writes": sum(r.writes for r in results),
+        "duration_s": time.monotonic() - started,
         "cpu_s": cpu,
         "stream_max_len": settings.stream_max_len,
     }
-
-
-def _resp(*parts: bytes) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-    return b"".join(out)
 
 
 class _Link(asyncio.Protocol):
@@ -164,6 +172,9 @@ async def _open_link(url: str) -> _Link:
     host_port = url.split("://", 1)[1].split("/", 1)[0]
     host, port = host_port.rsplit(":", 1)
     _, link = await asyncio.get_running_loop().create_connection(_Link, host, int(port))
+    link.send(pack(b"SCRIPT", b"LOAD", APPEND_SCRIPT.encode()))  # then EVALSHA finds it
+    await link.until(1)
+    link.replies = 0
     return link
 
 
@@ -171,6 +182,23 @@ async def _ready_then_go() -> None:
     """Say ready, then wait for the bench's go (a line on stdin)."""
     print(READY, flush=True)
     await asyncio.to_thread(sys.stdin.readline)
+
+
+def _fields(
+    gen: bytes, seq: int, tokens: int, wall_ns: int, text: bytes | None
+) -> list[tuple[bytes, bytes]]:
+    """Event ``seq``: 0 is ``start``, 1..tokens are tokens, tokens + 1 is ``end``. A token's
+    text is ``text``, else ``wall_ns`` (the send time, for latency)."""
+    ts = b"%d" % (wall_ns // 1_000_000)
+    head = [(b"v", b"1")]
+    if seq == 0:
+        kind = [(b"kind", b"start"), (b"gen", gen), (b"seq", b"0"), (b"ts", ts)]
+        return [*head, *kind, (b"model", b"bench")]
+    if seq <= tokens:
+        kind = [(b"kind", b"token"), (b"gen", gen), (b"seq", b"%d" % seq), (b"ts", ts)]
+        return [*head, *kind, (b"text", text if text is not None else b"%d" % wall_ns)]
+    kind = [(b"kind", b"end"), (b"gen", gen), (b"seq", b"%d" % seq), (b"ts", ts)]
+    return [*head, *kind, (b"reason", b"stop"), (b"tokens", b"%d" % tokens)]
 
 
 def _event(
@@ -182,22 +210,28 @@ def _event(
     text: bytes | None = None,
     maxlen: int | None = None,
 ) -> bytes:
-    """XADD of event ``seq``: 0 is ``start``, 1..tokens are tokens, tokens + 1 is ``end``.
+    """One event, appended and published as every producer does (the append script)."""
+    return _append(key, gen, [seq], tokens, wall_ns, text, maxlen)
 
-    A token's text is ``text``, else ``wall_ns`` (the send time, for latency).
-    """
-    ts = b"%d" % (wall_ns // 1_000_000)
-    trim = (b"MAXLEN", b"~", b"%d" % maxlen) if maxlen is not None else ()
-    head = (b"XADD", key, *trim, b"*", b"v", b"1")
-    fields: tuple[bytes, ...]
-    if seq == 0:
-        fields = (b"kind", b"start", b"gen", gen, b"seq", b"0", b"ts", ts, b"model", b"bench")
-        return _resp(*head, *fields)
-    if seq <= tokens:
-        fields = (b"kind", b"token", b"gen", gen, b"seq", b"%d" % seq, b"ts", ts)
-        return _resp(*head, *fields, b"text", text if text is not None else b"%d" % wall_ns)
-    fields = (b"kind", b"end", b"gen", gen, b"seq", b"%d" % seq, b"ts", ts)
-    return _resp(*head, *fields, b"reason", b"stop", b"tokens", b"%d" % tokens)
+
+def _append(
+    key: bytes,
+    gen: bytes,
+    seqs: Sequence[int],
+    tokens: int,
+    wall_ns: int,
+    text: bytes | None = None,
+    maxlen: int | None = None,
+) -> bytes:
+    """The events ``seqs`` of one session in one call of the append script (store/live.py);
+    its failover check is off (a benchmark writes on)."""
+    base = key.removesuffix(b"events")
+    command = AppendCommand(
+        (key, base + b"meta", base + b"gens", base + b"live"), gen, maxlen or 100_000, [], []
+    )
+    events = [AppendCommand.event(_fields(gen, seq, tokens, wall_ns, text)) for seq in seqs]
+    state = b"%s %d" % (b"done" if seqs[-1] > tokens else b"running", seqs[-1])
+    return command.pack(events, state, b"", None, b"b0000001", 3600)
 
 
 async def run_raw(session_id: str, tokens: int, batch: int = 500) -> dict[str, Any]:
@@ -216,12 +250,9 @@ async def run_raw(session_id: str, tokens: int, batch: int = 500) -> dict[str, A
     for first in range(0, tokens + 2, batch):
         now = time.time_ns()
         seqs = range(first, min(first + batch, tokens + 2))
-        commands = [
-            _event(key, gen, seq, tokens, now, b" token", settings.stream_max_len) for seq in seqs
-        ]
-        link.send(b"".join(commands))
-        sent += len(commands)
-        await link.until(sent - 20 * batch)  # bounded: Redis and the socket set the pace
+        link.send(_append(key, gen, seqs, tokens, now, b" token", settings.stream_max_len))
+        sent += 1
+        await link.until(sent - 20)  # bounded: Redis and the socket set the pace
     await link.until(sent)
     duration = loop.time() - started
     cpu = time.process_time() - cpu
@@ -229,7 +260,7 @@ async def run_raw(session_id: str, tokens: int, batch: int = 500) -> dict[str, A
     link.transport.close()
     return {
         "tokens": tokens,
-        "writes": -(-sent // batch),
+        "writes": sent,
         "replies": link.replies,
         "errors": link.errors,
         "duration_s": duration,
@@ -333,6 +364,7 @@ def _main() -> None:
         one = modes.add_parser(mode, help=help_text)
         one.add_argument("--session", required=True)
         one.add_argument("--tokens", type=int, required=True)
+        one.add_argument("--sessions", type=int, default=0, help="fast: over N spread sessions")
     spread = modes.add_parser("spread", help="pipelined plain XADDs into many sessions")
     spread.add_argument("--tag", required=True)
     spread.add_argument("--sessions", type=int, required=True)
@@ -344,7 +376,7 @@ def _main() -> None:
     paced.add_argument("--duration", type=float, required=True)
     args = parser.parse_args()
     if args.mode == "fast":
-        work = run_fast(args.session, args.tokens)
+        work = run_fast(args.session, args.tokens, args.sessions)
     elif args.mode == "raw":
         work = run_raw(args.session, args.tokens)
     elif args.mode == "spread":

@@ -10,23 +10,36 @@ bound fails the scenario, it is never a figure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from redis.asyncio import Redis
 
 from benchmarks import pipeline as pipeline_process
 from benchmarks.processes import Child, GatewayProcess, process_cpu_s, system_busy_s
 from benchmarks.producer import READY, paced_session_ids
 from benchmarks.sse_client import StreamTally, follow
 from tokenbridge.settings import load_settings
-from tokenbridge.store.embedded import EmbeddedRedis
+from tokenbridge.store.client import close_client, cluster_url, command_client
 from tokenbridge.wire.keys import Keys
+
+
+def is_cluster_url(url: str) -> bool:
+    return cluster_url(url)[1]
+
+
+@contextlib.asynccontextmanager
+async def redis_client(url: str) -> AsyncIterator[Any]:
+    client = command_client(url, 2, 30)
+    try:
+        yield client
+    finally:
+        await close_client(client)
+
 
 __all__ = ["Bench", "Figure", "ScenarioResult", "fanout", "latency", "pipeline", "single_session"]
 
@@ -51,6 +64,8 @@ class ScenarioResult:
     cpu: dict[str, float] = field(default_factory=dict)  # % of one core over the window
     window_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # A cluster run: "redis:<port>" CPU seconds and "<command>@<port>" calls per node.
+    per_node: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,27 +80,45 @@ class _Window:
 class Bench:
     """The servers under test and what a scenario needs to drive them."""
 
-    def __init__(self, redis_server: EmbeddedRedis, gateway: GatewayProcess, tag: str) -> None:
+    def __init__(self, redis_server: Any, gateway: GatewayProcess, tag: str) -> None:
+        """``redis_server``: an EmbeddedRedis, or a RedisCluster (``--cluster``)."""
         self.redis_server = redis_server
         self.gateway = gateway
         self.tag = tag
-        self.stats = Redis.from_url(redis_server.url)
+        self.cluster = is_cluster_url(redis_server.url)
+        self.stats: Any = command_client(redis_server.url, 8, 30)
         self.env = {**os.environ, "TOKENBRIDGE_REDIS_URL": redis_server.url}
         self.keys = Keys(load_settings(redis_url=redis_server.url).key_prefix)
 
     async def aclose(self) -> None:
-        await self.stats.aclose()
+        await close_client(self.stats)
 
     def _cpu(self) -> dict[str, float | None]:
-        return {
+        cpu: dict[str, float | None] = {
             "gateway": process_cpu_s(self.gateway.pid),
-            "redis": process_cpu_s(self.redis_server.pid),
             "clients (bench)": time.process_time(),
             "all": system_busy_s(),
         }
+        if not self.cluster:
+            cpu["redis"] = process_cpu_s(self.redis_server.pid)
+            return cpu
+        nodes = {f"redis:{n.port}": process_cpu_s(n.pid) for n in self.redis_server.live_nodes()}
+        cpu["redis"] = sum(v for v in nodes.values() if v is not None)
+        return {**cpu, **nodes}  # per node: popped into figures by the cluster run
 
     async def _commands(self) -> dict[str, int]:
-        info: dict[str, Any] = await self.stats.info("commandstats")
+        if self.cluster:  # summed over the primaries; per primary as "<command>@<port>"
+            totals: dict[str, int] = {}
+            for node in self.redis_server.primaries():
+                async with redis_client(f"redis://127.0.0.1:{node.port}/0") as one:
+                    info: dict[str, Any] = await one.info("commandstats")
+                for name, stat in info.items():
+                    if name != "cmdstat_info":
+                        short = name.removeprefix("cmdstat_")
+                        totals[short] = totals.get(short, 0) + int(stat["calls"])
+                        totals[f"{short}@{node.port}"] = int(stat["calls"])
+            return totals
+        info = await self.stats.info("commandstats")
         return {
             name.removeprefix("cmdstat_"): int(stat["calls"])
             for name, stat in info.items()
@@ -105,17 +138,23 @@ class Bench:
         for name, before in window.cpu.items():
             after = now[name]
             if before is not None and after is not None:
-                result.cpu[name] = 100 * (after - before) / wall
+                if name.startswith("redis:"):
+                    result.per_node[name] = after - before
+                else:
+                    result.cpu[name] = 100 * (after - before) / wall
         result.cpu["producer"] = 100 * producer_cpu_s / wall
         if "all" in result.cpu:  # what the machine did besides the processes of this run
             ours = sum(v for k, v in result.cpu.items() if k != "all")
             result.cpu["other processes"] = max(0.0, result.cpu.pop("all") - ours)
         after_commands = await self._commands()
-        result.commands = {
-            name: calls - window.commands.get(name, 0)
-            for name, calls in after_commands.items()
-            if calls > window.commands.get(name, 0)
-        }
+        for name, calls in after_commands.items():
+            delta = calls - window.commands.get(name, 0)
+            if delta <= 0:
+                continue
+            if "@" in name:
+                result.per_node[name] = delta
+            else:
+                result.commands[name] = delta
 
     async def run_producer(
         self, args: list[str], timeout_s: float

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.servers import Gateway, RedisServer
+from tests.servers import Gateway, RedisCluster, RedisServer
 from tokenbridge.settings import Settings
 
 
@@ -33,17 +33,52 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """One real cluster (3 primaries, 3 replicas) for the whole test session."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The URL of standalone Redis, then of the cluster: tests that take it run on both."""
+    if request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
+BOTH = pytest.mark.parametrize("backend", ["standalone", "cluster"], indirect=True)
+"""Run a test on standalone Redis and on the cluster: ``@BOTH`` (or ``pytestmark = BOTH``)."""
+
+
 @pytest.fixture
-def settings_factory(redis_server: RedisServer) -> Any:
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which Redis the settings point at: ``standalone`` unless the test is marked ``BOTH``."""
+    return str(getattr(request, "param", "standalone"))
+
+
+@pytest.fixture
+def backend_url(request: pytest.FixtureRequest, backend: str) -> str:
+    if backend == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
+@pytest.fixture
+def settings_factory(backend_url: str) -> Any:
     prefix = "t" + secrets.token_hex(4)
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "redis_url": redis_server.url,
+            "redis_url": backend_url,
             "key_prefix": prefix,
             "consumer_heartbeat_s": 0.5,
             "consumer_claim_idle_ms": 2000,
-            "fanout_block_ms": 2000,
             "consumer_block_ms": 2000,
             # Most tests are about delivery; tests/test_auth.py runs with auth on.
             "auth_disabled": True,

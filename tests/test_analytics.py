@@ -15,6 +15,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from tests.conftest import BOTH
 from tests.pipeline_helpers import (
     batches_of,
     demo_job,
@@ -23,7 +24,7 @@ from tests.pipeline_helpers import (
     producer,
     submit,
 )
-from tests.servers import Gateway, GatewayProcess
+from tests.servers import Gateway, GatewayProcess, redis_client
 from tests.test_cli import clean_env, run_cli
 from tests.test_consumers import wait_for_length
 from tokenbridge.processors.analytics import AnalyticsProcessor
@@ -41,11 +42,11 @@ ONLY_OURS = ["analytics", "logging"]  # cache and rate_limit have tests of their
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url_value() or "")
-    async with client:
+    async with redis_client(settings.redis_url_value()) as client:
         yield client
 
 
+@BOTH
 async def test_hundred_demo_generations_totals_are_exact(settings_factory: Any) -> None:
     settings = settings_factory(processors=ONLY_OURS)
     keys = Keys(settings.key_prefix)
@@ -146,7 +147,7 @@ async def test_processor_process_killed_mid_way_totals_stay_exact(
 ) -> None:
     settings = settings_factory(run_processors=False)
     keys = Keys(settings.key_prefix)
-    async with Redis.from_url(settings.redis_url_value() or "") as redis:
+    async with redis_client(settings.redis_url_value()) as redis:
         make = producer(redis, keys, settings)
         # Ten waves of ten generations, a few tokens per pipeline entry: ~3,000 entries, and
         # generations that finish all along the pipeline, not only at its end.

@@ -29,7 +29,6 @@ async def api(redis_server: RedisServer) -> AsyncIterator[httpx.AsyncClient]:
         redis_url=redis_server.url,  # type: ignore[arg-type]
         key_prefix="t" + secrets.token_hex(4),
         consumer_heartbeat_s=0.5,
-        fanout_block_ms=2000,
         consumer_block_ms=2000,
         api_keys=[API_KEY],  # type: ignore[list-item]
     )

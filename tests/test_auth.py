@@ -18,6 +18,7 @@ import jwt
 import pytest
 from websockets.asyncio.client import connect
 
+from tests.conftest import BOTH
 from tests.servers import Gateway, RedisServer, free_port
 from tests.sse_client import read_events
 from tokenbridge.exceptions import RedisUnavailable
@@ -125,6 +126,7 @@ async def test_websocket_with_a_bad_token_closes_before_any_event(secured: Gatew
         assert '"event":"start"' in str(await ws.recv())
 
 
+@BOTH
 async def test_stored_keys_work_everywhere_and_revoke_at_once(secured: Gateway) -> None:
     auth = secured.state.auth
     key_id, key = await auth.create_key("test")
@@ -135,6 +137,7 @@ async def test_stored_keys_work_everywhere_and_revoke_at_once(secured: Gateway) 
         assert (await http.get("/v1/models", headers=bearer(key))).status_code == 401
 
 
+@BOTH
 async def test_tokens_and_keys_work_on_every_gateway_sharing_redis(settings_factory: Any) -> None:
     """No secret configured: it is made once and shared through Redis."""
     settings = settings_factory(auth_disabled=False, api_keys=[KEY])

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import BOTH
 from tests.model_server import Answer, FailMidStream, ModelServer
 from tests.servers import Gateway
 from tests.sse_client import SSEEvent
@@ -172,6 +173,7 @@ async def test_size_bound_evicts_the_least_recently_used(settings_factory: Any) 
     assert "cached" not in two[0].data
 
 
+@BOTH
 async def test_caching_processor_fills_once_from_a_pipeline_batch(settings_factory: Any) -> None:
     """CachingProcessor at a batch's ``end``: the answer is read back from the session stream
     and kept; the same entry delivered again changes nothing."""

@@ -69,21 +69,6 @@ async def test_idle_sse_stream_gets_heartbeat_comments(settings_factory: Any) ->
     assert comments.count("ping") >= 2
 
 
-def test_feed_notices_a_seq_jump_as_lost_entries() -> None:
-    from tokenbridge.gateway.fanout import _Feed
-
-    feed = _Feed("s", "k", "0-0", "ep")
-
-    def frames(*seqs: int, kind: str = "token") -> list[Frame]:
-        return [Frame(f"{n + 1}-0", "ep", Event(kind, "g_1", n)) for n in seqs]  # type: ignore[arg-type]
-
-    assert not feed.lost_entries(frames(3, 4, 5))  # first sight mid-generation: fine
-    assert not feed.lost_entries(frames(6))
-    assert feed.lost_entries(frames(9))  # 7 and 8 were trimmed before they were read
-    assert not feed.lost_entries(frames(10, kind="end"))
-    assert "g_1" not in feed.seqs  # a finished generation is forgotten
-
-
 def big_batch(entry_id: str, nbytes: int) -> Batch:
     return Batch([Frame(entry_id, "ep", Event("token", "g_1", 1, text="x" * nbytes))])
 

@@ -100,7 +100,7 @@ async def test_one_stalled_client_is_cut_as_slow_and_resumes_while_fifty_get_eve
 ) -> None:
     # Buffers sized so that the stalled client overflows halfway through the answer, while a
     # reader that merely lags (the 50 share this event loop with the gateway) never does.
-    settings = settings_factory(connection_max_buffered_events=1000, fanout_read_count=100)
+    settings = settings_factory(connection_max_buffered_events=1000, fanout_batch_events=100)
     tokens = 3000
     session = "slow-" + secrets.token_hex(4)
     path = f"/v1/sessions/{session}/events"
@@ -272,7 +272,7 @@ async def test_a_client_that_reads_nothing_is_dropped_after_its_close(
     CLOSING_TIMEOUT_S drops the connection (it would otherwise hold its task forever)."""
     monkeypatch.setattr(pump, "CLOSING_TIMEOUT_S", 0.2)
     # Small reads: many small writes, so that one of them waits for the socket to drain.
-    settings = settings_factory(fanout_read_count=50)
+    settings = settings_factory(fanout_batch_events=50)
     session = "stuck-" + secrets.token_hex(4)
     path = f"/v1/sessions/{session}/events"
     async with (

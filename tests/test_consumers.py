@@ -19,7 +19,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_exc
 
-from tests.servers import RedisServer
+from tests.conftest import BOTH
+from tests.servers import RedisServer, redis_client
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.consumers.stream_consumer_service import StreamConsumerService
@@ -28,9 +29,9 @@ from tokenbridge.store.client import blocking_client, command_client
 
 
 @pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    async with client:
+async def redis(backend_url: str) -> AsyncIterator[aioredis.Redis]:
+    """Standalone Redis, or the cluster for the tests marked ``BOTH``."""
+    async with redis_client(backend_url) as client:
         yield client
 
 
@@ -78,8 +79,9 @@ async def wait_for_length(redis: aioredis.Redis, key: str, length: int) -> None:
             last = entries[-1][0]
 
 
+@BOTH
 async def test_ten_thousand_entries_three_consumers_all_acked(
-    redis: aioredis.Redis, redis_server: RedisServer, stream: str
+    redis: aioredis.Redis, backend_url: str, stream: str
 ) -> None:
     ids = await produce(redis, stream, 10_000)
     seen: Counter[str] = Counter()
@@ -88,7 +90,7 @@ async def test_ten_thousand_entries_three_consumers_all_acked(
         seen[delivery.entry_id] += 1
 
     consumers = [
-        consumer(redis, redis_server.url, stream, f"c{i}", handle, burst=True) for i in range(3)
+        consumer(redis, backend_url, stream, f"c{i}", handle, burst=True) for i in range(3)
     ]
     async with asyncio.timeout(60):
         await asyncio.gather(*(c.run() for c in consumers))
@@ -99,12 +101,13 @@ async def test_ten_thousand_entries_three_consumers_all_acked(
     assert pending["pending"] == 0
 
 
+@BOTH
 async def test_killed_worker_process_entries_reclaimed_exactly_once(
-    redis: aioredis.Redis, redis_server: RedisServer, stream: str
+    redis: aioredis.Redis, backend_url: str, stream: str
 ) -> None:
     await produce(redis, stream, 10_000)
     root = Path(__file__).parent.parent
-    argv = [sys.executable, "-m", "tests.consumer_proc", redis_server.url, stream]
+    argv = [sys.executable, "-m", "tests.consumer_proc", backend_url, stream]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
     first = subprocess.Popen([*argv, "a", "forever"], stdout=subprocess.PIPE, cwd=root, env=env)
     assert first.stdout is not None
@@ -134,8 +137,9 @@ async def test_killed_worker_process_entries_reclaimed_exactly_once(
     assert pending_after_kill["pending"] > 0  # the kill did leave work behind
 
 
+@BOTH
 async def test_always_failing_entry_is_dead_lettered_then_replayed(
-    redis: aioredis.Redis, redis_server: RedisServer, stream: str
+    redis: aioredis.Redis, backend_url: str, stream: str
 ) -> None:
     ids = await produce(redis, stream, 50)
     poison = ids[17]
@@ -153,7 +157,7 @@ async def test_always_failing_entry_is_dead_lettered_then_replayed(
     dlq = DeadLetters(redis, f"{stream}:dlq")
     c = consumer(
         redis,
-        redis_server.url,
+        backend_url,
         stream,
         "c",
         handle,

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from tests.conftest import BOTH
 from tests.model_server import Answer, ModelServer
 from tests.pipeline_helpers import demo_job, own_token_counts, pipeline_entries, producer, submit
-from tests.servers import Gateway
+from tests.servers import Gateway, redis_client
 from tests.test_cli import clean_env, run_cli
 from tests.test_consumers import wait_for_length
 from tokenbridge.consumers.dead_letters import DeadLetters
@@ -38,11 +39,11 @@ ONLY_OURS = ["analytics", "logging"]  # cache and rate_limit have tests of their
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url_value() or "")
-    async with client:
+    async with redis_client(settings.redis_url_value()) as client:
         yield client
 
 
+@BOTH
 async def test_producer_writes_one_pipeline_entry_per_batch(
     settings: Settings, redis: Redis
 ) -> None:
@@ -63,6 +64,7 @@ async def test_producer_writes_one_pipeline_entry_per_batch(
     assert [e.text for e in stream] == [e.text for e in events]  # the same events, both sides
 
 
+@BOTH
 async def test_a_processor_raising_on_every_entry_does_not_stop_the_others(
     settings_factory: Any,
 ) -> None:
@@ -77,7 +79,7 @@ async def test_a_processor_raising_on_every_entry_does_not_stop_the_others(
         async with asyncio.timeout(30):
             await wait_for_length(redis, f"{keys.prefix}:log", 10)
         processor = gw.runtime.processor
-    async with Redis.from_url(settings.redis_url_value() or "") as redis:
+    async with redis_client(settings.redis_url_value()) as redis:
         # Entries ever added (the processors' trimmer drops processed ones from the streams).
         shards = range(settings.pipeline_shards)
         infos = [await redis.xinfo_stream(keys.pipeline(n)) for n in shards]
@@ -156,7 +158,7 @@ async def test_example_processor_from_docs_runs_in_the_pipeline(
         await submit(redis, keys, jobs)
         async with asyncio.timeout(20):
             await wait_for_length(redis, f"{keys.prefix}:log", 5)
-    async with Redis.from_url(settings.redis_url_value() or "") as redis:
+    async with redis_client(settings.redis_url_value()) as redis:
         expected: Counter[str] = Counter()
         for _, fields in await redis.xrange(keys.events("s_example")):
             event = decode_entry(fields)

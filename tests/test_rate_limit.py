@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import BOTH
 from tests.servers import Gateway, GatewayProcess
 from tokenbridge.exceptions import ConfigurationError, LimitExceeded
 from tokenbridge.gateway.admission import Admission
@@ -127,6 +128,7 @@ async def test_model_limit_refusal_gives_back_the_key_scope(settings_factory: An
         assert await limiter.scripts.rate_limit("admit", key_scope, both) == (0, 0.0)
 
 
+@BOTH
 async def test_limit_holds_across_two_gateway_processes(settings: Settings) -> None:
     env = {
         "TOKENBRIDGE_REDIS_URL": settings.redis_url_value() or "",
@@ -173,6 +175,7 @@ def test_batch_tokens_counts_tokens_and_usage_beyond_them() -> None:
     assert batch_tokens([Event("end", "g_1", 6, reason="stop", tokens=4)]) == 0
 
 
+@BOTH
 async def test_token_budget_charged_once_per_entry(settings_factory: Any) -> None:
     """RateLimitProcessor charges each pipeline batch once, even when it is delivered twice
     (or replayed from the dead letters under a new entry id); an overdrawn budget refuses the

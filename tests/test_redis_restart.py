@@ -22,7 +22,7 @@ def own_redis() -> Iterator[RedisServer]:
 async def test_gateway_and_worker_reconnect_and_serve_new_generations(
     own_redis: RedisServer, settings_factory: Any
 ) -> None:
-    settings = settings_factory(redis_url=own_redis.url, fanout_block_ms=500, consumer_block_ms=500)
+    settings = settings_factory(redis_url=own_redis.url, consumer_block_ms=500)
     async with Gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
         before = await start(http, params={"max_tokens": 5, "rate": 0})
         async with asyncio.timeout(30):

@@ -9,10 +9,12 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from tests.conftest import BOTH
 from tests.servers import Gateway, GatewayProcess
 from tests.sse_client import SSEEvent, read_events
 from tests.test_token_path import collect_until_end, start
 from tokenbridge.settings import Settings
+from tokenbridge.store.client import cluster_url
 from tokenbridge.wire.keys import Keys
 
 
@@ -25,6 +27,7 @@ def assert_complete(events: list[SSEEvent], generation_id: str, tokens: int) -> 
     assert len(set(ids)) == len(ids)
 
 
+@BOTH
 async def test_drop_and_resume_same_gateway(http: httpx.AsyncClient) -> None:
     started = await start(http, params={"max_tokens": 200, "rate": 400})
     url, gen = started["events_url"], started["generation_id"]
@@ -36,6 +39,7 @@ async def test_drop_and_resume_same_gateway(http: httpx.AsyncClient) -> None:
     assert_complete(first + rest, gen, 200)
 
 
+@BOTH
 async def test_resume_on_a_second_gateway_process(
     http: httpx.AsyncClient, settings: Settings
 ) -> None:
@@ -61,6 +65,7 @@ async def test_resume_on_a_second_gateway_process(
     assert_complete(first + rest, gen, 300)
 
 
+@BOTH
 async def test_two_connections_of_one_session_get_everything(http: httpx.AsyncClient) -> None:
     started = await start(http, params={"max_tokens": 300, "rate": 1000})
     url, gen = started["events_url"], started["generation_id"]
@@ -72,6 +77,7 @@ async def test_two_connections_of_one_session_get_everything(http: httpx.AsyncCl
     assert [(e.id, e.data) for e in a] == [(e.id, e.data) for e in b]
 
 
+@BOTH
 async def test_later_generations_of_a_session_follow_on_one_stream(
     http: httpx.AsyncClient,
 ) -> None:
@@ -91,12 +97,16 @@ async def test_later_generations_of_a_session_follow_on_one_stream(
     assert_complete(events, second["generation_id"], 7)
 
 
-async def _redis(settings: Settings) -> aioredis.Redis:
-    return aioredis.Redis.from_url(settings.redis_url_value() or "")
+def _redis(settings: Settings) -> Any:
+    """A client that ``async with`` closes, for standalone Redis or the cluster."""
+    url, cluster = cluster_url(settings.redis_url_value() or "")
+    return aioredis.RedisCluster.from_url(url) if cluster else aioredis.Redis.from_url(url)
 
 
 async def test_resume_past_trimmed_history_gets_a_gap_event(settings_factory: Any) -> None:
-    settings = settings_factory(stream_max_len=10)
+    # No recent events kept in the gateway: they would still hold what Redis trimmed (and
+    # the client would get it all, with no gap to report).
+    settings = settings_factory(stream_max_len=10, fanout_recent_events=0)
     async with Gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
         started = await start(http, params={"max_tokens": 30, "rate": 0})
         url, gen = started["events_url"], started["generation_id"]
@@ -104,7 +114,7 @@ async def test_resume_past_trimmed_history_gets_a_gap_event(settings_factory: An
             early = await collect_until_end(http, url, gen, limit=3)
             await collect_until_end(http, url, gen)  # the generation has ended
             # Trim hard so that the entries right after `early[-1]` are gone.
-            client = await _redis(settings)
+            client = _redis(settings)
             async with client:
                 await client.xtrim(
                     Keys(settings.key_prefix).events(started["session_id"]), 5, approximate=False
@@ -126,7 +136,7 @@ async def test_resume_after_expiry_gets_a_gap_event(
     async with asyncio.timeout(30):
         events = await collect_until_end(http, url, gen)
         keys = Keys(settings.key_prefix)
-        client = await _redis(settings)
+        client = _redis(settings)
         async with client:  # what retention does, right now
             await client.delete(
                 keys.events(started["session_id"]), keys.meta(started["session_id"])
@@ -179,7 +189,7 @@ async def test_many_clients_use_a_bounded_number_of_redis_connections(
         async with asyncio.timeout(90):
             tasks = [asyncio.create_task(client(s)) for s in sessions for _ in range(per_session)]
             await all_in.wait()
-            redis = await _redis(settings)
+            redis = _redis(settings)
             async with redis:
                 clients_before = await redis.client_list()
                 for s in sessions:
@@ -188,12 +198,13 @@ async def test_many_clients_use_a_bounded_number_of_redis_connections(
                 clients_after = await redis.client_list()
     assert counts == [20] * (n_sessions * per_session)
     name = gateway.runtime.client_name
-    bound = settings.redis_max_connections + settings.fanout_readers + 1  # + worker's read loop
+    # The pool, one pub/sub connection (standalone Redis: one node), the worker's read loop.
+    bound = settings.redis_max_connections + 1 + 1
     bound += settings.pipeline_shards  # + one read loop per pipeline shard (the processors)
     for listing in (clients_before, clients_after):
         ours = [c for c in listing if c.get("name") == name]
-        assert settings.fanout_readers < len(ours) <= bound
-    assert gateway.state.fanout.reader_count == settings.fanout_readers
+        assert 1 < len(ours) <= bound
+    assert gateway.state.fanout.reader_count == 1
 
 
 async def test_stream_renewed_under_a_live_connection_switches_epoch_without_gap(
@@ -210,7 +221,7 @@ async def test_stream_renewed_under_a_live_connection_switches_epoch_without_gap
         async for ev in read_events(http, first["events_url"]):
             events.append(ev)
             if ev.event == "end" and ev.data["generation_id"] == first["generation_id"]:
-                client = await _redis(settings)
+                client = _redis(settings)
                 async with client:  # what retention does
                     await client.delete(keys.events(sid), keys.meta(sid), keys.generations(sid))
                 second = await start(http, session_id=sid, params={"max_tokens": 4, "rate": 0})

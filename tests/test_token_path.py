@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from tests.conftest import BOTH
 from tests.sse_client import SSEEvent, read_events
 
 
@@ -35,6 +36,7 @@ async def collect_until_end(
     return events
 
 
+@BOTH
 async def test_tokens_arrive_in_order_with_contiguous_seq(http: httpx.AsyncClient) -> None:
     started = await start(http)
     async with asyncio.timeout(20):

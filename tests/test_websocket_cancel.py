@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.conftest import BOTH
 from tests.servers import Gateway, GatewayProcess
 from tests.test_resume import assert_complete
 from tests.test_token_path import collect_until_end, start
@@ -67,6 +68,7 @@ async def test_websocket_resume_after_drop_no_gap_no_duplicate(
     assert [e["data"]["seq"] for e in mine] == list(range(202))
 
 
+@BOTH
 async def test_delete_cancels_a_running_generation(http: httpx.AsyncClient) -> None:
     started = await start(http, params={"max_tokens": 100_000, "rate": 50})
     gen = started["generation_id"]
@@ -85,6 +87,7 @@ async def test_delete_cancels_a_running_generation(http: httpx.AsyncClient) -> N
     assert missing.json()["error"]["code"] == "generation_not_found"
 
 
+@BOTH
 async def test_cancel_from_a_second_gateway_process(
     http: httpx.AsyncClient, settings: Settings
 ) -> None:

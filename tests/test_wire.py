@@ -17,7 +17,7 @@ from tokenbridge.exceptions import InvalidEntry, InvalidRequest
 from tokenbridge.gateway.frames import format_event_id, parse_entry_id, parse_event_id
 from tokenbridge.producer.jobs import GenerationJob, Message
 from tokenbridge.producer.producer import Producer, _Writer
-from tokenbridge.store.resp import pack_xadd
+from tokenbridge.store.live import AppendCommand
 from tokenbridge.wire.events import SCHEMA, Event, decode_entry, event_from_data
 from tokenbridge.wire.keys import Keys, new_generation_id, new_session_id, validate_id
 
@@ -232,11 +232,14 @@ async def test_garbage_entries_are_skipped_by_sse(
             async for ev in stream:
                 events.append(ev)
                 if ev.event == "token" and ev.data["seq"] == 1:
-                    # The history read is done (it sent this event): the rest arrives live,
-                    # through the fan-out's XREAD.
+                    # The history read is done (it sent this event): the rest arrives live.
+                    # A plain-XADD producer announces its writes with an empty message on the
+                    # session's shard channel (docs/wire-format.md, "Live delivery").
                     await redis.xadd(key, {"garbage": "\xff", "v": 7})
                     await redis.xadd(key, hand_entry("token", 2, text=" world"))
                     await redis.xadd(key, hand_entry("end", 3, reason="stop", tokens=2))
+                    live = Keys(gateway.settings.key_prefix).live(session_id)
+                    await redis.execute_command("SPUBLISH", live, "")
                 if ev.event == "end":
                     break
         assert [(e.event, e.data["seq"]) for e in events] == [
@@ -299,4 +302,4 @@ def test_producer_token_template_packs_what_the_general_xadd_packs(text: str) ->
     writer = _Writer(producer, job, asyncio.Event())
     event = Event("token", "g_1", 3, ts=TS, text=text)
     fields = [(k.encode(), v.encode()) for k, v in event.to_fields().items()]
-    assert writer._xadd(event) == pack_xadd(b"tb:{s_1}:events", 10_000, fields)
+    assert writer._event(event) == AppendCommand.event(fields)

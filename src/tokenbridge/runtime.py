@@ -35,6 +35,7 @@ from tokenbridge.settings import Settings
 from tokenbridge.store.client import (
     REDIS_DOWN_ERRORS,
     blocking_client,
+    close_client,
     command_client,
 )
 from tokenbridge.store.scripts import Scripts
@@ -73,6 +74,7 @@ class Runtime:
             settings.redis_max_connections,
             settings.redis_socket_timeout_s,
             client_name=self.client_name,
+            cluster=settings.redis_cluster,
         )
         self.scripts = Scripts(self.redis)
         self.producer = Producer(
@@ -93,7 +95,13 @@ class Runtime:
         self.dead_letters = DeadLetters(self.redis, self.keys.dead_letters, settings.dlq_max_len)
         self.consumers = StreamConsumerService(
             self.redis,
-            partial(blocking_client, url, settings.consumer_block_ms, client_name=self.client_name),
+            partial(
+                blocking_client,
+                url,
+                settings.consumer_block_ms,
+                client_name=self.client_name,
+                cluster=settings.redis_cluster,
+            ),
             self.dead_letters,
             drain_s=drain_s if drain_s is not None else settings.shutdown_drain_s,
         )
@@ -183,8 +191,7 @@ class Runtime:
         for model in self.models.values():
             with contextlib.suppress(Exception):
                 await model.aclose()
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        await close_client(self.redis)
 
 
 def _safe_url(url: str) -> str:

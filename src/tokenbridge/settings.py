@@ -82,7 +82,13 @@ class Settings(BaseSettings):
     # -- Redis ---------------------------------------------------------------------------
     redis_url: SecretStr | None = Field(
         default=None,
-        description="Redis URL (redis://, rediss://, unix://). Unset: start an embedded server.",
+        description="Redis URL (redis://, rediss://, unix://; redis+cluster://, "
+        "rediss+cluster:// for a Redis Cluster, the seed node's address is enough). "
+        "Unset: start an embedded server.",
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="The URL names one node of a Redis Cluster (same as a +cluster scheme).",
     )
     redis_max_connections: int = Field(
         default=32, ge=4, le=10_000, description="Pool size for non-blocking commands."
@@ -122,14 +128,34 @@ class Settings(BaseSettings):
     )
 
     # -- Gateway fan-out -----------------------------------------------------------------
-    fanout_readers: int = Field(
-        default=2, ge=1, le=64, description="XREAD loops per gateway process (fixed)."
+    fanout_linger_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a session stays subscribed after its last connection here left: "
+        "clients coming back (a reconnect storm) resume without subscribing again.",
     )
-    fanout_block_ms: int = Field(
-        default=5000, ge=10, le=60_000, description="BLOCK of each fan-out XREAD."
+    fanout_recent_events: int = Field(
+        default=64,
+        ge=0,
+        le=100_000,
+        description="Last events kept per session held here: a resume from one of them reads "
+        "nothing from Redis.",
     )
-    fanout_read_count: int = Field(
-        default=1000, ge=1, le=100_000, description="COUNT per stream of each fan-out XREAD."
+    fanout_probe_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A pub/sub connection silent this long is probed (a message it must hear "
+        "within as long again, else it is rebuilt and its sessions re-read).",
+    )
+    fanout_batch_events: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Most events handed to a connection as one batch (one write to the "
+        "client); a bigger producer batch is split.",
+    )
+    fanout_repair_concurrency: int = Field(
+        default=16, ge=1, le=1000, description="Stream re-reads (repairs) at once."
     )
     connection_heartbeat_s: float = Field(
         default=15.0,

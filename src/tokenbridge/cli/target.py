@@ -22,7 +22,7 @@ import typer
 from tokenbridge.cli.local import DataDir
 from tokenbridge.exceptions import AuthError, ConfigurationError, InvalidRequest, RedisUnavailable
 from tokenbridge.settings import Settings, load_settings
-from tokenbridge.store.client import REDIS_DOWN_ERRORS, command_client
+from tokenbridge.store.client import REDIS_DOWN_ERRORS, close_client, command_client
 from tokenbridge.wire.keys import Keys
 
 __all__ = ["API_KEY", "REDIS_URL", "URL", "GatewayTarget", "RedisTarget", "Target", "target"]
@@ -86,7 +86,12 @@ class RedisTarget:
 
     def run(self, make: Callable[[Any, Keys], Awaitable[T]]) -> T:
         async def go() -> T:
-            redis = command_client(self.url, 4, self.settings.redis_socket_timeout_s)
+            redis = command_client(
+                self.url,
+                4,
+                self.settings.redis_socket_timeout_s,
+                cluster=self.settings.redis_cluster,
+            )
             try:
                 try:
                     await redis.ping()
@@ -94,8 +99,7 @@ class RedisTarget:
                     raise RedisUnavailable(f"cannot reach Redis at --redis-url: {exc}") from None
                 return await make(redis, self.keys)
             finally:
-                await redis.aclose()
-                await redis.connection_pool.disconnect()
+                await close_client(redis)
 
         return asyncio.run(go())
 

@@ -1,325 +1,282 @@
-"""SessionFanout: a fixed set of XREAD loops that feed every connection of this process.
+"""SessionFanout: live events over sharded pub/sub, history from the stream; standalone or Cluster.
 
-Each session with at least one connection here is owned by one of ``fanout_readers`` readers
-(by hash of the session id). A reader blocks in one ``XREAD BLOCK`` over all of its sessions'
-streams plus a private *wake* stream; subscribing a new session writes to the wake stream, so
-the blocked read returns at once and is issued again with the new stream (no sleep-polling, no
-race: an XADD before the XREAD is still seen by it). Every entry is decoded and encoded once
-and handed to each connection without awaiting any of them.
+Each session held by this process is one *feed*: subscribed to the session's shard channel
+(``<prefix>:{sid}:live``) through the process's :class:`ShardSubscriber` (one connection per
+Redis node, whatever the number of sessions). Producers append a batch and publish it in one
+script (``store/live.py``): the message carries the entries and the id before them, so a feed
+delivers them without reading Redis, and knows when it missed something.
 
-The number of Redis connections is ``fanout_readers`` (one each, dedicated) whatever the number
-of clients and sessions. Multi-key XREAD needs all streams on one node: on Redis Cluster this
-module would need one read per slot (see docs/architecture.md).
+Subscribing or resuming one connection costs the same whatever the number of sessions held:
 
-Exactness of the seam: :meth:`SessionFanout.subscribe` registers the connection *before* its
-history is read. Every entry is then either dispatched after registration (the connection gets
-it live) or existed before the history read began (the history has it); ids already sent are cut
-by :meth:`ClientConnection.unsent`. Hence no gap and no duplicate.
+- a session held here, resumed from an id the feed still remembers (its last
+  ``fanout_recent_events`` entries; a feed lingers ``fanout_linger_s`` after its last
+  connection left, because a reconnect storm is clients coming back): one ``HGET`` of the
+  epoch (the stream may have expired or been renewed), the history from memory;
+- otherwise: one round trip, ``HGET :meta epoch`` + ``XRANGE :events <id> + COUNT n`` (the id
+  included: finding it proves nothing after it was trimmed), plus, for a session new here,
+  its share of one batched ``SSUBSCRIBE``. An unknown epoch, a trimmed id or an empty reply falls
+  back to the full state script and :func:`plan_resume` (``gap`` events).
+
+Exact seam: a connection joins its feed before any history is read, and the feed's
+subscription is confirmed before the read. A batch published after the read reaches the feed
+(then the connection); one published before is in the read. Both may carry the same entries:
+the feed drops entries up to its cursor, the connection cuts what it already sent
+(:meth:`ClientConnection.unsent`).
+
+Loss of live messages is repaired from the stream (``XRANGE (<cursor> +``): a message whose
+``prev_id`` is past the feed's cursor, an empty message ("read the stream"), and every channel
+the subscriber reports as subscribed again (reconnect, slot moved, probe failed). A repair that
+finds its cursor gone (trimmed, or lost with a failover) closes the session's connections with
+``lagged`` (or ``epoch_changed``); they resume and get a ``gap`` event.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 import secrets
-import zlib
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import ConnectionPool, Redis
-
-from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.gateway.client_connection import ClientConnection
+from tokenbridge.gateway.entries import FanoutStats, decode_entries
 from tokenbridge.gateway.frames import Batch, Frame, parse_entry_id
-from tokenbridge.store.client import REDIS_DOWN_ERRORS, Backoff
-from tokenbridge.store.resp import XreadCommand, send_one
+from tokenbridge.gateway.resume import plan_resume
+from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.store.live import LiveMessage, parse_live_message
 from tokenbridge.store.scripts import Scripts, SessionState
-from tokenbridge.wire.events import decode_entry
+from tokenbridge.store.subscriber import ShardSubscriber
 from tokenbridge.wire.keys import Keys
 
-__all__ = ["FanoutStats", "SessionFanout", "decode_entries"]
+__all__ = ["FanoutStats", "Opening", "SessionFanout", "decode_entries"]
 
 log = logging.getLogger(__name__)
 
-Entries = list[tuple[bytes, dict[bytes, bytes]]]
+_SUBSCRIBE_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, *REDIS_DOWN_ERRORS)
+_PENDING_MAX = 64  # messages kept for a feed whose cursor is not known yet
 
 
-@dataclass
-class FanoutStats:
-    """Counters of one process's fan-out, shown in /v1/status."""
+@dataclass(slots=True)
+class Opening:
+    """Where a connection starts: a ``gap`` to tell first, history to send, and where the
+    rest of the history starts (``more_after``; None when ``history`` is all of it)."""
 
-    read: int = 0
-    invalid: int = 0
-    delivered_batches: int = 0
-    reconnects: int = 0
-    lagged: int = 0
-
-
-def decode_entries(
-    entries: Entries, epoch: str, session_id: str, stats: FanoutStats | None = None
-) -> list[Frame]:
-    """Decode raw entries into frames; entries that break the wire format are logged, skipped."""
-    frames: list[Frame] = []
-    for raw_id, fields in entries:
-        entry_id = raw_id.decode()
-        try:
-            frames.append(Frame(entry_id, epoch, decode_entry(fields)))
-        except InvalidEntry as exc:
-            if stats is not None:
-                stats.invalid += 1
-            log.warning(
-                "invalid entry skipped session=%s entry_id=%s error=%s", session_id, entry_id, exc
-            )
-    return frames
+    epoch: str
+    gap: dict[str, Any] | None = None
+    history: list[Batch] = field(default_factory=list)
+    more_after: str | None = None
 
 
-@dataclass(eq=False, slots=True)  # slots: one per session held, thousands per process
+@dataclass(eq=False, slots=True)
 class _Feed:
-    """One session read by one reader: its cursor, its connections here, the last seq seen
-    per running generation (a jump means entries were trimmed before this reader saw them)."""
+    """One session held here: its connections, the last entry delivered, recent frames."""
 
     session_id: str
-    key: str
-    cursor: str
-    epoch: str
+    channel: bytes
+    ready: asyncio.Future[None]
+    epoch: str = ""
+    cursor: str | None = None  # None: not known yet (messages wait in ``pending``)
     connections: set[ClientConnection] = field(default_factory=set)
-    seqs: dict[str, int] = field(default_factory=dict)
-    key_arg: bytes = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.key_arg = XreadCommand.key(self.key)
-
-    def lost_entries(self, frames: list[Frame]) -> bool:
-        """Track seq per generation; True if a generation's seq jumped (entries lost)."""
-        seqs = self.seqs
-        lost = False
-        for frame in frames:
-            event = frame.event
-            previous = seqs.get(event.generation_id)
-            if previous is not None and event.seq != previous + 1:
-                lost = True
-            if event.kind in ("end", "error"):
-                seqs.pop(event.generation_id, None)
-            else:
-                if len(seqs) >= 256:  # bounded: forget the oldest generation
-                    del seqs[next(iter(seqs))]
-                seqs[event.generation_id] = event.seq
-        return lost
-
-
-def _fields(raw: Any) -> dict[bytes, bytes]:
-    if isinstance(raw, dict):
-        return raw
-    it = iter(raw)
-    return dict(zip(it, it, strict=False))
-
-
-def _stream_items(reply: Any) -> Any:
-    """XREAD's reply as (key, entries) pairs, whether RESP2 (list) or RESP3 (map)."""
-    if reply is None:
-        return ()
-    if isinstance(reply, dict):
-        return reply.items()
-    return reply
-
-
-class _Reader:
-    """One XREAD loop over a share of the sessions, on its own dedicated connection.
-
-    The XREAD is hand-packed (``store/resp.py``): each feed's key is encoded once, only the
-    cursors change between reads.
-    """
-
-    def __init__(self, fanout: SessionFanout, index: int) -> None:
-        self.fanout = fanout
-        self.index = index
-        self.feeds: dict[str, _Feed] = {}
-        self.wake_key = fanout.keys.wake(fanout.node_id, index)
-        self.wake_key_bytes = self.wake_key.encode()
-        self.wake_arg = XreadCommand.key(self.wake_key)
-        self.wake_cursor = "$"
-        count, block = fanout.settings_read
-        self.xread = XreadCommand(count, block)
-
-    async def wake(self) -> None:
-        """Make the blocked XREAD return so that it is issued again with the current feeds."""
-        async with self.fanout.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(self.wake_key, {"w": 1}, maxlen=10, approximate=True)
-            pipe.expire(self.wake_key, 86_400)
-            await pipe.execute()
-
-    async def run(self, stopping: asyncio.Event, make_pool: Callable[[], ConnectionPool]) -> None:
-        backoff = Backoff()
-        pool = make_pool()
-        conn: Any = None
-        try:
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            while not stopping.is_set():
-                try:
-                    await self._read_once(conn)
-                    backoff.reset()
-                except REDIS_DOWN_ERRORS as exc:
-                    await conn.disconnect()
-                    self.fanout.stats.reconnects += 1
-                    delay = backoff.next()
-                    log.warning(
-                        "fanout reader=%d lost redis (%s); retrying in %.2fs",
-                        self.index,
-                        exc,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    await self._refresh_after_reconnect(stopping)
-        finally:
-            if conn is not None:
-                await conn.disconnect()
-            await pool.disconnect()
-
-    async def _read_once(self, conn: Any) -> None:
-        if self.wake_cursor == "$":
-            # A concrete id, so that a wake written between two reads is never missed.
-            last: Any = await self.fanout.redis.xrevrange(self.wake_key, count=1)
-            self.wake_cursor = last[0][0].decode() if last else "0-0"
-        feeds = list(self.feeds.values())
-        keys = [self.wake_arg, *(feed.key_arg for feed in feeds)]
-        command = self.xread.pack(keys, [self.wake_cursor, *(f.cursor for f in feeds)])
-        reply = await send_one(conn, command)
-        by_key = {feed.key.encode(): feed for feed in feeds}
-        for raw_key, entries in _stream_items(reply):
-            if raw_key == self.wake_key_bytes:
-                self.wake_cursor = entries[-1][0].decode()
-                continue
-            feed = by_key.get(raw_key)
-            if feed is None or self.feeds.get(feed.session_id) is not feed:
-                continue  # unsubscribed while the read was in flight
-            stats = self.fanout.stats
-            pairs = [(raw_id, _fields(raw)) for raw_id, raw in entries]
-            frames = decode_entries(pairs, feed.epoch, feed.session_id, stats)
-            if any(frame.event.kind == "start" for frame in frames):
-                # May fail (Redis down): the cursor has not moved, so the entries are read again.
-                await self._check_epoch(feed, feed.cursor, frames)
-                if self.feeds.get(feed.session_id) is not feed:
-                    continue
-            feed.cursor = entries[-1][0].decode()
-            stats.read += len(entries)
-            self._dispatch(feed, frames)
-
-    async def _check_epoch(self, feed: _Feed, previous: str, frames: list[Frame]) -> None:
-        """A generation starts: did its producer start a new stream (new epoch) after the old
-        one expired? If that stream begins after all we delivered, nothing was lost: switch
-        the ids over to the new epoch; otherwise the clients must resume and learn of the gap."""
-        state = await self.fanout.session_state(feed.session_id)
-        if state.epoch == feed.epoch:
-            return
-        if state.first_id and parse_entry_id(state.first_id) > parse_entry_id(previous):
-            log.info("session stream renewed session=%s epoch=%s", feed.session_id, state.epoch)
-            feed.epoch = state.epoch
-            for frame in frames:
-                frame.epoch = state.epoch
-            return
-        feed.epoch = state.epoch
-        for conn in list(feed.connections):
-            conn.close("epoch_changed")
-
-    def _dispatch(self, feed: _Feed, frames: list[Frame]) -> None:
-        stats = self.fanout.stats
-        if not frames:
-            return
-        if feed.lost_entries(frames):
-            # Trimmed before this reader got to them: cut the clients; their resume from
-            # Last-Event-ID tells them exactly what is gone (a `gap` event).
-            stats.lagged += 1
-            log.warning(
-                "entries trimmed before delivery session=%s cursor=%s; clients resume",
-                feed.session_id,
-                feed.cursor,
-            )
-            for conn in list(feed.connections):
-                conn.close("lagged")
-            return
-        batch = Batch(frames)
-        stats.delivered_batches += 1
-        for conn in list(feed.connections):
-            conn.deliver(batch)
-
-    async def _refresh_after_reconnect(self, stopping: asyncio.Event) -> None:
-        """After Redis came back: if a stream's epoch changed, its data was lost; say so.
-
-        Every session is checked: a failed check is retried with backoff, never skipped (right
-        after a restart pooled connections still point at the old server, and the next read
-        may well succeed, leaving unchecked sessions with no event, gap or close, ever).
-        """
-        self.wake_cursor = "$"
-        backoff = Backoff()
-        todo = list(self.feeds.values())
-        while todo and not stopping.is_set():
-            feed = todo[-1]
-            if self.feeds.get(feed.session_id) is not feed:
-                todo.pop()  # unsubscribed meanwhile
-                continue
-            try:
-                state = await self.fanout.session_state(feed.session_id)
-            except REDIS_DOWN_ERRORS:
-                await asyncio.sleep(backoff.next())
-                continue
-            todo.pop()
-            if state.epoch != feed.epoch:
-                log.warning(
-                    "session stream lost with redis session=%s old_epoch=%s new_epoch=%s",
-                    feed.session_id,
-                    feed.epoch,
-                    state.epoch,
-                )
-                feed.epoch = state.epoch
-                feed.cursor = "0-0"
-                for conn in list(feed.connections):
-                    conn.close("epoch_changed")
+    recent: collections.deque[Frame] = field(default_factory=collections.deque)
+    recent_base: str = "0-0"  # the id just before ``recent[0]``
+    pending: list[LiveMessage | None] = field(default_factory=list)
+    repairing: bool = False
+    dirty: bool = False  # a message arrived during a repair: read again
+    idle_since: float = 0.0
 
 
 class SessionFanout:
-    """Feeds every :class:`ClientConnection` of this process from a fixed set of readers."""
+    """Feeds every :class:`ClientConnection` of this process; see the module docstring."""
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Any,
         scripts: Scripts,
         keys: Keys,
-        make_pool: Callable[[], ConnectionPool],
-        readers: int,
-        block_ms: int,
-        read_count: int,
-        orphan_ttl_ms: int,
+        *,
+        history_batch: int = 1000,
+        orphan_ttl_ms: int = 3_600_000,
+        recent_events: int = 64,
+        linger_s: float = 10.0,
+        probe_s: float = 5.0,
+        repair_concurrency: int = 16,
+        batch_events: int = 1000,
         node_id: str | None = None,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.keys = keys
         self.node_id = node_id or secrets.token_hex(6)
-        self.settings_read = (read_count, block_ms)
+        self.history_batch = history_batch
         self.orphan_ttl_ms = orphan_ttl_ms
+        self.recent_events = recent_events
+        self.linger_s = linger_s
+        self.batch_events = batch_events
         self.stats = FanoutStats()
-        self._make_pool = make_pool
-        self._readers = [_Reader(self, i) for i in range(readers)]
+        self.subscriber = ShardSubscriber(
+            redis, self._on_message, self._on_resubscribed, keys.prefix, probe_s
+        )
+        self._feeds: dict[str, _Feed] = {}
+        self._by_channel: dict[bytes, _Feed] = {}
+        self._idle: collections.OrderedDict[str, _Feed] = collections.OrderedDict()
+        self._repairs = asyncio.Semaphore(repair_concurrency)
+        self._group: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
 
     def __repr__(self) -> str:
         return (
-            f"<SessionFanout node={self.node_id} readers={len(self._readers)} "
-            f"sessions={self.session_count} read={self.stats.read} invalid={self.stats.invalid}>"
+            f"<SessionFanout node={self.node_id} sessions={self.session_count} "
+            f"lingering={len(self._idle)} read={self.stats.read} repairs={self.stats.repairs}>"
         )
 
     @property
     def reader_count(self) -> int:
-        return len(self._readers)
+        """Redis pub/sub connections (one per node)."""
+        return self.subscriber.connection_count
 
     @property
     def session_count(self) -> int:
-        return sum(len(reader.feeds) for reader in self._readers)
+        """Sessions with at least one connection here (lingering ones not counted)."""
+        return len(self._feeds) - len(self._idle)
 
-    def _reader_for(self, session_id: str) -> _Reader:
-        return self._readers[zlib.crc32(session_id.encode()) % len(self._readers)]
+    @property
+    def lingering_count(self) -> int:
+        return len(self._idle)
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def open(self, conn: ClientConnection, last: tuple[str, str] | None) -> Opening:
+        """Register ``conn`` for live events and say where it starts (see the module doc)."""
+        feed = self._join(conn)
+        await feed.ready
+        if last is not None and feed.cursor is not None and self._from_memory(feed, last):
+            # The stream may have expired or been renewed without a message: one HGET says.
+            epoch: Any = await self.redis.hget(self.keys.meta(conn.session_id), "epoch")
+            opening = self._from_memory(feed, last)  # again: events may have come meanwhile
+            if opening is not None and epoch is not None and epoch.decode() == feed.epoch:
+                self.stats.memory_resumes += 1
+                return opening
+        self.stats.redis_resumes += 1
+        return await self._from_redis(feed, last)
+
+    def unsubscribe(self, conn: ClientConnection) -> None:
+        """Stop feeding ``conn``; its feed lingers ``linger_s`` once it has no connection."""
+        feed = self._feeds.get(conn.session_id)
+        if feed is None:
+            return
+        feed.connections.discard(conn)
+        if not feed.connections:
+            feed.idle_since = time.monotonic()
+            self._idle[feed.session_id] = feed
+            self._idle.move_to_end(feed.session_id)
+
+    def _join(self, conn: ClientConnection) -> _Feed:
+        sid = conn.session_id
+        feed = self._feeds.get(sid)
+        if feed is None:
+            channel = self.keys.live(sid).encode()
+            loop = asyncio.get_running_loop()
+            feed = _Feed(sid, channel, loop.create_future())
+            self._feeds[sid] = feed
+            self._by_channel[channel] = feed
+            self._spawn(self._subscribe(feed))
+        self._idle.pop(sid, None)
+        feed.connections.add(conn)
+        return feed
+
+    async def _subscribe(self, feed: _Feed) -> None:
+        try:
+            await self.subscriber.subscribe(feed.channel)
+        except _SUBSCRIBE_ERRORS as exc:
+            if not feed.ready.done():
+                feed.ready.set_exception(exc)
+            self._drop(feed, f"subscribe failed: {exc}")
+            return
+        self.stats.subscribed += 1
+        if not feed.ready.done():
+            feed.ready.set_result(None)
+
+    def _drop(self, feed: _Feed, reason: str) -> None:
+        if reason != "idle":
+            log.warning("session feed dropped session=%s (%s)", feed.session_id, reason)
+        if self._feeds.get(feed.session_id) is feed:
+            del self._feeds[feed.session_id]
+            self._by_channel.pop(feed.channel, None)
+            self._idle.pop(feed.session_id, None)
+            self.subscriber.unsubscribe(feed.channel)
+            self.stats.unsubscribed += 1
+        for conn in list(feed.connections):
+            conn.close("lagged")
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def _from_memory(self, feed: _Feed, last: tuple[str, str] | None) -> Opening | None:
+        """The history from the feed's recent frames, if they cover it."""
+        if feed.repairing:
+            return None
+        cursor = parse_entry_id(feed.cursor or "0-0")
+        if last is None:
+            if feed.recent_base != "0-0":
+                return None
+            after = (0, 0)
+        else:
+            epoch, entry_id = last
+            after = parse_entry_id(entry_id)
+            if epoch != feed.epoch or not parse_entry_id(feed.recent_base) <= after <= cursor:
+                return None
+        frames = [frame for frame in feed.recent if frame.key > after]
+        return Opening(feed.epoch, history=[Batch(frames)] if frames else [])
+
+    async def _from_redis(self, feed: _Feed, last: tuple[str, str] | None) -> Opening:
+        """One round trip in the common case; the state script when anything is unusual."""
+        sid = feed.session_id
+        start = last[1] if last is not None else "-"
+        count = self.history_batch + 1
+        epoch_raw, entries = await self._read_two(sid, start, count)
+        epoch = epoch_raw.decode() if epoch_raw else None
+        if last is not None:
+            found = bool(entries) and entries[0][0].decode() == last[1]
+            if epoch != last[0] or not found:
+                return await self._from_state(feed, last)
+            entries = entries[1:]
+        elif epoch is None:
+            return await self._from_state(feed, last)
+        assert epoch is not None
+        more = len(entries) >= self.history_batch
+        if more:
+            entries = entries[: self.history_batch]
+        if feed.cursor is None:
+            if more:
+                tail: Any = await self.redis.xrevrange(self.keys.events(sid), count=1)
+                end = tail[0][0].decode() if tail else "0-0"
+            else:
+                end = entries[-1][0].decode() if entries else (last[1] if last else "0-0")
+            self._start_at(feed, epoch, end)
+        frames = decode_entries(entries, epoch, sid, self.stats)
+        after = entries[-1][0].decode() if more else None
+        return Opening(epoch, history=[Batch(frames)] if frames else [], more_after=after)
+
+    async def _read_two(self, sid: str, start: str, count: int) -> Any:
+        """The epoch and a page of the stream in one round trip; once more on a dead pooled
+        connection (after a Redis restart), as redis-py does for single commands."""
+        for attempt in (1, 2):
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hget(self.keys.meta(sid), "epoch")
+                    pipe.xrange(self.keys.events(sid), min=start, max="+", count=count)
+                    return await pipe.execute()
+            except REDIS_DOWN_ERRORS:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _from_state(self, feed: _Feed, last: tuple[str, str] | None) -> Opening:
+        state = await self.session_state(feed.session_id)
+        self._start_at(feed, state.epoch, state.last_id or "0-0")
+        plan = plan_resume(state, last)
+        return Opening(state.epoch, gap=plan.gap, more_after=plan.after_id)
 
     async def session_state(self, session_id: str) -> SessionState:
         """The session stream's epoch and id bounds (creating the epoch if missing)."""
@@ -330,51 +287,172 @@ class SessionFanout:
             orphan_ttl_ms=self.orphan_ttl_ms,
         )
 
-    async def subscribe(self, conn: ClientConnection) -> SessionState:
-        """Register ``conn`` for live events of its session; returns the state to resume from.
-
-        Call before reading history (see the module docstring for why that order is exact).
-        """
-        state = await self.session_state(conn.session_id)
-        reader = self._reader_for(conn.session_id)
-        feed = reader.feeds.get(conn.session_id)
-        if feed is None:
-            feed = _Feed(
-                conn.session_id,
-                self.keys.events(conn.session_id),
-                cursor=state.last_id or "0-0",
-                epoch=state.epoch,
-            )
-            reader.feeds[conn.session_id] = feed
-            feed.connections.add(conn)
-            await reader.wake()
-        else:
-            feed.connections.add(conn)
-        return state
-
-    def unsubscribe(self, conn: ClientConnection) -> None:
-        """Stop feeding ``conn``; a session with no connection left is dropped from its reader."""
-        reader = self._reader_for(conn.session_id)
-        feed = reader.feeds.get(conn.session_id)
-        if feed is None:
+    def _start_at(self, feed: _Feed, epoch: str, cursor: str) -> None:
+        """A feed learns where the stream stands; the messages that waited are applied."""
+        if feed.cursor is not None:
             return
-        feed.connections.discard(conn)
-        if not feed.connections:
-            del reader.feeds[conn.session_id]
+        feed.epoch, feed.cursor, feed.recent_base = epoch, cursor, cursor
+        pending, feed.pending = feed.pending, []
+        for message in pending:
+            self._handle(feed, message)
+
+    # -- live --------------------------------------------------------------------------------
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        feed = self._by_channel.get(channel)
+        if feed is not None:
+            self._handle(feed, parse_live_message(data))
+
+    def _handle(self, feed: _Feed, message: LiveMessage | None) -> None:
+        if feed.cursor is None:
+            if len(feed.pending) < _PENDING_MAX:
+                feed.pending.append(message)
+            elif feed.pending[-1] is not None:
+                feed.pending.append(None)  # too many: read the stream once it is known
+            return
+        if feed.repairing:
+            feed.dirty = True
+            return
+        if message is None:
+            self._repair(feed)
+            return
+        if message.epoch != feed.epoch:
+            self._epoch_changed(feed, message)
+            return
+        if parse_entry_id(message.prev_id) > parse_entry_id(feed.cursor):
+            self._repair(feed)  # something was published that this feed never heard
+            return
+        self._deliver(feed, message.entries)
+
+    def _epoch_changed(self, feed: _Feed, message: LiveMessage) -> None:
+        """A new stream (expired and written again, or a loss found by its producer)."""
+        assert feed.cursor is not None
+        entries = message.entries
+        renewed = message.prev_id == "0-0" and entries
+        if renewed and parse_entry_id(entries[0][0].decode()) > parse_entry_id(feed.cursor):
+            log.info("session stream renewed session=%s epoch=%s", feed.session_id, message.epoch)
+            feed.epoch = message.epoch
+            feed.recent.clear()
+            feed.recent_base = feed.cursor
+            self._deliver(feed, entries)
+            return
+        log.warning("session epoch changed session=%s epoch=%s", feed.session_id, message.epoch)
+        for conn in list(feed.connections):
+            conn.close("epoch_changed")
+        feed.epoch = message.epoch
+        feed.cursor = entries[-1][0].decode() if entries else message.prev_id
+        feed.recent.clear()
+        feed.recent_base = feed.cursor
+
+    def _deliver(self, feed: _Feed, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        assert feed.cursor is not None
+        cursor = parse_entry_id(feed.cursor)
+        fresh = [e for e in entries if parse_entry_id(e[0].decode()) > cursor]
+        if not fresh:
+            return
+        feed.cursor = fresh[-1][0].decode()
+        self.stats.read += len(fresh)
+        frames = decode_entries(fresh, feed.epoch, feed.session_id, self.stats)
+        if not frames:
+            return
+        recent, limit = feed.recent, self.recent_events
+        if limit:
+            for frame in frames:
+                if len(recent) >= limit:
+                    feed.recent_base = recent.popleft().entry_id
+                recent.append(frame)
+        else:
+            feed.recent_base = frames[-1].entry_id
+        size = self.batch_events
+        for at in range(0, len(frames), size):  # a huge producer batch: several writes
+            batch = Batch(frames[at : at + size])
+            self.stats.delivered_batches += 1
+            for conn in list(feed.connections):
+                conn.deliver(batch)
+
+    # -- repair ------------------------------------------------------------------------------
+
+    def _on_resubscribed(self, channel: bytes) -> None:
+        feed = self._by_channel.get(channel)
+        if feed is not None and feed.cursor is not None:
+            self.stats.reconnects += 1
+            self._repair(feed)
+
+    def _repair(self, feed: _Feed) -> None:
+        if feed.repairing:
+            feed.dirty = True
+            return
+        feed.repairing = True
+        self.stats.repairs += 1
+        self._spawn(self._repair_loop(feed))
+
+    async def _repair_loop(self, feed: _Feed) -> None:
+        """Read the stream from the feed's cursor until nothing more came meanwhile."""
+        try:
+            async with self._repairs:
+                while self._feeds.get(feed.session_id) is feed:
+                    feed.dirty = False
+                    if not await self._repair_once(feed) and not feed.dirty:
+                        return
+        except REDIS_DOWN_ERRORS as exc:
+            log.warning("repair failed session=%s (%s); clients resume", feed.session_id, exc)
+            self._drop(feed, f"repair failed: {exc}")
+        finally:
+            feed.repairing = False
+
+    async def _repair_once(self, feed: _Feed) -> bool:
+        """One page from the cursor (included); True if a full page came (read on)."""
+        assert feed.cursor is not None
+        sid, cursor = feed.session_id, feed.cursor
+        entries: Any = await self.redis.xrange(
+            self.keys.events(sid), min=cursor, max="+", count=self.history_batch + 1
+        )
+        if cursor != "0-0" and (not entries or entries[0][0].decode() != cursor):
+            state = await self.session_state(sid)  # the cursor is gone: trimmed, or lost
+            reason = "epoch_changed" if state.epoch != feed.epoch else "lagged"
+            log.warning("feed lost its place session=%s reason=%s", sid, reason)
+            self.stats.lagged += 1
+            for conn in list(feed.connections):
+                conn.close(reason)
+            feed.epoch, feed.cursor = state.epoch, state.last_id or "0-0"
+            feed.recent.clear()
+            feed.recent_base = feed.cursor
+            return False
+        self._deliver(feed, entries)
+        return len(entries) > self.history_batch
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        if self._group is None:
+            coro.close()
+            raise RuntimeError("SessionFanout.run() is not running")
+        self._group.create_task(coro)
 
     async def run(self) -> None:
-        """Run every reader until :meth:`stop`; returns once they have all returned."""
+        """Run the subscriber and the linger sweep until :meth:`stop`."""
         async with asyncio.TaskGroup() as group:
-            for reader in self._readers:
-                group.create_task(reader.run(self._stopping, self._make_pool))
-            group.create_task(self._wake_on_stop())
+            self._group = group
+            group.create_task(self.subscriber.run())
+            await self._sweep()
+            self.subscriber.stop()
+        self._group = None
 
-    async def _wake_on_stop(self) -> None:
-        await self._stopping.wait()
-        for reader in self._readers:
-            with contextlib.suppress(*REDIS_DOWN_ERRORS):  # a failed read sees the flag too
-                await reader.wake()
+    async def _sweep(self) -> None:
+        """Once a second: unsubscribe the feeds idle for more than ``linger_s``."""
+        while not self._stopping.is_set():
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._stopping.wait()
+            except TimeoutError:
+                pass
+            deadline = time.monotonic() - self.linger_s
+            while self._idle:
+                feed = next(iter(self._idle.values()))
+                if feed.idle_since > deadline and not self._stopping.is_set():
+                    break
+                self._drop(feed, "idle")
 
     def stop(self) -> None:
-        """Ask the readers to return (each does once its current XREAD returns)."""
+        """Ask :meth:`run` to return: feeds dropped, subscriber stopped."""
         self._stopping.set()

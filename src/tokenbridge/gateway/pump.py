@@ -32,7 +32,7 @@ from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.encodings.base import Chunk, Encoder
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.frames import Batch
-from tokenbridge.gateway.resume import iter_history, plan_resume
+from tokenbridge.gateway.resume import iter_history
 
 __all__ = ["CLOSING_TIMEOUT_S", "DIRECT_MAX_EVENTS", "DirectTransport", "Transport", "pump"]
 
@@ -138,8 +138,9 @@ async def pump(
     """
     await _start(conn, fanout, last_event_id, encoder, transport, history_batch)
     live = None
+    max_events = min(DIRECT_MAX_EVENTS, fanout.batch_events)
     if getattr(transport, "write_now", None) is not None:
-        live = _Live(conn, encoder, cast(DirectTransport, transport), DIRECT_MAX_EVENTS)
+        live = _Live(conn, encoder, cast(DirectTransport, transport), max_events)
     # Live events until the connection is closed. Kept in this frame rather than a helper's:
     # every idle connection holds the frames it waits in (one less is ~300 bytes less).
     last_beat = time.monotonic()
@@ -157,7 +158,8 @@ async def pump(
         if batches is None:
             break
         if batches:
-            await _write(conn, encoder, transport, batches)
+            for group in _groups(batches, fanout.batch_events):  # bounded writes
+                await _write(conn, encoder, transport, group)
             last_beat = time.monotonic()
         elif time.monotonic() >= max(last_beat, conn.last_activity) + heartbeat_s:
             chunk = encoder.keepalive()
@@ -182,12 +184,11 @@ async def _start(
     history_batch: int,
 ) -> None:
     """Subscribe, decide where to resume, write the preamble and the history."""
-    state = await fanout.subscribe(conn)
-    plan = plan_resume(state, last_event_id)
+    opening = await fanout.open(conn, last_event_id)
     head = encoder.preamble()
-    if plan.gap is not None:
-        log.info("resume gap session=%s reason=%s", conn.session_id, plan.gap["reason"])
-        gap = encoder.gap(plan.gap)
+    if opening.gap is not None:
+        log.info("resume gap session=%s reason=%s", conn.session_id, opening.gap["reason"])
+        gap = encoder.gap(opening.gap)
         if gap is not None:
             head = gap if head is None else head + gap  # type: ignore[operator]  # same type
     if head is not None:
@@ -195,18 +196,38 @@ async def _start(
     if encoder.finished:  # e.g. an OpenAI encoding ends the stream at a gap
         conn.close("done")
         return
+    for batch in opening.history:
+        if conn.closed:
+            return
+        await _write(conn, encoder, transport, [batch])
+    if opening.more_after is None:
+        return
     async for batch in iter_history(
         fanout.redis,
         fanout.keys.events(conn.session_id),
         conn.session_id,
-        state.epoch,
-        plan.after_id,
+        opening.epoch,
+        opening.more_after,
         history_batch,
         fanout.stats,  # counts invalid entries met, once per connection that replays them
     ):
         if conn.closed:
             break
         await _write(conn, encoder, transport, [batch])
+
+
+def _groups(batches: list[Batch], limit: int) -> list[list[Batch]]:
+    """Consecutive batches in groups of at most ``limit`` events (a batch alone may pass it):
+    one write per group, so a client that stops reading stalls a write of bounded size."""
+    groups: list[list[Batch]] = [[]]
+    size = 0
+    for batch in batches:
+        if groups[-1] and size + len(batch) > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(batch)
+        size += len(batch)
+    return groups
 
 
 async def _write(

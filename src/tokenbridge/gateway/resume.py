@@ -24,7 +24,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from tokenbridge.exceptions import InvalidRequest
-from tokenbridge.gateway.fanout import FanoutStats, decode_entries
+from tokenbridge.gateway.entries import FanoutStats, decode_entries
 from tokenbridge.gateway.frames import Batch, parse_entry_id, parse_event_id
 from tokenbridge.store.scripts import SessionState
 

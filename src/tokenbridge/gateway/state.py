@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection
-from functools import partial
 from types import TracebackType
 
 from redis.asyncio import Redis
@@ -26,7 +25,7 @@ from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.streaming import SessionStream, StreamOptions
 from tokenbridge.gateway.submit import GenerationSpec, Submission, SubmitContext, submit_generation
 from tokenbridge.settings import Settings
-from tokenbridge.store.client import REDIS_DOWN_ERRORS, blocking_pool
+from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.keys import Keys
 
@@ -53,11 +52,13 @@ class Gateway:
             redis,
             Scripts(redis),
             keys,
-            partial(blocking_pool, url, settings.fanout_block_ms, client_name=client_name),
-            readers=settings.fanout_readers,
-            block_ms=settings.fanout_block_ms,
-            read_count=settings.fanout_read_count,
+            history_batch=settings.history_batch,
             orphan_ttl_ms=settings.stream_retention_s * 1000,
+            recent_events=settings.fanout_recent_events,
+            linger_s=settings.fanout_linger_s,
+            probe_s=settings.fanout_probe_s,
+            repair_concurrency=settings.fanout_repair_concurrency,
+            batch_events=settings.fanout_batch_events,
             node_id=node_id,
         )
         self.auth = Auth(redis, keys, settings)

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.store.client import REDIS_DOWN_ERRORS, is_cluster
 from tokenbridge.wire.pipeline import PipelineBatch
 
 __all__ = ["Batcher", "run_script_group"]
@@ -87,11 +87,28 @@ async def run_script_group(redis: Redis, script: AsyncScript, calls: list[Script
     if len(calls) == 1:  # a pipeline costs more than it saves for one command
         keys, args = calls[0]
         return [await script(keys=keys, args=args)]
+    if is_cluster(redis):  # redis-py refuses scripts in cluster pipelines: send them at once
+        return await _each(script, calls)
     async with redis.pipeline(transaction=False) as pipe:
         for keys, args in calls:
             await script(keys=keys, args=args, client=pipe)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
     return replies
+
+
+async def _each(script: AsyncScript, calls: list[ScriptCall]) -> list[Any]:
+    """One call per script run, concurrently; each call's reply or error (a connection error
+    raises, as a pipeline's would)."""
+
+    async def one(keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except REDIS_DOWN_ERRORS:
+            raise
+        except Exception as exc:
+            return exc
+
+    return list(await asyncio.gather(*(one(keys, args) for keys, args in calls)))
 
 
 async def follow_up_each(

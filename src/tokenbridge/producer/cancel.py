@@ -50,10 +50,10 @@ async def request_cancel(
     record: Any = await redis.hget(gens, generation_id)
     if record is not None and record.startswith(b"done"):
         return "finished"
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hset(gens, Keys.cancel_field(generation_id), 1)
-        pipe.publish(keys.cancel_channel, generation_id)
-        await pipe.execute()
+    # Two commands, not a pipeline: on Redis Cluster, PUBLISH has no key to route a pipeline
+    # by (any node relays it to the whole cluster).
+    await redis.hset(gens, Keys.cancel_field(generation_id), 1)
+    await redis.publish(keys.cancel_channel, generation_id)
     return "cancelling"
 
 

@@ -30,7 +30,9 @@ from tokenbridge.exceptions import ModelError
 from tokenbridge.producer.cancel import CancelSignal
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel, Delta, Finish, ToolCallDelta
-from tokenbridge.store.resp import XaddTemplate, pack, pack_xadd, round_trip
+from tokenbridge.store.client import Backoff
+from tokenbridge.store.live import APPEND_RETRY_ERRORS, AppendCommand, AppendResult, send_append
+from tokenbridge.store.resp import XaddTemplate
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.events import SCHEMA, WIRE_VERSION, Event, now_ms
 from tokenbridge.wire.keys import Keys
@@ -41,6 +43,7 @@ __all__ = ["GenerationResult", "Producer"]
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 4096
+_RETRY_S = 20.0  # a failover takes a few node timeouts
 _PIPELINE_EVENTS = 256  # pipeline entry: at most this many events ...
 _PIPELINE_S = 0.5  # ... or this old (the terminal event flushes at once)
 # The fields a token entry packs per token, after v, kind and gen (wire/events.py SCHEMA).
@@ -69,19 +72,21 @@ class _Writer:
         self.cancel = cancel
         self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=p.max_pending)
         self.writes = 0
-        self.events_key = p.keys.events(job.session_id).encode()
-        self.gens_key = p.keys.generations(job.session_id).encode()
-        self.meta_key = p.keys.meta(job.session_id).encode()
+        sid = job.session_id
         self.gen = job.generation_id.encode()
-        # Every token entry shares its leading fields: only seq, ts and text are packed per
-        # token (the token's fields, as wire/events.py declares them).
-        self.token_xadd = XaddTemplate(
-            self.events_key,
+        self.state = b""  # what the previous batch wrote to :gens (the failover check)
+        # One script call per batch appends and publishes (store/live.py). Every token entry
+        # shares its leading fields: only seq, ts and text are packed per token (the token's
+        # fields, as wire/events.py declares them).
+        self.append = AppendCommand(
+            tuple(k.encode() for k in (p.keys.events(sid), p.keys.meta(sid),  # type: ignore[arg-type]
+                                       p.keys.generations(sid), p.keys.live(sid))),
+            self.gen,
             p.stream_max_len,
             [(b"v", WIRE_VERSION.encode()), (b"kind", b"token"), (b"gen", self.gen)],
             TOKEN_VALUES,
-        )
-        self.cancel_field = Keys.cancel_field(job.generation_id).encode()
+        )  # fmt: skip
+        self.pipeline_key = b""
         # One pipeline entry per batch, for the processors (wire/pipeline.py).
         self.pipeline: tuple[XaddTemplate, XaddTemplate, bytes] | None = None
         self.pipeline_pending: list[Event] = []
@@ -92,17 +97,17 @@ class _Writer:
                 p.keys, job.session_id, job.generation_id, job.model, digest, p.pipeline_shards
             )
             key, fields = header.key.encode(), header.fields()
+            self.pipeline_key = key
             self.pipeline = (
                 XaddTemplate(key, p.pipeline_max_len, fields, (b"events",)),
                 XaddTemplate(key, p.pipeline_max_len, fields, (b"prompt_sha256", b"events")),
                 digest.encode(),
             )
 
-    def _xadd(self, event: Event) -> bytes:
+    def _event(self, event: Event) -> tuple[bytes, int]:
         if event.kind == "token":
-            return self.token_xadd.pack(b"%d" % event.seq, b"%d" % event.ts, event.text.encode())
-        fields = [(k.encode(), v.encode()) for k, v in event.to_fields().items()]
-        return pack_xadd(self.events_key, self.producer.stream_max_len, fields)
+            return self.append.token(b"%d" % event.seq, b"%d" % event.ts, event.text.encode())
+        return AppendCommand.event([(k.encode(), v.encode()) for k, v in event.to_fields().items()])
 
     def _pipeline_entry(self, batch: list[Event], terminal: bool) -> bytes | None:
         """The pipeline entry to write with this round trip, if one is due.
@@ -131,6 +136,27 @@ class _Writer:
             return with_prompt.pack(digest, body)
         return plain.pack(body)
 
+    async def _send(self, before: list[tuple[bytes, bytes]], command: bytes) -> AppendResult:
+        """Send the batch; through a failover (a primary dies, its replica takes over) or
+        a restart, again with backoff for up to ``_RETRY_S``: a batch that made it before
+        the reply was lost is recognised by the script and not written twice."""
+        deadline = time.monotonic() + _RETRY_S
+        backoff = Backoff(base_s=0.1, cap_s=1.0)
+        while True:
+            try:
+                return (await send_append(self.producer.redis, before, self.append, command))[1]
+            except APPEND_RETRY_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    raise
+                delay = backoff.next()
+                log.warning(
+                    "append failed generation=%s (%s); again in %.2fs",
+                    self.job.generation_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
     async def run(self) -> None:
         """Write until a terminal event is written."""
         p = self.producer
@@ -141,25 +167,28 @@ class _Writer:
             last = batch[-1]
             terminal = last.kind in ("end", "error")
             state = b"%b %d" % (b"done" if terminal else b"running", last.seq)
-            commands = [self._xadd(event) for event in batch]
+            events = [self._event(event) for event in batch]
             pipeline_xadd = self._pipeline_entry(batch, terminal)
-            if pipeline_xadd is not None:  # before the HSET of the same round trip
-                commands.append(pipeline_xadd)
-            cancel_reply = len(commands) + 1
-            commands.append(pack(b"HSET", self.gens_key, self.gen, state))
-            commands.append(pack(b"HGET", self.gens_key, self.cancel_field))
-            if terminal or self.writes == 0:
-                # The first write creates the keys: bound their life at once (a crashed
-                # worker must not leave them forever); the last one starts the retention.
-                seconds = p.retention_s if terminal else p.max_generation_s
-                ttl = str(seconds).encode()
-                for key in (self.events_key, self.gens_key, self.meta_key):
-                    commands.append(pack(b"EXPIRE", key, ttl))
-            replies = await round_trip(p.redis, commands)
+            # The pipeline entry first: a `running <seq>` record implies its entries exist.
+            before = [] if pipeline_xadd is None else [(self.pipeline_key, pipeline_xadd)]
+            # The first write creates the keys: bound their life at once (a crashed worker
+            # must not leave them forever); the last one starts the retention.
+            ttl = p.retention_s if terminal else p.max_generation_s if not self.writes else None
+            command = self.append.pack(
+                events, state, self.state, ttl, secrets.token_hex(4).encode(), p.max_generation_s
+            )
+            result = await self._send(before, command)
+            self.state = state
             self.writes += 1
+            if result.lost:
+                log.warning(
+                    "earlier writes lost (failover?): new epoch session=%s generation=%s",
+                    self.job.session_id,
+                    self.job.generation_id,
+                )
             if terminal:
                 return
-            if replies[cancel_reply] is not None and not self.cancel.is_set():
+            if result.cancel and not self.cancel.is_set():
                 log.info("generation cancel seen generation=%s", self.job.generation_id)
                 self.cancel.set()
 

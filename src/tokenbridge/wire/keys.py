@@ -70,6 +70,10 @@ class Keys:
         """Hash with the session stream's ``epoch``: changes when Redis lost the stream."""
         return f"{self.prefix}:{{{session_id}}}:meta"
 
+    def live(self, session_id: str) -> str:
+        """Shard channel (``SPUBLISH``): each appended batch, for the gateways holding it."""
+        return f"{self.prefix}:{{{session_id}}}:live"
+
     def generations(self, session_id: str) -> str:
         """Hash: generation id -> ``running <seq>`` or ``done <seq>`` (worker recovery)."""
         return f"{self.prefix}:{{{session_id}}}:gens"

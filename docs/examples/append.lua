@@ -1,0 +1,52 @@
+-- tokenbridge: append one batch of events to a session stream and publish it (docs/wire-format.md).
+-- Source of truth: APPEND_SCRIPT in src/tokenbridge/store/live.py (a test keeps them equal).
+local events, meta, gens, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local gen = ARGV[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+local record = redis.call('HGET', gens, gen)
+if record == ARGV[3] then
+  -- this very batch was written already (a retry whose first reply was lost)
+  return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied'}
+end
+local lost = 0
+if ARGV[4] ~= '' and record ~= ARGV[4] then
+  epoch = false
+  lost = 1
+end
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('HSET', meta, 'epoch', epoch)
+  if redis.call('TTL', meta) < 0 then redis.call('EXPIRE', meta, ARGV[7]) end
+end
+local prev = '0-0'
+local tail = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)
+if tail[1] then prev = tail[1][1] end
+local total = tonumber(ARGV[8])
+local out = {'*3\r\n$', #epoch, '\r\n', epoch, '\r\n$', #prev, '\r\n', prev, '\r\n*',
+             total, '\r\n'}
+local n = #out
+local i = 9
+local id = prev
+for _ = 1, total do
+  local k = tonumber(ARGV[i])
+  id = redis.call('XADD', events, 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, i + 1, i + k))
+  out[n + 1] = '*2\r\n$'; out[n + 2] = #id; out[n + 3] = '\r\n'; out[n + 4] = id
+  out[n + 5] = '\r\n*'; out[n + 6] = k; out[n + 7] = '\r\n'
+  n = n + 7
+  for j = i + 1, i + k do
+    local v = ARGV[j]
+    out[n + 1] = '$'; out[n + 2] = #v; out[n + 3] = '\r\n'; out[n + 4] = v
+    out[n + 5] = '\r\n'
+    n = n + 5
+  end
+  i = i + k + 1
+end
+redis.call('SPUBLISH', channel, table.concat(out))
+redis.call('HSET', gens, gen, ARGV[3])
+local cancel = redis.call('HGET', gens, 'cancel:' .. gen) or ''
+if ARGV[5] ~= '' then
+  redis.call('EXPIRE', events, ARGV[5])
+  redis.call('EXPIRE', gens, ARGV[5])
+  redis.call('EXPIRE', meta, ARGV[5])
+end
+return {cancel, epoch, lost, id}

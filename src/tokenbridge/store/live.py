@@ -1,0 +1,367 @@
+"""Appending a batch of events and announcing it live, in one script call (one slot).
+
+``APPEND`` (below) is the producer's contract with every gateway, standalone or Cluster: for one
+batch of one session it ``XADD``s every event to ``<prefix>:{sid}:events``, then ``SPUBLISH``es
+one message on the session's shard channel ``<prefix>:{sid}:live`` carrying the entries
+themselves, so a gateway delivers them without reading the stream. The stream, ``:meta``,
+``:gens`` and the channel share the session's hash tag, so the script is one slot on a cluster.
+
+The message is RESP (what ``XRANGE`` would return, framed), parsed in C by hiredis::
+
+    [epoch, prev_id, [[entry_id, [field, value, ...]], ...]]
+
+``prev_id`` is the id of the stream's last entry before the batch ("0-0": none), so a gateway
+that delivered up to ``prev_id`` knows it missed nothing; any other value means a gap, repaired
+from the stream. ``epoch`` tells a renewed stream apart.
+
+The failover check: the producer passes the ``:gens`` record its previous batch wrote. If the
+record differs, that batch is gone (an asynchronous failover lost it): the script then gives the
+session a new epoch, so every client resuming across the loss gets a ``gap`` event rather than a
+silent hole. A batch whose state is already the record was written before (a retry after a
+lost reply): the script does nothing and answers ``applied``.
+
+An empty message (``SPUBLISH <channel> ""``) means "read the stream": producers that only
+``XADD`` (docs/wire-format.md) announce their writes that way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
+
+from tokenbridge.store.client import (
+    REDIS_DOWN_ERRORS,
+    is_cluster,
+    is_moved,
+    is_noscript,
+    node_connection,
+)
+from tokenbridge.store.resp import arg, pack
+
+__all__ = [
+    "APPEND_RETRY_ERRORS",
+    "APPEND_SCRIPT",
+    "APPEND_SHA",
+    "AppendCommand",
+    "AppendResult",
+    "LiveMessage",
+    "append_events",
+    "pack_append",
+    "parse_live_message",
+    "send_append",
+]
+
+APPEND_SCRIPT = """
+local events, meta, gens, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local gen = ARGV[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+local record = redis.call('HGET', gens, gen)
+if record == ARGV[3] then
+  -- this very batch was written already (a retry whose first reply was lost)
+  return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied'}
+end
+local lost = 0
+if ARGV[4] ~= '' and record ~= ARGV[4] then
+  epoch = false
+  lost = 1
+end
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('HSET', meta, 'epoch', epoch)
+  if redis.call('TTL', meta) < 0 then redis.call('EXPIRE', meta, ARGV[7]) end
+end
+local prev = '0-0'
+local tail = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)
+if tail[1] then prev = tail[1][1] end
+local total = tonumber(ARGV[8])
+local out = {'*3\\r\\n$', #epoch, '\\r\\n', epoch, '\\r\\n$', #prev, '\\r\\n', prev, '\\r\\n*',
+             total, '\\r\\n'}
+local n = #out
+local i = 9
+local id = prev
+for _ = 1, total do
+  local k = tonumber(ARGV[i])
+  id = redis.call('XADD', events, 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, i + 1, i + k))
+  out[n + 1] = '*2\\r\\n$'; out[n + 2] = #id; out[n + 3] = '\\r\\n'; out[n + 4] = id
+  out[n + 5] = '\\r\\n*'; out[n + 6] = k; out[n + 7] = '\\r\\n'
+  n = n + 7
+  for j = i + 1, i + k do
+    local v = ARGV[j]
+    out[n + 1] = '$'; out[n + 2] = #v; out[n + 3] = '\\r\\n'; out[n + 4] = v
+    out[n + 5] = '\\r\\n'
+    n = n + 5
+  end
+  i = i + k + 1
+end
+redis.call('SPUBLISH', channel, table.concat(out))
+redis.call('HSET', gens, gen, ARGV[3])
+local cancel = redis.call('HGET', gens, 'cancel:' .. gen) or ''
+if ARGV[5] ~= '' then
+  redis.call('EXPIRE', events, ARGV[5])
+  redis.call('EXPIRE', gens, ARGV[5])
+  redis.call('EXPIRE', meta, ARGV[5])
+end
+return {cancel, epoch, lost, id}
+"""
+
+APPEND_RETRY_ERRORS: tuple[type[BaseException], ...] = (
+    *REDIS_DOWN_ERRORS,
+    ClusterDownError,
+    TryAgainError,
+)
+"""Errors after which a batch may be sent again (a failover, a node restarting): the
+script recognises a batch it already wrote by the state it records."""
+
+APPEND_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest().encode()
+
+_HEAD = arg(b"EVALSHA") + arg(APPEND_SHA) + arg(b"4")
+
+
+def pack_append(
+    keys: tuple[bytes, bytes, bytes, bytes],
+    head_args: tuple[bytes, ...],
+    packed_events: list[bytes],
+    fields_count: int,
+) -> bytes:
+    """``EVALSHA`` of :data:`APPEND_SCRIPT` as RESP bytes.
+
+    ``head_args`` are ARGV 1-7 (maxlen, generation, state, expected state, ttl, new epoch,
+    meta ttl); each of ``packed_events`` is one event already packed as RESP bulk strings:
+    its field count, then its fields and values (``fields_count`` bulk strings in all, counts
+    included)."""
+    argc = 3 + 4 + len(head_args) + 1 + fields_count
+    return b"*%d\r\n%b%b%b%b%b" % (
+        argc,
+        _HEAD,
+        b"".join(arg(k) for k in keys),
+        b"".join(arg(a) for a in head_args),
+        arg(b"%d" % len(packed_events)),
+        b"".join(packed_events),
+    )
+
+
+@dataclass(slots=True)
+class LiveMessage:
+    """One published batch: its epoch, the id before it, and its raw entries (as XRANGE)."""
+
+    epoch: str
+    prev_id: str
+    entries: list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def parse_live_message(data: bytes) -> LiveMessage | None:
+    """The message's content; None for an empty message ("read the stream") or a malformed
+    one (the caller repairs from the stream either way)."""
+    if not data:
+        return None
+    reader = hiredis.Reader()
+    reader.feed(data)
+    try:
+        reply: Any = reader.gets()
+    except hiredis.ProtocolError:
+        return None
+    if not isinstance(reply, list) or len(reply) != 3 or not isinstance(reply[2], list):
+        return None
+    entries = []
+    for item in reply[2]:
+        raw_id, flat = item
+        it = iter(flat)
+        entries.append((raw_id, dict(zip(it, it, strict=False))))
+    return LiveMessage(reply[0].decode(), reply[1].decode(), entries)
+
+
+@dataclass(slots=True)
+class AppendResult:
+    """The script's answer: the cancel flag, the epoch, whether a loss was found, last id."""
+
+    cancel: bool
+    epoch: str
+    lost: bool
+    last_id: str
+
+    @classmethod
+    def from_reply(cls, reply: Any) -> AppendResult:
+        cancel, epoch, lost, last_id = reply
+        return cls(bool(cancel), _text(epoch), int(lost) == 1, _text(last_id))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def append_events(
+    redis: Any,
+    keys: tuple[str, str, str, str],
+    generation_id: str,
+    events: list[dict[str, str]],
+    *,
+    state: str,
+    expected_state: str = "",
+    ttl_s: int | None = None,
+    new_epoch: str,
+    meta_ttl_s: int = 3600,
+    maxlen: int = 100_000,
+) -> AppendResult:
+    """Run :data:`APPEND_SCRIPT` through redis-py (routed by key on a cluster, NOSCRIPT
+    handled): ``keys`` are (events, meta, gens, live channel); each event is its fields."""
+    args: list[str | int] = [
+        maxlen, generation_id, state, expected_state, "" if ttl_s is None else ttl_s,
+        new_epoch, meta_ttl_s, len(events),
+    ]  # fmt: skip
+    for fields in events:
+        args.append(2 * len(fields))
+        for name, value in fields.items():
+            args += [name, value]
+    try:
+        reply = await redis.evalsha(APPEND_SHA.decode(), 4, *keys, *args)
+    except NoScriptError:
+        reply = await redis.eval(APPEND_SCRIPT, 4, *keys, *args)
+    return AppendResult.from_reply(reply)
+
+
+class AppendCommand:
+    """The producer's hot path: :data:`APPEND_SCRIPT` calls of one generation, hand-packed.
+
+    The keys, the trim and a token's constant fields (``v``, ``kind``, ``gen``) are packed
+    once; per token only its values (``seq``, ``ts``, ``text``) are packed."""
+
+    __slots__ = ("_head", "_maxlen", "_names", "_token_bulks", "_token_head", "events_key")
+
+    def __init__(
+        self,
+        keys: tuple[bytes, bytes, bytes, bytes],
+        generation_id: bytes,
+        maxlen: int,
+        token_constant: Sequence[tuple[bytes, bytes]],
+        token_names: Sequence[bytes],
+    ) -> None:
+        self.events_key = keys[0]
+        self._head = _HEAD + b"".join(arg(k) for k in keys)
+        self._maxlen = arg(b"%d" % maxlen) + arg(generation_id)
+        fields = 2 * (len(token_constant) + len(token_names))
+        constant = [arg(v) for pair in token_constant for v in pair]
+        self._token_head = arg(b"%d" % fields) + b"".join(constant)
+        self._token_bulks = 1 + fields
+        self._names = [arg(name) for name in token_names]
+
+    def token(self, *values: bytes) -> tuple[bytes, int]:
+        """One token event (its values in the order of ``token_names``): packed bytes and
+        how many bulk strings they are."""
+        packed = [name + arg(value) for name, value in zip(self._names, values, strict=True)]
+        return self._token_head + b"".join(packed), self._token_bulks
+
+    @staticmethod
+    def event(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, int]:
+        """Any event, from its fields."""
+        flat = [arg(v) for pair in fields for v in pair]
+        return arg(b"%d" % len(flat)) + b"".join(flat), 1 + len(flat)
+
+    def pack(
+        self,
+        events: Sequence[tuple[bytes, int]],
+        state: bytes,
+        expected_state: bytes,
+        ttl_s: int | None,
+        new_epoch: bytes,
+        meta_ttl_s: int,
+    ) -> bytes:
+        """The ``EVALSHA`` of one batch."""
+        tail = [state, expected_state, b"" if ttl_s is None else b"%d" % ttl_s, new_epoch]
+        tail += [b"%d" % meta_ttl_s, b"%d" % len(events)]
+        argc = 3 + 4 + 2 + len(tail) + sum(n for _, n in events)
+        return b"*%d\r\n%b%b%b%b" % (
+            argc,
+            self._head,
+            self._maxlen,
+            b"".join(arg(a) for a in tail),
+            b"".join(e for e, _ in events),
+        )
+
+
+async def send_append(
+    redis: Any, before: Sequence[tuple[bytes, bytes]], append: AppendCommand, command: bytes
+) -> tuple[list[Any], AppendResult]:
+    """Send ``before`` (``(key, packed command)`` pairs: the pipeline entry) and then the
+    append ``command``: one round trip on standalone Redis, one per node on a cluster.
+
+    A node without the script gets it (``SCRIPT LOAD``) and the append alone is sent again;
+    on a cluster a ``MOVED`` refreshes the slot map and an ``ASK`` is followed, then the
+    command is sent again (an error reply means the command did nothing)."""
+    if not is_cluster(redis):
+        async with node_connection(redis, append.events_key) as conn:
+            await conn.send_packed_command(b"".join([c for _, c in before] + [command]), False)
+            replies = [await _reply(conn) for _ in range(len(before) + 1)]
+            for reply in replies[:-1]:
+                if isinstance(reply, Exception):
+                    raise reply
+            if isinstance(replies[-1], Exception) and is_noscript(replies[-1]):
+                replies[-1] = await _load_and_send(conn, command)
+            if isinstance(replies[-1], Exception):
+                raise replies[-1]
+            return replies[:-1], AppendResult.from_reply(replies[-1])
+    try:
+        first = [await _routed(redis, key, packed, script=False) for key, packed in before]
+        reply = await _routed(redis, append.events_key, command, True)
+    except REDIS_DOWN_ERRORS:
+        # A node went away: reload the slot map, so that the caller's next try goes to the
+        # replica that takes over (once it has).
+        with contextlib.suppress(*REDIS_DOWN_ERRORS, ResponseError):
+            await redis.nodes_manager.initialize()
+        raise
+    return first, AppendResult.from_reply(reply)
+
+
+async def _reply(conn: Any) -> Any:
+    try:
+        return await conn.read_response(disconnect_on_error=True)
+    except ResponseError as exc:
+        return exc
+
+
+async def _load_and_send(conn: Any, command: bytes) -> Any:
+    await conn.send_packed_command(pack(b"SCRIPT", b"LOAD", APPEND_SCRIPT.encode()), False)
+    await conn.send_packed_command(command, False)
+    loaded = await _reply(conn)
+    if isinstance(loaded, Exception):
+        raise loaded
+    return await _reply(conn)
+
+
+async def _routed(redis: Any, key: bytes, command: bytes, script: bool) -> Any:
+    """One command to the node serving ``key`` on a cluster, following redirections."""
+    asking: tuple[str, int] | None = None
+    for _ in range(5):
+        async with node_connection(redis, key, asking) as conn:
+            if asking is not None:
+                await conn.send_packed_command(pack(b"ASKING") + command, False)
+                await _reply(conn)
+            else:
+                await conn.send_packed_command(command, False)
+            reply = await _reply(conn)
+            if script and isinstance(reply, Exception) and is_noscript(reply):
+                reply = await _load_and_send(conn, (pack(b"ASKING") if asking else b"") + command)
+                if asking is not None and not isinstance(reply, Exception):
+                    reply = await _reply(conn)
+        if not (isinstance(reply, Exception) and is_moved(reply)):
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+        if isinstance(reply, AskError) and not isinstance(reply, MovedError):
+            asking = (reply.host, int(reply.port))
+        else:
+            asking = None
+            await redis.nodes_manager.initialize()
+    raise reply

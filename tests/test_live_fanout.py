@@ -1,0 +1,270 @@
+"""The pub/sub fan-out (gateway/fanout.py) on standalone Redis and on a real cluster.
+
+Producers append with the one-call script (store/live.py); connections open, get their
+history and live entries exactly once, in order, whatever they missed and however the
+subscriber lost its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tokenbridge.gateway.client_connection import ClientConnection
+from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.gateway.resume import iter_history
+from tokenbridge.store.client import command_client, is_cluster
+from tokenbridge.store.live import AppendCommand, append_events, send_append
+from tokenbridge.store.scripts import Scripts
+from tokenbridge.wire.keys import Keys
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Any]:
+    client = command_client(redis_url, 16, 10)
+    yield client
+    await client.aclose()
+    if not is_cluster(client):
+        await client.connection_pool.disconnect()
+
+
+@pytest.fixture
+def keys() -> Keys:
+    return Keys("t" + secrets.token_hex(4))
+
+
+@pytest.fixture
+async def fanout(redis: Any, keys: Keys) -> AsyncIterator[SessionFanout]:
+    fan = SessionFanout(redis, Scripts(redis), keys, history_batch=5, probe_s=1.0)
+    task = asyncio.create_task(fan.run())
+    yield fan
+    fan.stop()
+    async with asyncio.timeout(10):
+        await task
+
+
+class Writer:
+    """One generation of one session, appended like the producer does."""
+
+    def __init__(self, redis: Any, keys: Keys, session_id: str) -> None:
+        self.redis, self.keys, self.sid = redis, keys, session_id
+        self.gen = "g_" + secrets.token_hex(4)
+        self.seq = 0
+        self.state = ""
+
+    async def tokens(self, n: int) -> None:
+        events = []
+        for _ in range(n):
+            self.seq += 1
+            events.append({"v": "1", "kind": "token", "gen": self.gen, "seq": str(self.seq),
+                           "ts": "1", "text": f"t{self.seq}"})  # fmt: skip
+        k = self.keys
+        state = f"running {self.seq}"
+        await append_events(
+            self.redis,
+            (k.events(self.sid), k.meta(self.sid), k.generations(self.sid), k.live(self.sid)),
+            self.gen,
+            events,
+            state=state,
+            expected_state=self.state,
+            new_epoch=secrets.token_hex(4),
+        )
+        self.state = state
+
+
+async def texts(fanout: SessionFanout, conn: ClientConnection, last: Any, n: int) -> list[str]:
+    """What a pump would write: history, then live, cut after what was sent; ``n`` events."""
+    sent: list[str] = []
+    opening = await fanout.open(conn, last)
+    batches = list(opening.history)
+    if opening.more_after is not None:
+        history = iter_history(
+            fanout.redis, fanout.keys.events(conn.session_id), conn.session_id,
+            opening.epoch, opening.more_after, 5,
+        )  # fmt: skip
+        batches += [batch async for batch in history]
+    async with asyncio.timeout(10):
+        while True:
+            for batch in batches:
+                unsent = conn.unsent(batch)
+                if unsent.frames:
+                    conn.mark_sent(unsent, 0)
+                    sent += [frame.event.text for frame in unsent.frames]
+            if len(sent) >= n:
+                break
+            got = await conn.next_batches(5)
+            assert got is not None, conn.closed_reason
+            batches = got
+    return sent
+
+
+async def until(condition: Any, timeout_s: float = 10) -> None:
+    """Wait for a state of this process that no event announces (bounded, 100 checks/s)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+def expected(first: int, last: int) -> list[str]:
+    return [f"t{i}" for i in range(first, last + 1)]
+
+
+async def test_live_and_history_exactly_once(redis: Any, keys: Keys, fanout: SessionFanout) -> None:
+    writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+    await writer.tokens(7)  # more than one history page
+    conn = ClientConnection(writer.sid, "sse", 1000)
+
+    async def write_more() -> None:
+        for _ in range(5):
+            await writer.tokens(3)
+
+    results = await asyncio.gather(texts(fanout, conn, None, 22), write_more())
+    assert results[0] == expected(1, 22)
+
+
+async def test_resume_from_memory_costs_no_read(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+    await writer.tokens(2)
+    first = ClientConnection(writer.sid, "sse", 1000)
+    assert await texts(fanout, first, None, 2) == expected(1, 2)
+    fanout.unsubscribe(first)
+    await writer.tokens(4)  # the client is away; its feed lingers and hears these
+    await until(lambda: fanout.stats.read >= 4)
+    back = ClientConnection(writer.sid, "sse", 1000)
+    before = fanout.stats.memory_resumes
+    last = (fanout._feeds[writer.sid].epoch, _entry_id_of(first))
+    assert await texts(fanout, back, last, 4) == expected(3, 6)
+    assert fanout.stats.memory_resumes == before + 1
+
+
+def _entry_id_of(conn: ClientConnection) -> str:
+    ms, seq = conn.last_key
+    return f"{ms}-{seq}"
+
+
+async def test_repair_after_the_subscriber_lost_its_connection(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+    conn = ClientConnection(writer.sid, "sse", 1000)
+    await writer.tokens(4)
+    got = asyncio.create_task(texts(fanout, conn, None, 12))
+    await until(lambda: conn.events_sent >= 4)  # history sent, the feed knows its place
+    # Cut every pub/sub connection; write meanwhile: the feed must repair from the stream.
+    nodes = redis.get_primaries() if is_cluster(redis) else [None]
+    for node in nodes:
+        target = {"target_nodes": node} if node is not None else {}
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub", **target)
+    for _ in range(4):
+        await writer.tokens(2)
+    async with asyncio.timeout(15):
+        assert await got == expected(1, 12)
+
+
+async def test_an_empty_message_means_read_the_stream(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    sid = "s_" + secrets.token_hex(6)
+    writer = Writer(redis, keys, sid)
+    await writer.tokens(1)
+    conn = ClientConnection(sid, "sse", 1000)
+    got = asyncio.create_task(texts(fanout, conn, None, 3))
+    await until(lambda: conn.events_sent >= 1)
+    # A plain-XADD producer: XADD, then SPUBLISH an empty message.
+    for seq in (2, 3):
+        fields = {"v": "1", "kind": "token", "gen": writer.gen, "seq": str(seq), "ts": "1",
+                  "text": f"t{seq}"}  # fmt: skip
+        await redis.xadd(keys.events(sid), fields)
+    await redis.execute_command("SPUBLISH", keys.live(sid), "")
+    async with asyncio.timeout(10):
+        assert await got == expected(1, 3)
+
+
+async def test_packed_append_with_pipeline_entry_and_no_script_loaded(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    """The producer's path: the pipeline entry (another slot) and the append in one go; a
+    node that lost its scripts (restart, promoted replica) gets the script again."""
+    sid = "s_" + secrets.token_hex(6)
+    k = keys
+    names = tuple(name.encode() for name in (k.events(sid), k.meta(sid), k.generations(sid)))
+    command = AppendCommand(
+        (*names, k.live(sid).encode()), b"g_1", 1000,
+        [(b"v", b"1"), (b"kind", b"token"), (b"gen", b"g_1")], (b"seq", b"ts", b"text"),
+    )  # fmt: skip
+    conn = ClientConnection(sid, "sse", 1000)
+    got = asyncio.create_task(texts(fanout, conn, None, 5))
+    await until(lambda: fanout._feeds.get(sid) is not None and fanout._feeds[sid].cursor)
+    await redis.script_flush()  # every primary on a cluster
+    state = b""
+    for first in (1, 4):
+        events = [command.token(b"%d" % i, b"1", b"t%d" % i) for i in range(first, first + 3)]
+        if first == 4:
+            events = events[:2]
+        new_state = b"running %d" % (first + len(events) - 1)
+        packed = command.pack(events, new_state, state, None, b"e0000001", 60)
+        pipeline_key = f"{k.prefix}:pipeline:0".encode()
+        xadd = pack_xadd_for_test(pipeline_key)
+        before, result = await send_append(redis, [(pipeline_key, xadd)], command, packed)
+        assert not result.lost and not result.cancel and len(before) == 1
+        state = new_state
+    assert await got == expected(1, 5)
+    assert await redis.xlen(f"{k.prefix}:pipeline:0") == 2
+
+
+def pack_xadd_for_test(key: bytes) -> bytes:
+    from tokenbridge.store.resp import pack
+
+    return pack(b"XADD", key, b"*", b"events", b"[]")
+
+
+async def test_a_lost_write_gives_the_session_a_new_epoch(redis: Any, keys: Keys) -> None:
+    """The producer's previous batch is gone (as after an asynchronous failover): the script
+    changes the epoch, so resuming clients get a ``gap`` instead of a silent hole."""
+    writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+    await writer.tokens(3)
+    epoch = await redis.hget(keys.meta(writer.sid), "epoch")
+    await redis.hset(keys.generations(writer.sid), writer.gen, "running 1")  # lost 2..3
+    await writer.tokens(1)
+    assert await redis.hget(keys.meta(writer.sid), "epoch") != epoch
+
+
+async def test_a_message_after_a_gap_makes_the_feed_reread_the_stream(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    """(Replaces the XREAD readers' seq-jump check.) Entries written but never announced,
+    then a batch whose ``prev_id`` is past what the feed delivered: the feed reads the stream
+    from its cursor, and the connection gets everything once, in order."""
+    writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+    await writer.tokens(2)
+    conn = ClientConnection(writer.sid, "sse", 1000)
+    got = asyncio.create_task(texts(fanout, conn, None, 7))
+    await until(lambda: conn.events_sent >= 2)
+    for seq in (3, 4):  # not announced: as if the message was lost
+        fields = {"v": "1", "kind": "token", "gen": writer.gen, "seq": str(seq), "ts": "1",
+                  "text": f"t{seq}"}  # fmt: skip
+        await redis.xadd(keys.events(writer.sid), fields)
+    writer.seq, writer.state = 4, "running 2"
+    repairs = fanout.stats.repairs
+    await writer.tokens(3)
+    assert await got == expected(1, 7)
+    assert fanout.stats.repairs == repairs + 1
+
+
+async def test_a_batch_sent_again_is_written_once(redis: Any, keys: Keys) -> None:
+    """A retry after a lost reply (a failover): the script knows the batch by its state."""
+    writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+    await writer.tokens(2)
+    writer.seq, state = 0, writer.state
+    writer.state = ""
+    await writer.tokens(2)  # the same batch again: same state, same events
+    assert writer.state == state
+    assert await redis.xlen(keys.events(writer.sid)) == 2
