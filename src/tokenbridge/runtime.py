@@ -26,7 +26,7 @@ from tokenbridge.exceptions import ConfigurationError, RedisUnavailable
 from tokenbridge.presence import presence_of
 from tokenbridge.processors.stream_processor import StreamProcessor
 from tokenbridge.producer.cache import ResponseCache
-from tokenbridge.producer.models import build_model
+from tokenbridge.producer.models import build_models
 from tokenbridge.producer.models.base import ChatModel
 from tokenbridge.producer.producer import Producer
 from tokenbridge.producer.worker import GenerationWorker
@@ -89,9 +89,7 @@ class Runtime:
             # A backstop only: processors/pipeline_trim.py trims (and counts what it drops).
             pipeline_max_len=settings.pipeline_max_len * 2,
         )
-        self.models: dict[str, ChatModel] = {
-            name: build_model(name, config) for name, config in settings.models.items()
-        }
+        self.models: dict[str, ChatModel] = build_models(settings)
         self.dead_letters = DeadLetters(self.redis, self.keys.dead_letters, settings.dlq_max_len)
         self.consumers = StreamConsumerService(
             self.redis,

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -21,9 +24,22 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from tokenbridge.exceptions import ConfigurationError
+from tokenbridge.settings_sources import (
+    describe_errors,
+    parse_model_flag,
+    parse_model_spec,
+    read_config_file,
+)
 
 __all__ = ["RATE_PATTERN", "RENAMED", "ModelConfig", "Settings", "load_settings"]
 
@@ -61,6 +77,18 @@ class ModelConfig(BaseModel):
     )
     timeout_s: float = Field(default=60.0, gt=0, description="Per-read timeout of the provider.")
     connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect timeout.")
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Models of the table tried in order when this one fails before its first "
+        "token (after its retries).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spec(cls, value: object) -> object:
+        """An entry may be a spec string: ``"openai:gpt-4o-mini"`` (settings_sources.py)."""
+        return parse_model_spec(value) if isinstance(value, str) else value
 
     def api_key(self) -> SecretStr | None:
         """The API key read from the variable named by ``api_key_env``, if any."""
@@ -488,6 +516,25 @@ class Settings(BaseSettings):
         description='Model table as JSON: {"name": {"adapter": "openai", "base_url": ...}}.',
     )
 
+    # -- Providers (producer/models/retry.py) --------------------------------------------
+    provider_max_retries: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="Retries of a model call that fails before its first token (connect "
+        "error, timeout, HTTP 429 or 5xx), with exponential backoff and jitter; 0: none.",
+    )
+    provider_retry_base_s: float = Field(
+        default=0.5, gt=0, le=60, description="First backoff delay; doubled at each retry."
+    )
+    provider_retry_max_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait before a retry: caps the backoff; a Retry-After asking for "
+        "longer ends the retries (the fallbacks, if any, are tried next).",
+    )
+
     # -- Old names, accepted for one release (a DeprecationWarning says the new one) ------
     sse_heartbeat_s: float | None = Field(
         default=None, gt=0, deprecated="use connection_heartbeat_s", exclude=True
@@ -537,6 +584,14 @@ class Settings(BaseSettings):
     def _models_not_empty(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
         if not value:
             raise ValueError("at least one model must be configured")
+        for name, entry in value.items():
+            for other in entry.fallbacks:
+                if other == name or other not in value:
+                    known = ", ".join(sorted(set(value) - {name})) or "none"
+                    raise ValueError(
+                        f"model {name!r}: fallback {other!r} is not another model of the "
+                        f"table (others: {known})"
+                    )
         return value
 
     def once_ttl_ms(self) -> int:
@@ -545,18 +600,60 @@ class Settings(BaseSettings):
             return self.processors_once_ttl_s * 1000
         return max(60_000, 2 * self.consumer_max_deliveries * self.consumer_claim_idle_ms)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags, then variables, then the config file (``load_settings(config_file=...)``)."""
+        file_values = _FILE_VALUES.get()
+        sources = [init_settings, env_settings, dotenv_settings, file_secret_settings]
+        if file_values:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=file_values))
+        return tuple(sources)
+
     def redis_url_value(self) -> str | None:
         """The Redis URL in clear, for the store only; never log it."""
         return self.redis_url.get_secret_value() if self.redis_url else None
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Build Settings from the environment, turning validation errors into one clear line."""
+_FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("_FILE_VALUES", default=None)
+
+_FLAGS = {"host": "--host", "port": "--port", "run_worker": "--worker/--no-worker",
+          "run_processors": "--processors/--no-processors", "models": "--model"}  # fmt: skip
+
+
+def load_settings(
+    config_file: Path | None = None, model_flags: Sequence[str] = (), **overrides: object
+) -> Settings:
+    """Settings from flags (``overrides``, ``--model`` entries), ``TOKENBRIDGE_*`` variables
+    and the config file, in that order of precedence; any problem is one clear line
+    (:class:`ConfigurationError`) naming the flag, variable or file key to change."""
+    file_values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    if config_file is not None:
+        file_values = read_config_file(config_file, Settings.model_fields)
+        source.update({key: f"{config_file}: {key}" for key in file_values})
+        if "TOKENBRIDGE_MODELS" in os.environ:  # the variable replaces the file's whole table
+            file_values.pop("models", None)
+    source.update({key: f"TOKENBRIDGE_{key.upper()}" for key in Settings.model_fields
+                   if f"TOKENBRIDGE_{key.upper()}" in os.environ})  # fmt: skip
+    if model_flags:
+        overrides["models"] = dict(parse_model_flag(flag) for flag in model_flags)
+    source.update({key: _FLAGS.get(key, key) for key in overrides})
+    token = _FILE_VALUES.set(file_values)
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = "_".join(str(p) for p in err["loc"]) or "settings"
-            problems.append(f"TOKENBRIDGE_{loc.upper()}: {err['msg']}")
-        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
+        raise ConfigurationError(describe_errors(exc, source)) from None
+    except SettingsError as exc:  # a variable that cannot be decoded (JSON of TOKENBRIDGE_MODELS)
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = f"TOKENBRIDGE_{found.group(1).upper()}" if found else "a TOKENBRIDGE_ variable"
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise ConfigurationError(f"{name} is not valid JSON{cause}") from None
+    finally:
+        _FILE_VALUES.reset(token)

@@ -1,7 +1,7 @@
-"""The ``tokenbridge`` command: serve, worker, generate.
+"""The ``tokenbridge`` command: serve, worker, generate, config, admin, stats, bench.
 
 A :class:`TokenBridgeError` is printed as one red line and exits 1; ``--debug`` shows the
-traceback. Settings come from ``TOKENBRIDGE_*`` variables; options override some of them.
+traceback. Settings come from flags, then ``TOKENBRIDGE_*`` variables, then ``--config FILE``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ __all__ = ["app", "main"]
 
 
 def _register() -> None:
-    from tokenbridge.cli import admin, bench, generate, serve, stats  # noqa: F401  (register)
+    from tokenbridge.cli import admin, bench, config, generate, serve, stats  # noqa: F401
 
 
 def main() -> None:

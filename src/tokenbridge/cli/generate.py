@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
 import typer
 
 from tokenbridge.cli.app import app, err
+from tokenbridge.exceptions import (
+    APIConnectionError,
+    AuthenticationError,
+    ConfigurationError,
+    PermissionDenied,
+)
 
 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The prompt."),
-    url: str = typer.Option("http://127.0.0.1:8000", help="The gateway's URL."),
+    url: str = typer.Option(
+        "http://127.0.0.1:8000", envvar="TOKENBRIDGE_URL", help="The gateway's URL."
+    ),
     model: str = typer.Option("demo", help="Model name from the server's model table."),
     session: str | None = typer.Option(None, help="Continue this session id."),
     max_tokens: int | None = typer.Option(None, help="params.max_tokens"),
@@ -29,11 +36,28 @@ def generate(
         params["max_tokens"] = max_tokens
     if rate is not None:
         params["rate"] = rate
-    code = asyncio.run(_generate(url, prompt, model, session, params, api_key))
+    try:
+        code = _generate(url, prompt, model, session, params, api_key)
+    except AuthenticationError as exc:
+        if api_key:
+            raise ConfigurationError(
+                f"--api-key / TOKENBRIDGE_API_KEY: {url} refused the key ({exc}); "
+                "use a key this server knows (`tokenbridge keys create` makes one)"
+            ) from None
+        raise ConfigurationError(
+            f"{url} needs an API key: pass --api-key or set TOKENBRIDGE_API_KEY (serve "
+            "prints one at its first start; `tokenbridge keys create` makes another)"
+        ) from None
+    except APIConnectionError as exc:
+        raise APIConnectionError(f"--url / TOKENBRIDGE_URL: {exc}") from None
+    except PermissionDenied as exc:
+        raise ConfigurationError(
+            f"--api-key / TOKENBRIDGE_API_KEY: the key may not do this on {url} ({exc})"
+        ) from None
     sys.exit(code)
 
 
-async def _generate(
+def _generate(
     url: str,
     prompt: str,
     model: str,
@@ -43,19 +67,20 @@ async def _generate(
 ) -> int:
     from tokenbridge.client import TokenBridgeClient
 
-    async with TokenBridgeClient(url, api_key=api_key) as client:
-        started = await client.start_generation(
-            prompt, model=model, session_id=session, params=params
-        )
+    with TokenBridgeClient(url, api_key=api_key) as client:
+        started = client.start_generation(prompt, model=model, session_id=session, params=params)
         err.print(f"session {started.session_id} generation {started.generation_id}", style="dim")
-        async for event in client.stream(started):
+        for event in client.stream(started):
             if event.event == "token":
                 sys.stdout.write(event.data["text"])
                 sys.stdout.flush()
             elif event.event == "gap":
                 err.print(f"\n[yellow]history lost: {event.data['reason']}[/yellow]")
             elif event.event == "error":
-                err.print(f"\n[red]error {event.data['code']}: {event.data['message']}[/red]")
+                err.print(
+                    f"\n[red]error {event.data['code']}: {event.data['message']}[/red]",
+                    highlight=False,
+                )
                 return 1
             elif event.event == "end":
                 sys.stdout.write("\n")

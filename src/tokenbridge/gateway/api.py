@@ -281,6 +281,11 @@ async def metrics(request: Request) -> Response:
     runtime = _runtime(request)
     trimmer = runtime.processor.trimmer if runtime.processor is not None else None
     body = render_metrics(
-        gateway.connections, gateway.fanout.stats, runtime.consumers, runtime.worker, trimmer
+        gateway.connections,
+        gateway.fanout.stats,
+        runtime.consumers,
+        runtime.worker,
+        runtime.models,
+        trimmer,
     )
     return Response(body, media_type=METRICS_CONTENT_TYPE)

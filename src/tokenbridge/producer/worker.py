@@ -157,7 +157,9 @@ class GenerationWorker:
                 await self.redis.zrem(self.keys.workers, self.name)
 
     async def _heartbeat(self) -> None:
-        while True:
+        # Ends on the stop flag, not only on cancellation: on Python 3.11 a cancel that lands
+        # while redis-py finishes a command can be lost, and the loop would run on forever.
+        while not self._stopping.is_set():
             try:
                 now = now_ms()
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -168,7 +170,9 @@ class GenerationWorker:
                 await self._register_generations()
             except REDIS_DOWN_ERRORS as exc:
                 log.debug("worker heartbeat failed (%s)", exc)
-            await asyncio.sleep(self.heartbeat_s)  # a timer: liveness is periodic by nature
+            with contextlib.suppress(TimeoutError):  # a timer: liveness is periodic by nature
+                async with asyncio.timeout(self.heartbeat_s):
+                    await self._stopping.wait()
 
     async def _register_generations(self) -> None:
         """Refresh the sweeper's deadlines of our running generations (re-adding them after

@@ -3,12 +3,17 @@
 Shared by the OpenAI-compatible and Anthropic adapters: an HTTP status becomes a
 :class:`ProviderError` with a stable code (``provider_unauthorized``, ``provider_rate_limited``,
 ``provider_http_4xx``, ``provider_http_5xx``, ``provider_bad_response``), a short excerpt of the
-provider's answer and a hint; the API key is masked in every message.
+provider's answer and a hint; the API key is masked in every message. Each error also says
+whether it is worth a retry before the first token (``retryable``: connect errors and
+timeouts, a broken connection, HTTP 429 and 5xx) and carries the provider's ``Retry-After``
+(``producer/models/retry.py`` acts on both).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from email.utils import parsedate_to_datetime
 
 import httpx
 
@@ -55,10 +60,14 @@ class ProviderErrors:
             code, hint = "provider_http_5xx", ""
         else:
             code, hint = "provider_bad_response", " Is base_url the API's /v1 URL?"
-        return ProviderError(
+        error = ProviderError(
             f"model {self.name!r}: {self._where} answered HTTP {status}: {detail}.{hint}",
             code=code,
         )
+        error.detail = f"HTTP {status}: {detail}"
+        error.retryable = status == 429 or status >= 500
+        error.retry_after_s = _retry_after(resp.headers.get("retry-after"))
+        return error
 
     def _key_hint(self) -> str:
         if not self._key_env:
@@ -69,24 +78,31 @@ class ProviderErrors:
 
     def _transport_error(self, exc: Exception) -> ModelError:
         """A failure below HTTP (timeout, refused, broken connection, undecodable body)."""
+        error: ModelError
         if isinstance(exc, httpx.TimeoutException):
-            return ProviderTimeout(
+            error = ProviderTimeout(
                 f"model {self.name!r}: {self._where} did not answer in time "
                 f"({type(exc).__name__}); raise timeout_s in its model entry if it is just slow"
             )
+            error.retryable = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
+            return error
         if isinstance(exc, httpx.ConnectError):
-            return ProviderError(
+            error = ProviderError(
                 f"model {self.name!r}: cannot connect to {self._where}: {self._redact(str(exc))}."
                 " Is the server running there?",
                 code="provider_unreachable",
             )
+            error.retryable = True
+            return error
         if isinstance(exc, httpx.DecodingError):
             return self._bad_response(f"the body cannot be decoded: {exc}")
-        return ProviderError(
+        error = ProviderError(
             f"model {self.name!r}: connection to {self._where} broke: "
             f"{type(exc).__name__}: {self._redact(str(exc))}",
             code="provider_disconnected",
         )
+        error.retryable = True  # retried only before the first token, like every failure
+        return error
 
     def _bad_response(self, what: str) -> ProviderError:
         return ProviderError(
@@ -102,3 +118,17 @@ class ProviderErrors:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
