@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks.connections import Transport, idle_connections, many_sessions
+from benchmarks.live import sessions_live
 from benchmarks.openai_chat import openai_chat
 from benchmarks.processes import GatewayProcess, machine_info, new_runner, raise_open_files_limit
 from benchmarks.report import print_report
@@ -45,6 +46,7 @@ SCENARIOS = (
     "fanout",
     "sessions-sse",
     "sessions-ws",
+    "sessions-live",
     "pipeline",
     "storm",
     "storm-fresh",
@@ -73,6 +75,9 @@ class Options:
     spread_tokens: int = 2000
     storm_clients: tuple[int, ...] = (1000, 2500, 5000)
     storm_missed: int = 4
+    live_sessions: tuple[int, ...] = (200, 2000)
+    live_rate: float = 20.0
+    live_transports: tuple[Transport, ...] = ("sse", "ws")
     cluster: bool = False
     openai_tokens: int = 8_000
     openai_rounds: int = 10
@@ -133,6 +138,13 @@ def _parse(argv: Sequence[str] | None) -> Options:
         help="openai-chat: tokens per generation (8,000: under stream_max_len)",
     )
     parser.add_argument("--openai-rounds", type=int, help="openai-chat: rounds (10; quick 3)")
+    parser.add_argument(
+        "--live-sessions", default="200,2000", help="sessions-live: session counts (200,2000)"
+    )
+    parser.add_argument("--live-rate", type=float, default=20.0, help="sessions-live: tokens/s")
+    parser.add_argument(
+        "--live-transports", default="sse,ws", help="sessions-live: sse, ws or both (sse,ws)"
+    )
     args = parser.parse_args(argv)
     chosen = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -160,6 +172,11 @@ def _parse(argv: Sequence[str] | None) -> Options:
         if args.clients
         else ((500,) if quick else (1000, 2500, 5000)),
         storm_missed=args.storm_missed,
+        live_sessions=tuple(int(n) for n in args.live_sessions.split(",") if n.strip()),
+        live_rate=args.live_rate,
+        live_transports=tuple(
+            "sse" if t.strip() == "sse" else "ws" for t in args.live_transports.split(",")
+        ),
         cluster=args.cluster,
         openai_tokens=args.openai_tokens,
         openai_rounds=args.openai_rounds or (3 if quick else 10),
@@ -181,6 +198,15 @@ async def _scenarios(bench: Bench, name: str, options: Options) -> list[Scenario
             await storm(bench, clients, options.storm_missed, options.timeout_s, fresh)
             for clients in sorted(options.storm_clients)
         ]
+    if name == "sessions-live":  # one result per transport and session count
+        return [
+            await sessions_live(
+                bench, transport, sessions, options.live_rate, options.duration_s,
+                options.timeout_s,
+            )
+            for transport in options.live_transports
+            for sessions in options.live_sessions
+        ]  # fmt: skip
     return [await _scenario(bench, name, options)]
 
 

@@ -231,6 +231,9 @@ class GatewayProcess(Child):
             env.setdefault(f"TOKENBRIDGE_LIMITS_MAX_CONNECTIONS_{name}", "1000000")
         env.setdefault("TOKENBRIDGE_LIMITS_MAX_CONNECTIONS", "1000000")
         args = [sys.executable, "-m", "tokenbridge", "serve", "--port", str(self.port)]
+        profile = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: cProfile the gateway
+        if profile:
+            args[1:1] = ["-m", "cProfile", "-o", profile]
         # Delivery only: the processors get a scenario and a process of their own (pipeline).
         args += ["--no-worker", "--no-processors", "--log-level", "warning"]
         super().__init__("gateway", args, env, ready_marker="tokenbridge serving at")

@@ -9,6 +9,7 @@ is resumed with ``?last_event_id=``, as the SDK does.
 
 from __future__ import annotations
 
+import re
 import time
 from urllib.parse import quote
 
@@ -24,14 +25,17 @@ _END = '"event":"end"'
 _ERROR = '"event":"error"'
 _GAP = '"event":"gap"'
 _ID = '"id":"'
+_TEXT_NS = re.compile(r'"text":"(\d+)"')
 
 
-def _feed(tally: StreamTally, message: str, now: float) -> None:
+def _feed(tally: StreamTally, message: str, now: float, wall_ns: int) -> None:
     tokens = message.count(_TOKEN)
     if tokens:
         if tally.first_token_at is None:
             tally.first_token_at = now
         tally.tokens += tokens
+        if tally.latency:  # the paced producer's send time is the token's text
+            tally.latencies_ns.extend(wall_ns - int(m) for m in _TEXT_NS.findall(message))
     at = message.rfind(_ID)
     if at >= 0:
         tally.last_event_id = message[at + 6 : message.index('"', at + 6)]
@@ -59,7 +63,7 @@ async def follow_ws(host: str, port: int, tally: StreamTally, max_reconnects: in
                     if not tally.subscribed.is_set() and '"type":"pong"' in message:
                         tally.subscribed.set()
                         continue
-                    _feed(tally, message, time.perf_counter())
+                    _feed(tally, message, time.perf_counter(), time.time_ns())
                     if tally.ended.is_set():
                         return
             except ConnectionClosed:

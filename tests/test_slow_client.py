@@ -55,6 +55,7 @@ async def test_reader_at_a_tenth_of_the_speed_is_cut_within_its_byte_budget_and_
         connection_max_buffered_events=1_000_000,  # the event bound would never cut it
         connection_max_buffered_bytes=BUDGET,
         connection_send_buffer_bytes=SEND_BUFFER,
+        fanout_batch_events=100,  # (was the XREAD fan-out's read count)
     )
     session = "slowb-" + secrets.token_hex(4)
     path = f"/v1/sessions/{session}/events"

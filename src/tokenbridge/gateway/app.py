@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
 from tokenbridge.gateway import admin_api, api, dashboard, openai_routes, stats_api
@@ -62,6 +63,67 @@ class _StreamEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self.endpoint(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+
+_SESSIONS = "/v1/sessions/"
+
+
+def _stream_session(path: str, suffix: str) -> str | None:
+    """The session of ``/v1/sessions/{session_id}<suffix>`` (the route's match), else None."""
+    if not (path.startswith(_SESSIONS) and path.endswith(suffix)):
+        return None
+    session_id = path[len(_SESSIONS) : -len(suffix)]
+    return session_id if session_id and "/" not in session_id else None
+
+
+class _GatewayApp(Starlette):
+    """Starlette, except that a native SSE or WebSocket stream skips the middleware and router
+    frames, which an open stream would hold for its whole life (3-4 KB per connection). Errors
+    get the same handlers (SSE: the same JSON bodies); with user middleware (CORS) or a root
+    path everything goes the usual way."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if not self.user_middleware and not scope.get("root_path"):
+            if kind == "http" and scope["method"] == "GET":
+                session_id = _stream_session(scope["path"], "/events")
+                if session_id is not None:
+                    scope["app"] = self
+                    scope["path_params"] = {"session_id": session_id}
+                    await self._stream(scope, receive, send)
+                    return
+            elif kind == "websocket":
+                session_id = _stream_session(scope["path"], "/ws")
+                if session_id is not None:
+                    scope["app"] = self
+                    scope["path_params"] = {"session_id": session_id}
+                    await self._websocket(scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        try:
+            await api.session_websocket(websocket)
+        except Exception as exc:  # as Starlette does for a WebSocket: the handler, no body
+            await self._handler(exc)(websocket, exc)
+
+    def _handler(self, exc: Exception) -> Callable[..., Awaitable[Any]]:
+        handler: Callable[..., Awaitable[Any]] = next(
+            self.exception_handlers[cls]
+            for cls in type(exc).__mro__
+            if cls in self.exception_handlers
+        )
+        return handler
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await api.session_events(request)
+        except Exception as exc:  # before any byte was sent: the app's error response
+            response = await self._handler(exc)(request, exc)
+        del request
         await response(scope, receive, send)
 
 
@@ -222,7 +284,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                 max_age=600,
             )
         )
-    app = Starlette(
+    app = _GatewayApp(
         middleware=middleware,
         routes=routes,
         lifespan=lifespan,

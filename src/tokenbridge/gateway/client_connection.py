@@ -16,7 +16,19 @@ cached on the batch and shared by every connection): the per-delivery cost is on
 
 A close also aborts a write in progress (:meth:`ClientConnection.write`): a client that stopped
 reading leaves its transport's send waiting for the socket to drain, and without the abort
-neither the cut nor a shutdown would ever reach that connection's task.
+neither the cut nor a shutdown would ever reach that connection's task. The abort cancels the
+writing task and takes that cancellation back (``Task.uncancel``), as ``asyncio.timeout`` does,
+without a timeout object per write.
+
+While a connection's task is parked waiting for events, its pump may lend it a *direct
+writer* (:meth:`ClientConnection.next_batches`). :meth:`deliver` then queues the batch as
+always but, instead of waking the task, puts the connection on its event loop's flush list: one
+``call_soon`` per loop iteration (not per connection) hands every listed connection's queue to
+its direct writer, which writes it to the socket at once, all batches in one write, unless
+flow control paused the transport; then the task is woken and writes it the ordinary way, in
+order. So a token costs no task switch and no trip down the ASGI send chain, the fan-out
+reader sends its next read before the writes run (as when tasks did them), and batches
+delivered within one iteration are coalesced.
 """
 
 from __future__ import annotations
@@ -26,16 +38,22 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Iterable
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 from tokenbridge.gateway.frames import Batch
+from tokenbridge.gateway.wake_clock import wake_at
 
-__all__ = ["ClientConnection", "Transport", "batch_bytes", "cap_send_buffers"]
+__all__ = ["ClientConnection", "DirectWriter", "Transport", "batch_bytes", "cap_send_buffers"]
 
 Transport = Literal["sse", "websocket"]
 
 _T = TypeVar("_T")
+
+DirectWriter = Callable[[list[Batch]], bool]
+"""Writes batches to the client now and returns True, or returns False (it cannot now, and
+did nothing)."""
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +94,14 @@ class ClientConnection:
     """
 
     __slots__ = (
+        "_aborted",
+        "_direct",
+        "_flushing",
         "_pending",
         "_pending_bytes",
         "_pending_events",
         "_waiter",
-        "_write_scope",
+        "_write_task",
         "_writing_bytes",
         "bytes_sent",
         "client_address",
@@ -123,7 +144,10 @@ class ClientConnection:
         self._pending_bytes = 0
         self._writing_bytes = 0  # taken by next_batches, until the write returns
         self._waiter: asyncio.Future[None] | None = None
-        self._write_scope: asyncio.Timeout | None = None
+        self._direct: DirectWriter | None = None  # lent by the parked pump (next_batches)
+        self._flushing = False  # on the loop's flush list
+        self._write_task: asyncio.Task[Any] | None = None  # the task inside write()
+        self._aborted = False
 
     def __repr__(self) -> str:
         state = self.closed_reason or "open"
@@ -169,6 +193,25 @@ class ClientConnection:
         self._pending.append(batch)
         self._pending_events += len(batch)
         self._pending_bytes += nbytes
+        if self._direct is None:
+            _wake(self._waiter)
+        elif not self._flushing:
+            self._flushing = True
+            _flush_soon(self)
+
+    def _flush(self) -> None:
+        """Hand the queue to the direct writer (the flush list's callback); if it cannot
+        write now, or the task is no longer parked, wake the task instead."""
+        self._flushing = False
+        direct = self._direct
+        if not self._pending or self.closed_reason is not None:
+            return
+        if direct is not None:
+            batches, events, nbytes = self._pending, self._pending_events, self._pending_bytes
+            self._pending, self._pending_events, self._pending_bytes = [], 0, 0
+            if direct(batches):
+                return
+            self._pending, self._pending_events, self._pending_bytes = batches, events, nbytes
         _wake(self._waiter)
 
     def close(self, reason: str) -> None:
@@ -181,11 +224,13 @@ class ClientConnection:
         self._pending = []
         self._pending_events = 0
         self._pending_bytes = 0
+        self._direct = None
         _wake(self._waiter)
-        if self._write_scope is not None:
-            # The task waiting in the write gets CancelledError there, which the scope turns
-            # into TimeoutError (the asyncio.timeout mechanism: no stray cancellation).
-            self._write_scope.reschedule(-1.0)
+        task = self._write_task
+        if task is not None and not self._aborted:
+            # The task waiting in the write gets CancelledError there; write() takes it back.
+            self._aborted = True
+            task.cancel()
 
     async def write(self, write: Awaitable[_T]) -> _T | None:
         """Await one write to the client; None if :meth:`close` aborted it (nothing written:
@@ -194,30 +239,34 @@ class ClientConnection:
             if asyncio.iscoroutine(write):
                 write.close()
             return None
-        scope = asyncio.timeout(None)
-        self._write_scope = scope
+        task = self._write_task = asyncio.current_task()
         try:
-            async with scope:
-                return await write
-        except TimeoutError:
-            if not scope.expired():
-                raise
+            return await write
+        except asyncio.CancelledError:
+            if not self._aborted or task is None or task.uncancel() > 0:
+                raise  # not (only) our abort: someone else cancels this task
             return None
         finally:
-            self._write_scope = None
+            self._write_task = None
+            self._aborted = False
             self._writing_bytes = 0
 
-    async def next_batches(self, timeout_s: float) -> list[Batch] | None:
-        """Everything buffered, waiting up to ``timeout_s``; ``[]`` on timeout, None once closed."""
+    async def next_batches(
+        self, timeout_s: float, direct: DirectWriter | None = None
+    ) -> list[Batch] | None:
+        """Everything buffered, waiting up to ``timeout_s``; ``[]`` on timeout, None once closed.
+
+        While it waits, ``direct`` (if given) writes what is delivered (see the module doc)."""
         self._writing_bytes = 0  # the previous take has been written (or had nothing to write)
         if not self._pending and self.closed_reason is None:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout_s, _wake, waiter)
+            wake_at(loop, timeout_s, waiter)  # no timer handle per parked connection
+            self._direct = direct
             try:
                 await waiter
             finally:
-                timer.cancel()
+                self._direct = None
                 self._waiter = None
         if self.closed_reason is not None:
             return None
@@ -240,6 +289,29 @@ class ClientConnection:
             self.events_sent += len(batch)
         self.bytes_sent += nbytes
         self.last_activity = time.monotonic()
+
+
+_flush_lists: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[ClientConnection]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _flush_soon(conn: ClientConnection) -> None:
+    """Put ``conn`` on its loop's flush list; the first one of an iteration schedules it."""
+    loop = asyncio.get_running_loop()
+    pending = _flush_lists.get(loop)
+    if pending is None:
+        pending = _flush_lists[loop] = []
+    if not pending:
+        loop.call_soon(_flush_all, pending)
+    pending.append(conn)
+
+
+def _flush_all(pending: list[ClientConnection]) -> None:
+    conns = pending[:]
+    pending.clear()
+    for conn in conns:
+        conn._flush()
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:

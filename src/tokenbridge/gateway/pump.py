@@ -12,6 +12,13 @@ Timers: the wait for the next batch is bounded by the next keep-alive and, when
 its own. Every write goes through :meth:`ClientConnection.write`, so a close (slow client,
 shutdown) aborts a write stuck on a client that stopped reading; the closing write that
 follows gets at most ``CLOSING_TIMEOUT_S``.
+
+Direct writes: a transport that can write synchronously (:class:`DirectTransport`: SSE on
+uvicorn, ``gateway/direct_http.py``) gets, for the live phase, a :class:`_Live` writer that the
+connection uses while the pump is parked (``ClientConnection.next_batches``): batches delivered
+to an idle connection are cut, encoded and written by one loop callback per iteration for all
+connections, without waking this task. The heartbeat then counts from the last write
+(``conn.last_activity``).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
+from typing import Protocol, cast
 
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.encodings.base import Chunk, Encoder
@@ -27,7 +34,7 @@ from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.frames import Batch
 from tokenbridge.gateway.resume import iter_history
 
-__all__ = ["CLOSING_TIMEOUT_S", "Transport", "pump"]
+__all__ = ["CLOSING_TIMEOUT_S", "DIRECT_MAX_EVENTS", "DirectTransport", "Transport", "pump"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,72 @@ class Transport(Protocol):
 
     async def finish(self, chunk: Chunk | None) -> None:
         """The server ends the stream, with these last bytes if any (not when the client left)."""
+
+
+DIRECT_MAX_EVENTS = 64
+"""Events a direct write may carry; a larger burst goes through the connection's task, which
+waits for the socket before each (bounded) write, so a client that stops reading holds at most
+one such write beyond flow control's high-water mark."""
+
+
+class DirectTransport(Transport, Protocol):
+    """A transport that can also write at once, outside the connection's task."""
+
+    def ready(self) -> bool:
+        """Whether :meth:`write_now` may be called (connected, not paused by flow control)."""
+
+    def write_now(self, chunk: Chunk) -> int:
+        """Write one chunk now (only when :meth:`ready`); returns its size."""
+
+
+class _Live:
+    """The direct writer of one connection's live phase (see the module docstring)."""
+
+    __slots__ = ("conn", "encoder", "max_events", "transport")
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        encoder: Encoder,
+        transport: DirectTransport,
+        max_events: int,
+    ) -> None:
+        self.conn = conn
+        self.encoder = encoder
+        self.transport = transport
+        self.max_events = max_events
+
+    def __call__(self, batches: list[Batch]) -> bool:
+        """Write ``batches`` now, in one write (True), or leave them to the task (False:
+        paused or gone; nothing done)."""
+        transport = self.transport
+        if not transport.ready():
+            return False
+        # A burst goes to the task, which waits for the socket before each bounded write.
+        if (len(batches) > 1 or len(batches[0]) > self.max_events) and sum(
+            len(b) for b in batches
+        ) > self.max_events:
+            return False
+        conn = self.conn
+        cut = []
+        for batch in batches:
+            unsent = batch.after(conn.last_key)
+            if unsent.frames:
+                cut.append(unsent)
+                conn.mark_sent(unsent, 0)
+        if not cut:
+            return True
+        try:  # runs in a loop callback: an encoder's bug must end this connection only
+            chunk = self.encoder.encode(cut)
+            if chunk is not None:
+                conn.bytes_sent += transport.write_now(chunk)
+        except Exception:
+            log.exception("direct write failed session=%s", conn.session_id)
+            conn.close("internal_error")
+            return True
+        if self.encoder.finished:
+            conn.close("done")
+        return True
 
 
 async def pump(
@@ -64,11 +137,16 @@ async def pump(
     ``finished`` ends the stream with reason ``done`` after that write.
     """
     await _start(conn, fanout, last_event_id, encoder, transport, history_batch)
+    live = None
+    max_events = min(DIRECT_MAX_EVENTS, fanout.batch_events)
+    if getattr(transport, "write_now", None) is not None:
+        live = _Live(conn, encoder, cast(DirectTransport, transport), max_events)
     # Live events until the connection is closed. Kept in this frame rather than a helper's:
     # every idle connection holds the frames it waits in (one less is ~300 bytes less).
-    next_heartbeat = time.monotonic() + heartbeat_s
+    last_beat = time.monotonic()
     while not conn.closed:
         now = time.monotonic()
+        next_heartbeat = max(last_beat, conn.last_activity) + heartbeat_s
         wait_s = next_heartbeat - now
         if idle_timeout_s:
             idle_left = conn.last_activity + idle_timeout_s - now
@@ -76,18 +154,18 @@ async def pump(
                 conn.close("idle")
                 break
             wait_s = min(wait_s, idle_left)
-        batches = await conn.next_batches(max(wait_s, 0.0))
+        batches = await conn.next_batches(max(wait_s, 0.0), live)
         if batches is None:
             break
         if batches:
             for group in _groups(batches, fanout.batch_events):  # bounded writes
                 await _write(conn, encoder, transport, group)
-            next_heartbeat = time.monotonic() + heartbeat_s
-        elif time.monotonic() >= next_heartbeat:
+            last_beat = time.monotonic()
+        elif time.monotonic() >= max(last_beat, conn.last_activity) + heartbeat_s:
             chunk = encoder.keepalive()
             if chunk is not None:
                 await conn.write(transport.send(chunk))
-            next_heartbeat = time.monotonic() + heartbeat_s
+            last_beat = time.monotonic()
     reason = conn.closed_reason
     if reason is not None and reason != "client_gone":
         try:

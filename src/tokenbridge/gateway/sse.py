@@ -8,6 +8,11 @@ of the response; a client that does not read them within ``CLOSING_TIMEOUT_S`` h
 dropped instead. The native encoding's ``retry:`` carries jitter so that a mass reconnect (a
 deploy) spreads over time. The OpenAI-compatible routes use this same response with their
 own encoders.
+
+On uvicorn (``gateway/direct_http.py``) an established stream writes its chunks straight to
+the socket (:class:`_DirectSSEWriter`, a :class:`~tokenbridge.gateway.pump.DirectTransport`),
+and learns of a client that left from the protocol's callback rather than from a task waiting
+in ``receive()``; on other servers it sends through ASGI and watches ``receive()``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 
 from starlette.types import Message, Receive, Scope, Send
 
+from tokenbridge.gateway.direct_http import DirectBody
 from tokenbridge.gateway.encodings.base import Chunk, Encoder
 from tokenbridge.gateway.streaming import SessionStream
 
@@ -59,6 +65,32 @@ class _SSEWriter:
         self.finished = True
 
 
+class _DirectSSEWriter(_SSEWriter):
+    """The same, writing body chunks straight to the socket (uvicorn's flow control kept)."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: DirectBody, asgi_send: Send) -> None:
+        super().__init__(asgi_send)
+        self.body = body
+
+    def ready(self) -> bool:
+        return self.body.ready()
+
+    def write_now(self, chunk: Chunk) -> int:
+        assert isinstance(chunk, bytes), "an sse encoding must return bytes"
+        self.body.write(chunk)
+        return len(chunk)
+
+    async def send(self, chunk: Chunk) -> int:
+        body = self.body
+        if not body.ready():
+            await body.drain()
+            if body.lost:
+                return 0  # the protocol's callback closed the connection: the pump returns
+        return self.write_now(chunk)
+
+
 class EventStreamResponse:
     """Stream one session to one client over SSE, from its resume point, until it leaves."""
 
@@ -79,11 +111,18 @@ class EventStreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        writer = _SSEWriter(send)
         conn = self.stream.conn
-        # One plain task rather than a TaskGroup (a few hundred bytes less per connection):
-        # the watcher only closes the connection, which makes the pump return.
-        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
+        body = DirectBody.open(scope)
+        watcher = None
+        writer: _SSEWriter
+        if body is not None:
+            writer = _DirectSSEWriter(body, send)
+            body.on_lost(conn)  # conn.close("client_gone") when the client leaves
+        else:
+            writer = _SSEWriter(send)
+            # One plain task rather than a TaskGroup (a few hundred bytes less per connection):
+            # the watcher only closes the connection, which makes the pump return.
+            watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
         try:
             async with self.stream:
                 try:
@@ -91,10 +130,13 @@ class EventStreamResponse:
                 except OSError:
                     conn.close("client_gone")  # the socket broke under a write
         finally:
-            watcher.cancel()
-            await asyncio.wait([watcher])  # never raises; its error, if any, surfaces below
+            if body is not None:
+                body.on_lost(None)
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.wait([watcher])  # never raises; its error surfaces below
             log.debug("sse closed session=%s reason=%s", conn.session_id, conn.closed_reason)
-        error = None if watcher.cancelled() else watcher.exception()
+        error = None if watcher is None or watcher.cancelled() else watcher.exception()
         if error is not None:
             raise error
         if writer.finished or conn.closed_reason not in ("done", "client_gone"):

@@ -31,6 +31,8 @@ from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExc
 from tokenbridge.gateway import encodings
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
+from tokenbridge.gateway.direct_http import DirectHttpProtocol
+from tokenbridge.gateway.direct_ws import DirectFrames, DirectWSProtocol
 from tokenbridge.gateway.encodings.base import Chunk, Encoding, StreamContext
 from tokenbridge.gateway.fanout import SessionFanout
 from tokenbridge.gateway.pump import CLOSING_TIMEOUT_S
@@ -58,15 +60,22 @@ Authorizer = Callable[[str], Awaitable[None]]
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's WebSocket options for these settings (``tokenbridge serve`` and the tests).
+    """uvicorn's protocol options for these settings (``tokenbridge serve`` and the tests).
 
-    uvicorn refuses messages over 16 x our limit before buffering them (close 1009); ours, past
-    ``limits_max_websocket_message_bytes``, gets the clean close 1009 ``message_too_big``.
+    uvicorn refuses WebSocket messages over 16 x our limit before buffering them (close 1009);
+    ours, past ``limits_max_websocket_message_bytes``, gets the clean close 1009
+    ``message_too_big``. HTTP is :class:`DirectHttpProtocol` when httptools is installed,
+    WebSocket :class:`~tokenbridge.gateway.direct_ws.DirectWSProtocol` when wsproto is.
     """
-    return {
+    options: dict[str, Any] = {
         "ws_max_size": 16 * settings.limits_max_websocket_message_bytes,
         "ws_per_message_deflate": settings.websocket_compression,
     }
+    if DirectHttpProtocol is not None:
+        options["http"] = DirectHttpProtocol
+    if DirectWSProtocol is not None:
+        options["ws"] = DirectWSProtocol
+    return options
 
 
 class _WSWriter:
@@ -85,6 +94,29 @@ class _WSWriter:
     async def finish(self, chunk: Chunk | None) -> None:
         if isinstance(chunk, str):  # the close frame that follows carries the reason
             await self.websocket.send_text(chunk)
+
+
+class _DirectWSWriter(_WSWriter):
+    """The same, writing live messages straight to the socket (``gateway/direct_ws.py``)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, websocket: WebSocket, frames: DirectFrames) -> None:
+        super().__init__(websocket)
+        self.frames = frames
+
+    def ready(self) -> bool:
+        return self.frames.ready()
+
+    def write_now(self, chunk: Chunk) -> int:
+        assert isinstance(chunk, str), "a websocket encoding must return str"
+        self.frames.write(chunk)
+        return len(chunk)
+
+
+def _writer(websocket: WebSocket) -> _WSWriter:
+    frames = DirectFrames.open(websocket.scope)
+    return _WSWriter(websocket) if frames is None else _DirectWSWriter(websocket, frames)
 
 
 @dataclass(slots=True)
@@ -129,20 +161,24 @@ async def serve_websocket(
         except Draining as exc:
             await websocket.close(1012, reason=f"{exc.code}: {exc}"[:120])
             return
-        commands = _Commands()
+        commands = _Commands()  # (not an asyncio.Event: that holds a deque per connection)
         encoder = encoding.open(StreamContext(session_id, resumed=last is not None))
         async with stream as conn:
+            # A plain task rather than a TaskGroup (lighter per connection); a reader that
+            # fails closes the connection, so the pump returns, and its error is raised here.
+            reader = asyncio.get_running_loop().create_task(
+                _read_commands(websocket, conn, cancel, commands, max_message_bytes)
+            )
             try:
-                async with asyncio.TaskGroup() as group:
-                    reader = group.create_task(
-                        _read_commands(websocket, conn, cancel, commands, max_message_bytes)
-                    )
-                    try:
-                        await stream.run(encoder, _WSWriter(websocket), last)
-                    finally:
-                        reader.cancel()
+                await stream.run(encoder, _writer(websocket), last)
             except (WebSocketDisconnect, OSError):
                 conn.close("client_gone")
+            finally:
+                reader.cancel()
+                await asyncio.wait([reader])  # never raises; its error surfaces below
+            error = None if reader.cancelled() else reader.exception()
+            if error is not None:
+                raise error
         if commands.resume:
             last = commands.last
             continue
@@ -164,37 +200,54 @@ async def _read_commands(
     commands: _Commands,
     max_message_bytes: int,
 ) -> None:
-    """Handle client messages until the connection closes (closing it on a bad message)."""
-    while True:
-        try:
-            text = await websocket.receive_text()
-        except (WebSocketDisconnect, RuntimeError):
-            conn.close("client_gone")
-            return
-        if len(text) > max_message_bytes or len(text.encode()) > max_message_bytes:
-            commands.close_code, commands.close_reason = 1009, "message_too_big"
-            conn.close("message_too_big")
-            return
-        try:
-            message = json.loads(text)
-            kind = message["type"]
-            if kind == "ping":
-                await websocket.send_text('{"type":"pong"}')
-            elif kind == "resume":
-                commands.last = parse_last_event_id(message.get("last_event_id"))
-                commands.resume = True
-                conn.close("resume")
+    """Handle client messages until the connection closes (closing it on a bad message).
+
+    Any other error closes the connection too (the pump returns) and is raised by
+    :func:`serve_websocket`."""
+    try:
+        while True:
+            try:
+                text = await websocket.receive_text()
+            except (WebSocketDisconnect, RuntimeError):
+                conn.close("client_gone")
                 return
-            elif kind == "cancel":
-                generation_id = validate_id(message.get("generation_id"), "generation_id")
-                found = await cancel(conn.session_id, generation_id)
-                await websocket.send_text(
-                    json.dumps({"type": "cancel", "generation_id": generation_id, "found": found})
-                )
-            else:
-                raise InvalidRequest("unknown_message", f"unknown message type {kind!r}")
-        except (ValueError, KeyError, TypeError, InvalidRequest) as exc:
-            code = exc.code if isinstance(exc, InvalidRequest) else "invalid_message"
-            commands.close_code, commands.close_reason = 1008, code
-            conn.close(code)
-            return
+            if len(text) > max_message_bytes or len(text.encode()) > max_message_bytes:
+                commands.close_code, commands.close_reason = 1009, "message_too_big"
+                conn.close("message_too_big")
+                return
+            code = await _command(websocket, conn, cancel, commands, text)
+            if code is not None:
+                if code != "resume":
+                    commands.close_code, commands.close_reason = 1008, code
+                conn.close(code)
+                return
+    except Exception:
+        conn.close("internal_error")
+        raise
+
+
+async def _command(
+    websocket: WebSocket, conn: ClientConnection, cancel: Canceller, commands: _Commands,
+    text: str,
+) -> str | None:  # fmt: skip
+    """Handle one client message; a close reason if the connection is to close."""
+    try:
+        message = json.loads(text)
+        kind = message["type"]
+        if kind == "ping":
+            await websocket.send_text('{"type":"pong"}')
+        elif kind == "resume":
+            commands.last = parse_last_event_id(message.get("last_event_id"))
+            commands.resume = True
+            return "resume"
+        elif kind == "cancel":
+            generation_id = validate_id(message.get("generation_id"), "generation_id")
+            found = await cancel(conn.session_id, generation_id)
+            await websocket.send_text(
+                json.dumps({"type": "cancel", "generation_id": generation_id, "found": found})
+            )
+        else:
+            raise InvalidRequest("unknown_message", f"unknown message type {kind!r}")
+    except (ValueError, KeyError, TypeError, InvalidRequest) as exc:
+        return exc.code if isinstance(exc, InvalidRequest) else "invalid_message"
+    return None
