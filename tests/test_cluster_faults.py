@@ -121,7 +121,7 @@ async def test_slot_of_a_live_session_moves(gateway: Gateway, cluster: RedisClus
     assert not await answer_through(gateway, cluster, move)
 
 
-@pytest.mark.faults  # waits out a node timeout and a failover; timed out under load: `pytest -m faults`
+@pytest.mark.faults  # waits out a failover; timed out under load. Run: `pytest -m faults`
 async def test_primary_killed_mid_answer(gateway: Gateway, cluster: RedisCluster) -> None:
     """SIGKILL: the replica takes over after the node timeout. Complete answer, or a gap."""
     await answer_through(
