@@ -80,7 +80,8 @@ class _Feed:
     cursor: str | None = None  # None: not known yet (messages wait in ``pending``)
     cursor_key: tuple[int, int] | None = None  # ``cursor`` parsed (None: not yet)
     connections: set[ClientConnection] = field(default_factory=set)
-    recent: collections.deque[Frame] = field(default_factory=collections.deque)
+    # Made on the first event: an idle session's feed holds no deque (~600 bytes).
+    recent: collections.deque[Frame] | None = None
     recent_base: str = "0-0"  # the id just before ``recent[0]``
     pending: list[LiveMessage | None] = field(default_factory=list)
     repairing: bool = False
@@ -227,7 +228,7 @@ class SessionFanout:
             after = parse_entry_id(entry_id)
             if epoch != feed.epoch or not parse_entry_id(feed.recent_base) <= after <= cursor:
                 return None
-        frames = [frame for frame in feed.recent if frame.key > after]
+        frames = [frame for frame in feed.recent or () if frame.key > after]
         return Opening(feed.epoch, history=[Batch(frames)] if frames else [])
 
     async def _from_redis(self, feed: _Feed, last: tuple[str, str] | None) -> Opening:
@@ -334,7 +335,7 @@ class SessionFanout:
         if renewed and parse_entry_id(entries[0][0].decode()) > _cursor_key(feed):
             log.info("session stream renewed session=%s epoch=%s", feed.session_id, message.epoch)
             feed.epoch = message.epoch
-            feed.recent.clear()
+            feed.recent = None
             feed.recent_base = feed.cursor
             self._deliver(feed, entries)
             return
@@ -344,7 +345,7 @@ class SessionFanout:
         feed.epoch = message.epoch
         feed.cursor = entries[-1][0].decode() if entries else message.prev_id
         feed.cursor_key = None
-        feed.recent.clear()
+        feed.recent = None
         feed.recent_base = feed.cursor
 
     def _deliver(self, feed: _Feed, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
@@ -367,8 +368,11 @@ class SessionFanout:
                 frames.append(frame)
         if not frames:
             return
-        recent, limit = feed.recent, self.recent_events
+        limit = self.recent_events
         if limit:
+            recent = feed.recent
+            if recent is None:
+                recent = feed.recent = collections.deque()
             for frame in frames:
                 if len(recent) >= limit:
                     feed.recent_base = recent.popleft().entry_id
@@ -428,7 +432,7 @@ class SessionFanout:
                 conn.close(reason)
             feed.epoch, feed.cursor = state.epoch, state.last_id or "0-0"
             feed.cursor_key = None
-            feed.recent.clear()
+            feed.recent = None
             feed.recent_base = feed.cursor
             return False
         self._deliver(feed, entries)
