@@ -68,6 +68,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     WebSocket :class:`~tokenbridge.gateway.direct_ws.DirectWSProtocol` when wsproto is.
     """
     options: dict[str, Any] = {
+        "interface": "asgi3",  # the app's __call__ returns a coroutine (gateway/app.py)
         "ws_max_size": 16 * settings.limits_max_websocket_message_bytes,
         "ws_per_message_deflate": settings.websocket_compression,
     }
