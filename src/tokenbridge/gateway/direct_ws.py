@@ -62,9 +62,13 @@ class _LightQueue:
         return not self._items
 
     async def get(self) -> Any:
-        while not self._items:
+        while not self._items:  # waits in this frame (not in LightEvent.wait's): ~230 B less
             self._ready.clear()
-            await self._ready.wait()
+            waiter = self._ready.add_waiter()
+            try:
+                await waiter
+            finally:
+                self._ready.remove_waiter(waiter)
         items = self._items
         item = items.pop(0)
         if not items:
