@@ -1,4 +1,4 @@
-"""Model specs, the config file and its precedence, masked output: settings_sources.py."""
+"""Model specs (model_config.py), the config file, its precedence, masked output."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 from pydantic import SecretStr
 
 from tokenbridge.exceptions import ConfigurationError
+from tokenbridge.model_config import parse_model_flag, parse_model_spec
 from tokenbridge.settings import load_settings
-from tokenbridge.settings_sources import masked, parse_model_flag, parse_model_spec
+from tokenbridge.settings_sources import masked
 
 EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "tokenbridge.toml"
 

@@ -2,7 +2,8 @@
 
 Settings are built once at the edge (the CLI, ``create_app``) and passed down; no other
 module reads ``os.environ`` (the one exception is an adapter reading the API key from the
-variable that its model entry *names*, via :meth:`ModelConfig.api_key`).
+variable that its model entry *names*, via :meth:`ModelConfig.api_key`). The model table's
+entries (:class:`ModelConfig`) and specs live in ``model_config.py``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -34,12 +33,13 @@ from pydantic_settings import (
 )
 
 from tokenbridge.exceptions import ConfigurationError
-from tokenbridge.settings_sources import (
-    describe_errors,
+from tokenbridge.model_config import (
+    ModelConfig,
+    check_model_table,
+    default_models,
     parse_model_flag,
-    parse_model_spec,
-    read_config_file,
 )
+from tokenbridge.settings_sources import describe_errors, read_config_file
 
 __all__ = ["RATE_PATTERN", "RENAMED", "ModelConfig", "Settings", "load_settings"]
 
@@ -53,53 +53,6 @@ RENAMED = {
 
 RATE_PATTERN = r"^[1-9][0-9]{0,8}/(second|minute|hour|day|[1-9][0-9]{0,5}[smhd])$"
 """A rate setting: a count per period (``10/minute``, ``100/30s``)."""
-
-
-class ModelConfig(BaseModel):
-    """One entry of the model table: a public model name maps to an adapter and its options."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    adapter: Literal["demo", "openai", "anthropic"] = Field(
-        description="Which adapter serves this model."
-    )
-    base_url: str | None = Field(
-        default=None,
-        description="Base URL of the API: OpenAI-compatible, e.g. http://localhost:11434/v1, or "
-        "Anthropic's (default https://api.anthropic.com/v1).",
-    )
-    model: str | None = Field(
-        default=None, description="Upstream model name; defaults to the public name."
-    )
-    api_key_env: str | None = Field(
-        default=None,
-        description="Name of the environment variable that holds the API key (never the key).",
-    )
-    timeout_s: float = Field(default=60.0, gt=0, description="Per-read timeout of the provider.")
-    connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect timeout.")
-    fallbacks: list[str] = Field(
-        default_factory=list,
-        max_length=8,
-        description="Models of the table tried in order when this one fails before its first "
-        "token (after its retries).",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _spec(cls, value: object) -> object:
-        """An entry may be a spec string: ``"openai:gpt-4o-mini"`` (settings_sources.py)."""
-        return parse_model_spec(value) if isinstance(value, str) else value
-
-    def api_key(self) -> SecretStr | None:
-        """The API key read from the variable named by ``api_key_env``, if any."""
-        if not self.api_key_env:
-            return None
-        value = os.environ.get(self.api_key_env)
-        return SecretStr(value) if value else None
-
-
-def _default_models() -> dict[str, ModelConfig]:
-    return {"demo": ModelConfig(adapter="demo")}
 
 
 class Settings(BaseSettings):
@@ -512,7 +465,7 @@ class Settings(BaseSettings):
 
     # -- Models --------------------------------------------------------------------------
     models: dict[str, ModelConfig] = Field(
-        default_factory=_default_models,
+        default_factory=default_models,
         description='Model table as JSON: {"name": {"adapter": "openai", "base_url": ...}}.',
     )
 
@@ -582,17 +535,7 @@ class Settings(BaseSettings):
     @field_validator("models")
     @classmethod
     def _models_not_empty(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
-        if not value:
-            raise ValueError("at least one model must be configured")
-        for name, entry in value.items():
-            for other in entry.fallbacks:
-                if other == name or other not in value:
-                    known = ", ".join(sorted(set(value) - {name})) or "none"
-                    raise ValueError(
-                        f"model {name!r}: fallback {other!r} is not another model of the "
-                        f"table (others: {known})"
-                    )
-        return value
+        return check_model_table(value)
 
     def once_ttl_ms(self) -> int:
         """Lifetime of apply-once markers (``processors_once_ttl_s``, or derived from it)."""
