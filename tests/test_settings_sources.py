@@ -10,7 +10,7 @@ from pydantic import SecretStr
 from tokenbridge.exceptions import ConfigurationError
 from tokenbridge.model_config import parse_model_flag, parse_model_spec
 from tokenbridge.settings import load_settings
-from tokenbridge.settings_sources import masked
+from tokenbridge.settings_sources import masked, safe_url
 
 EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "tokenbridge.toml"
 
@@ -73,4 +73,6 @@ def test_variable_table_replaces_the_file_table(
 
 def test_masked_keeps_the_redis_host_only() -> None:
     assert masked(SecretStr("redis://u:pw@db:6379/0")) == "redis://***@db:6379/0"
+    assert safe_url("rediss://:p@ss@db:6380") == "rediss://***@db:6380"
+    assert safe_url("unix:///run/redis.sock") == "unix:///run/redis.sock"
     assert masked([SecretStr("tbk_secret")]) == ["***"]

@@ -25,6 +25,7 @@ __all__ = [
     "describe_errors",
     "masked",
     "read_config_file",
+    "safe_url",
 ]
 
 
@@ -73,10 +74,7 @@ def masked(value: Any) -> Any:
     if isinstance(value, SecretStr):
         secret = value.get_secret_value()
         if "://" in secret:
-            scheme, _, rest = secret.partition("://")
-            if "@" in rest:
-                return f"{scheme}://***@{rest.rpartition('@')[2]}"
-            return secret
+            return safe_url(secret)
         return "***" if secret else ""
     if isinstance(value, dict):
         return {str(k): masked(v) for k, v in value.items()}
@@ -85,6 +83,14 @@ def masked(value: Any) -> Any:
     if hasattr(value, "model_dump"):
         return masked(dict(value)) if not hasattr(value, "api_key_env") else _model(value)
     return value
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its credentials (``redis://***@host:6379/0``), for messages and output."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
 
 
 def _model(entry: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from tokenbridge.gateway.submit import GenerationSpec, Submission, SubmitContext
 from tokenbridge.settings import Settings
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.store.scripts import Scripts
+from tokenbridge.tasks import stop_within
 from tokenbridge.wire.keys import Keys
 
 __all__ = ["Gateway"]
@@ -109,10 +110,7 @@ class Gateway:
         task, self._fanout_task = self._fanout_task, None
         if task is None:
             return
-        _, pending = await asyncio.wait([task], timeout=5)
-        for late in pending:
-            late.cancel()
-        await asyncio.wait([task])
+        await stop_within([task], 5)
         error = None if task.cancelled() else task.exception()
         if error is not None:
             raise error
