@@ -37,6 +37,13 @@ MODEL_OPTION = typer.Option(
     "--model",
     help="Add a model NAME=ADAPTER:MODEL[@BASE_URL], e.g. gpt=openai:gpt-4o-mini (repeatable).",
 )
+PROCESSORS_OPTION = typer.Option(
+    None,
+    "--processors/--no-processors",
+    help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
+)
+LOG_LEVEL_OPTION = typer.Option("info", help="debug, info, warning or error.")
+LOG_JSON_OPTION = typer.Option(False, "--log-json", help="Log JSON lines.")
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -182,15 +189,11 @@ def serve(
     worker: bool | None = typer.Option(
         None, "--worker/--no-worker", help="Run a generation worker in this process."
     ),
-    processors: bool | None = typer.Option(
-        None,
-        "--processors/--no-processors",
-        help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
-    ),
+    processors: bool | None = PROCESSORS_OPTION,
     config: Path | None = CONFIG_OPTION,
     model: list[str] | None = MODEL_OPTION,
-    log_level: str = typer.Option("info", help="debug, info, warning or error."),
-    log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
+    log_level: str = LOG_LEVEL_OPTION,
+    log_json: bool = LOG_JSON_OPTION,
     data_dir: str | None = typer.Option(
         None,
         "--data-dir",
@@ -260,15 +263,11 @@ def worker(
     generations: bool = typer.Option(
         True, "--generations/--no-generations", help="Run generation jobs in this process."
     ),
-    processors: bool | None = typer.Option(
-        None,
-        "--processors/--no-processors",
-        help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
-    ),
+    processors: bool | None = PROCESSORS_OPTION,
     config: Path | None = CONFIG_OPTION,
     model: list[str] | None = MODEL_OPTION,
-    log_level: str = typer.Option("info", help="debug, info, warning or error."),
-    log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
+    log_level: str = LOG_LEVEL_OPTION,
+    log_json: bool = LOG_JSON_OPTION,
 ) -> None:
     """Run generation workers (and the processor pipeline) against TOKENBRIDGE_REDIS_URL."""
     settings = load_settings(config, model or ())
