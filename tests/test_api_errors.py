@@ -287,7 +287,8 @@ async def test_models_lists_demo(api: httpx.AsyncClient) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "list"
-    assert {"id": "demo", "adapter": "demo"} in body["data"]
+    [demo] = [model for model in body["data"] if model["id"] == "demo"]
+    assert demo["object"] == "model" and demo["adapter"] == "demo"
 
 
 async def test_index_html(api: httpx.AsyncClient) -> None:

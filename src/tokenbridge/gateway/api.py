@@ -185,14 +185,32 @@ async def session_websocket(websocket: WebSocket) -> None:
     )
 
 
+def _model_object(gateway: Gateway, name: str) -> dict[str, Any]:
+    """A model of the table as OpenAI's Model object (``object``, ``created``, ``owned_by``),
+    plus ``adapter``. ``created``: when this gateway loaded its model table."""
+    adapter = gateway.settings.models[name].adapter
+    created = gateway.started_s
+    return {"id": name, "object": "model", "created": created, "owned_by": "tokenbridge",
+            "adapter": adapter}  # fmt: skip
+
+
 async def list_models(request: Request) -> Response:
+    """The model table, shaped as OpenAI's ``GET /v1/models`` list."""
     gateway = _gateway(request)
     await key_principal(gateway.auth, request)
-    data = [
-        {"id": name, "adapter": config.adapter}
-        for name, config in sorted(gateway.settings.models.items())
-    ]
+    data = [_model_object(gateway, name) for name in sorted(gateway.settings.models)]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """One model of the table (OpenAI's ``GET /v1/models/{model}``); 404 ``unknown_model``."""
+    gateway = _gateway(request)
+    await key_principal(gateway.auth, request)
+    name = request.path_params["model"]
+    if name not in gateway.settings.models:
+        known = ", ".join(sorted(gateway.settings.models))
+        raise InvalidRequest("unknown_model", f"unknown model {name!r}; known: {known}", 404)
+    return JSONResponse(_model_object(gateway, name))
 
 
 async def healthz(request: Request) -> Response:

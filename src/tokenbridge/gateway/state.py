@@ -11,6 +11,7 @@ Routes read ``request.state.gateway``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Collection
 from types import TracebackType
 
@@ -88,6 +89,7 @@ class Gateway:
             token_ttl_s=self.auth.token_ttl_s,
         )
         self._fanout_task: asyncio.Task[None] | None = None
+        self.started_s = int(time.time())  # the `created` of the models it lists
 
     def __repr__(self) -> str:
         return f"<Gateway {self.fanout!r} {self.connections!r} {self.admission!r}>"
