@@ -135,6 +135,19 @@ async def test_body_over_4_mib_chunked(api: httpx.AsyncClient) -> None:
     assert_error(response, 413, "request_too_large")
 
 
+async def test_admin_body_over_64_kib_sent_chunked(
+    api: httpx.AsyncClient,
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no content-length: the stream is counted
+        yield b'{"name": "'
+        for _ in range(5):
+            yield b"x" * (64 * 1024)
+        yield b'"}'
+
+    response = await api.post("/v1/admin/keys", content=chunks())
+    assert_error(response, 413, "request_too_large")
+
+
 async def test_prompt_and_messages_over_limits(settings_factory: Any) -> None:
     settings = settings_factory(max_prompt_chars=10, max_messages=2)
     async with (

@@ -6,7 +6,6 @@ is stable (see docs/api.md), ``message`` is for people.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +17,7 @@ from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway import encodings
 from tokenbridge.gateway.auth import COOKIE_NAME, Principal, key_principal, reader_principal
 from tokenbridge.gateway.encodings.base import StreamContext
+from tokenbridge.gateway.request_body import json_body
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.gateway.sse import EventStreamResponse
 from tokenbridge.gateway.state import Gateway
@@ -34,8 +34,6 @@ from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.wire.keys import ID_PATTERN, validate_id
 
 __all__ = ["GenerationRequest", "error_response"]
-
-_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def error_response(code: str, message: str, status_code: int) -> JSONResponse:
@@ -86,24 +84,6 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def _json_body(request: Request) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > _MAX_BODY_BYTES:
-        raise InvalidRequest("request_too_large", f"body over {_MAX_BODY_BYTES} bytes", 413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > _MAX_BODY_BYTES:
-            raise InvalidRequest("request_too_large", f"body over {_MAX_BODY_BYTES} bytes", 413)
-    try:
-        payload = json.loads(body)
-        # Lone surrogates ("\ud800") parse but cannot be stored or sent on: reject them here.
-        json.dumps(payload, ensure_ascii=False).encode()
-    except (ValueError, UnicodeError, RecursionError):
-        raise InvalidRequest("invalid_json", "the request body is not valid UTF-8 JSON") from None
-    return payload
-
-
 def _validation_message(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
@@ -117,7 +97,7 @@ async def create_generation(request: Request) -> Response:
     gateway = _gateway(request)
     gateway.connections.ensure_accepting()  # 503 `draining` once this process shuts down
     principal = await key_principal(gateway.auth, request, unsafe=True)
-    payload = await _json_body(request)
+    payload = await json_body(request)
     try:
         body = GenerationRequest.model_validate(payload)
     except ValidationError as exc:
@@ -278,7 +258,7 @@ def _console_response(request: Request, principal: Principal, response: Response
 async def login(request: Request) -> Response:
     """Exchange an API key for the console cookie (the page at / uses it)."""
     auth = _gateway(request).auth
-    payload = await _json_body(request)
+    payload = await json_body(request)
     key = payload.get("api_key") if isinstance(payload, dict) else None
     if not isinstance(key, str) or len(key) > 200:
         raise InvalidRequest("invalid_request", 'send {"api_key": "tbk_..."}', 422)

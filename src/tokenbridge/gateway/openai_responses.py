@@ -21,7 +21,6 @@ from starlette.responses import JSONResponse, Response
 
 from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway import encodings
-from tokenbridge.gateway.api import _json_body
 from tokenbridge.gateway.encodings.base import StreamContext
 from tokenbridge.gateway.encodings.openai_responses import (
     ResponsesEncoder,
@@ -39,6 +38,7 @@ from tokenbridge.gateway.openai_common import (
 from tokenbridge.gateway.openai_errors import OpenAIParamError, openai_endpoint
 from tokenbridge.gateway.openai_requests import ResponsesBody, parse_responses
 from tokenbridge.gateway.openai_store import RESPONSE_PREFIX, OpenAIStore, session_of
+from tokenbridge.gateway.request_body import json_body
 from tokenbridge.gateway.resume import iter_history
 from tokenbridge.gateway.state import Gateway
 from tokenbridge.producer.cancel import request_cancel
@@ -162,7 +162,7 @@ async def create_response(request: Request) -> Response:
     gateway, store = gateway_of(request)
     gateway.connections.ensure_accepting()
     principal = await openai_principal(request, unsafe=True)
-    body = parse_responses(await _json_body(request))
+    body = parse_responses(await json_body(request))
     conversation = await _conversation(gateway, store, body)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages = [*system, *conversation]
