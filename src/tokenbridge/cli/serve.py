@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +136,14 @@ class _StartupErrors:
     def _quiet(self, record: logging.LogRecord) -> bool:
         return self.error is None or not record.getMessage().startswith("Application startup")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine function: a request's coroutine is the app's own, so every open
+        # stream holds one suspended frame less (~260 bytes). Hence interface="asgi3".
         if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._lifespan(scope, receive, send)
 
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def quiet(message: Message) -> None:
             # Starlette sends this from inside its `except` block: the error is in flight.
             failed = sys.exc_info()[1]
@@ -233,6 +236,7 @@ def serve(
         uv_config = uvicorn.Config(
             lifespan,
             lifespan="on",
+            interface="asgi3",
             log_config=None,
             timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_s)),
             **uvicorn_options(settings),

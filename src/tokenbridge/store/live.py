@@ -162,17 +162,24 @@ class LiveMessage:
     entries: list[tuple[bytes, dict[bytes, bytes]]]
 
 
+_READER = [hiredis.Reader()]  # reused: one message parsed at a time (replaced after an error)
+
+
 def parse_live_message(data: bytes) -> LiveMessage | None:
     """The message's content; None for an empty message ("read the stream") or a malformed
     one (the caller repairs from the stream either way)."""
     if not data:
         return None
-    reader = hiredis.Reader()
+    reader = _READER[0]
     reader.feed(data)
     try:
         reply: Any = reader.gets()
     except hiredis.ProtocolError:
-        return None
+        reply = False
+    if reply is False or reader.has_data():  # malformed, cut short or trailing bytes
+        _READER[0] = hiredis.Reader()
+        if reply is False:
+            return None
     if not isinstance(reply, list) or len(reply) != 3 or not isinstance(reply[2], list):
         return None
     entries = []
