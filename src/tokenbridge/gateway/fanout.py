@@ -10,8 +10,12 @@ Subscribing or resuming one connection costs the same whatever the number of ses
 
 - a session held here, resumed from an id the feed still remembers (its last
   ``fanout_recent_events`` entries; a feed lingers ``fanout_linger_s`` after its last
-  connection left, because a reconnect storm is clients coming back): one ``HGET`` of the
-  epoch (the stream may have expired or been renewed), the history from memory;
+  connection left, because a reconnect storm is clients coming back): the history from
+  memory, and no command at all if the feed heard a live message of its epoch less than
+  ``epoch_trust_s`` ago (a renewed stream is published, so only a silent expiry could
+  change the epoch, and the session keys outlive a write by more than that: the gateway
+  passes half the smaller of ``stream_retention_s`` and ``stream_max_generation_s``);
+  otherwise one ``HGET`` of the epoch;
 - otherwise: one round trip, ``HGET :meta epoch`` + ``XRANGE :events <id> + COUNT n`` (the id
   included: finding it proves nothing after it was trimmed), plus, for a session new here,
   its share of one batched ``SSUBSCRIBE``. An unknown epoch, a trimmed id or an empty reply falls
@@ -85,6 +89,7 @@ class _Feed:
     repairing: bool = False
     dirty: bool = False  # a message arrived during a repair: read again
     idle_since: float = 0.0
+    heard_at: float = float("-inf")  # last live message of ``epoch`` (time.monotonic())
 
 
 class SessionFanout:
@@ -104,6 +109,7 @@ class SessionFanout:
         repair_concurrency: int = 16,
         batch_events: int = 1000,
         node_id: str | None = None,
+        epoch_trust_s: float = 0.0,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
@@ -114,6 +120,7 @@ class SessionFanout:
         self.recent_events = recent_events
         self.linger_s = linger_s
         self.batch_events = batch_events
+        self.epoch_trust_s = epoch_trust_s
         self.stats = FanoutStats()
         self.subscriber = ShardSubscriber(
             redis, self._on_message, self._on_resubscribed, keys.prefix, probe_s
@@ -151,7 +158,12 @@ class SessionFanout:
         """Register ``conn`` for live events and say where it starts (see the module doc)."""
         feed = self._join(conn)
         await feed.ready
-        if last is not None and feed.cursor is not None and self._from_memory(feed, last):
+        known = last is not None and feed.cursor is not None
+        opening = self._from_memory(feed, last) if known else None
+        if opening is not None and time.monotonic() - feed.heard_at < self.epoch_trust_s:
+            self.stats.memory_resumes += 1  # a live message proved the epoch lately: no Redis
+            return opening
+        if opening is not None:
             # The stream may have expired or been renewed without a message: one HGET says.
             epoch: Any = await self.redis.hget(self.keys.meta(conn.session_id), "epoch")
             opening = self._from_memory(feed, last)  # again: events may have come meanwhile
@@ -322,6 +334,7 @@ class SessionFanout:
         if parse_entry_id(message.prev_id) > parse_entry_id(feed.cursor):
             self._repair(feed)  # something was published that this feed never heard
             return
+        feed.heard_at = time.monotonic()
         self._deliver(feed, message.entries)
 
     def _epoch_changed(self, feed: _Feed, message: LiveMessage) -> None:
