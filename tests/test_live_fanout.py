@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.exceptions import ResponseError
 
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.fanout import SessionFanout
@@ -175,6 +176,27 @@ async def test_resume_soon_after_a_live_message_reads_no_epoch(redis: Any, keys:
         fan.stop()
         async with asyncio.timeout(10):
             await task
+
+
+async def test_connections_opening_together_share_their_reads(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    """A storm of new connections: their history reads go out in shared pipelines, each
+    connection gets its own session's history, and one session's error stays its own."""
+    writers = [Writer(redis, keys, "s_" + secrets.token_hex(6)) for _ in range(20)]
+    for writer in writers:
+        await writer.tokens(3)
+    broken = "s_" + secrets.token_hex(6)
+    await redis.set(keys.events(broken), "not a stream")  # XRANGE fails with WRONGTYPE
+    conns = [ClientConnection(w.sid, "sse", 1000) for w in writers]
+    results = await asyncio.gather(
+        *(texts(fanout, conn, None, 3) for conn in conns),
+        fanout.open(ClientConnection(broken, "sse", 1000), None),
+        return_exceptions=True,
+    )
+    assert results[:-1] == [expected(1, 3)] * 20
+    assert isinstance(results[-1], ResponseError) and "WRONGTYPE" in str(results[-1])
+    assert fanout.reads.reads == 21 and fanout.reads.pipelines < 21
 
 
 def _entry_id_of(conn: ClientConnection) -> str:

@@ -16,8 +16,9 @@ Subscribing or resuming one connection costs the same whatever the number of ses
   change the epoch, and the session keys outlive a write by more than that: the gateway
   passes half the smaller of ``stream_retention_s`` and ``stream_max_generation_s``);
   otherwise one ``HGET`` of the epoch;
-- otherwise: one round trip, ``HGET :meta epoch`` + ``XRANGE :events <id> + COUNT n`` (the id
-  included: finding it proves nothing after it was trimmed), plus, for a session new here,
+- otherwise: ``HGET :meta epoch`` + ``XRANGE :events <id> + COUNT n`` (the id included:
+  finding it proves nothing after it was trimmed), in one pipeline with the other connections
+  opening at the same time (``resume_reads.py``), plus, for a session new here,
   its share of one batched ``SSUBSCRIBE``. An unknown epoch, a trimmed id or an empty reply falls
   back to the full state script and :func:`plan_resume` (``gap`` events).
 
@@ -48,6 +49,7 @@ from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.entries import FanoutStats, decode_entries
 from tokenbridge.gateway.frames import Batch, Frame, parse_entry_id
 from tokenbridge.gateway.resume import plan_resume
+from tokenbridge.gateway.resume_reads import ResumeReads
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.store.live import LiveMessage, parse_live_message
 from tokenbridge.store.scripts import Scripts, SessionState
@@ -129,6 +131,7 @@ class SessionFanout:
         self._by_channel: dict[bytes, _Feed] = {}
         self._idle: collections.OrderedDict[str, _Feed] = collections.OrderedDict()
         self._repairs = asyncio.Semaphore(repair_concurrency)
+        self.reads = ResumeReads(redis, keys, self._spawn)
         self._group: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
 
@@ -271,18 +274,9 @@ class SessionFanout:
         return Opening(epoch, history=[Batch(frames)] if frames else [], more_after=after)
 
     async def _read_two(self, sid: str, start: str, count: int) -> Any:
-        """The epoch and a page of the stream in one round trip; once more on a dead pooled
-        connection (after a Redis restart), as redis-py does for single commands."""
-        for attempt in (1, 2):
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.hget(self.keys.meta(sid), "epoch")
-                    pipe.xrange(self.keys.events(sid), min=start, max="+", count=count)
-                    return await pipe.execute()
-            except REDIS_DOWN_ERRORS:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        """The epoch and a page of the stream, in a pipeline shared with the other
+        connections opening now (``resume_reads.py``)."""
+        return await self.reads.read(sid, start, count)
 
     async def _from_state(self, feed: _Feed, last: tuple[str, str] | None) -> Opening:
         state = await self.session_state(feed.session_id)
