@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.exceptions import ResponseError
 
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.fanout import SessionFanout
@@ -143,6 +144,59 @@ async def test_resume_from_memory_costs_no_read(
     last = (fanout._feeds[writer.sid].epoch, _entry_id_of(first))
     assert await texts(fanout, back, last, 4) == expected(3, 6)
     assert fanout.stats.memory_resumes == before + 1
+
+
+async def test_resume_soon_after_a_live_message_reads_no_epoch(redis: Any, keys: Keys) -> None:
+    """Within ``epoch_trust_s`` of a live message, a resume from memory asks Redis nothing:
+    an epoch changed behind the feed's back (no message) goes unseen. Past it, the one HGET
+    sees the change, and the client gets a gap."""
+    fan = SessionFanout(redis, Scripts(redis), keys, history_batch=5, epoch_trust_s=3600)
+    task = asyncio.create_task(fan.run())
+    try:
+        writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+        await writer.tokens(2)
+        first = ClientConnection(writer.sid, "sse", 1000)
+        assert await texts(fan, first, None, 2) == expected(1, 2)
+        fan.unsubscribe(first)
+        await writer.tokens(4)  # heard live while the client is away
+        await until(lambda: fan.stats.read >= 4)
+        await redis.hset(keys.meta(writer.sid), "epoch", "behind1")  # only a read would see it
+        last = (fan._feeds[writer.sid].epoch, _entry_id_of(first))
+        back = ClientConnection(writer.sid, "sse", 1000)
+        assert await texts(fan, back, last, 4) == expected(3, 6)
+        assert (fan.stats.memory_resumes, fan.stats.redis_resumes) == (1, 1)
+        fan.unsubscribe(back)
+
+        fan.epoch_trust_s = 0.0  # the message is too old now: the epoch is read
+        late = ClientConnection(writer.sid, "sse", 1000)
+        opening = await fan.open(late, last)
+        assert opening.gap is not None and opening.epoch == "behind1"
+        assert (fan.stats.memory_resumes, fan.stats.redis_resumes) == (1, 2)
+    finally:
+        fan.stop()
+        async with asyncio.timeout(10):
+            await task
+
+
+async def test_connections_opening_together_share_their_reads(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    """A storm of new connections: their history reads go out in shared pipelines, each
+    connection gets its own session's history, and one session's error stays its own."""
+    writers = [Writer(redis, keys, "s_" + secrets.token_hex(6)) for _ in range(20)]
+    for writer in writers:
+        await writer.tokens(3)
+    broken = "s_" + secrets.token_hex(6)
+    await redis.set(keys.events(broken), "not a stream")  # XRANGE fails with WRONGTYPE
+    conns = [ClientConnection(w.sid, "sse", 1000) for w in writers]
+    results = await asyncio.gather(
+        *(texts(fanout, conn, None, 3) for conn in conns),
+        fanout.open(ClientConnection(broken, "sse", 1000), None),
+        return_exceptions=True,
+    )
+    assert results[:-1] == [expected(1, 3)] * 20
+    assert isinstance(results[-1], ResponseError) and "WRONGTYPE" in str(results[-1])
+    assert fanout.reads.reads == 21 and fanout.reads.pipelines < 21
 
 
 def _entry_id_of(conn: ClientConnection) -> str:

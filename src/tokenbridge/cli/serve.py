@@ -224,6 +224,7 @@ def serve(
     configure_logging(log_level, log_json)
     from tokenbridge.gateway.app import create_app
     from tokenbridge.gateway.websocket import uvicorn_options
+    from tokenbridge.gc_tuning import tune_gc
 
     with contextlib.ExitStack() as stack:
         stack.callback(sock.close)
@@ -255,6 +256,7 @@ def serve(
         server.data_dir = where
         if embedded is not None:  # stopped on a forced exit too
             server.stop_signals.cleanups.append(embedded.stop)
+        tune_gc()  # gc_tuning.py: no loop-stalling full collections in a reconnect storm
         server.run(sockets=[sock])
         if server.startup_error is not None:
             raise server.startup_error

@@ -62,6 +62,9 @@ class Gateway:
             repair_concurrency=settings.fanout_repair_concurrency,
             batch_events=settings.fanout_batch_events,
             node_id=node_id,
+            # A live message proves the stream's epoch then; a renewal after it is published
+            # too. Only an expiry is silent, and the keys live at least this long after a write.
+            epoch_trust_s=min(settings.stream_retention_s, settings.stream_max_generation_s) / 2,
         )
         self.auth = Auth(redis, keys, settings)
         self.connections = ConnectionManager(
