@@ -22,6 +22,7 @@ from tokenbridge.producer.sweeper import LOST_CODE, GenerationSweeper
 from tokenbridge.producer.worker import GenerationWorker
 from tokenbridge.settings import Settings
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.store.live import append_events
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.events import Event, decode_entry
 from tokenbridge.wire.keys import Keys
@@ -176,3 +177,39 @@ class _CountingModel(DemoModel):
             async for item in items:
                 self.count += 1
                 yield item
+
+
+async def _append(redis: Redis, keys: Keys, sid: str, trim: str, n: int) -> int:
+    """``n`` token events in batches of 100 through the append script; the stream's length."""
+    gen, state = "g_trim", ""
+    k = (keys.events(sid), keys.meta(sid), keys.generations(sid), keys.live(sid))
+    for first in range(1, n + 1, 100):
+        events = [
+            {"v": "1", "kind": "token", "gen": gen, "seq": str(seq), "ts": "1", "text": "t"}
+            for seq in range(first, first + 100)
+        ]
+        new = f"running {first + 99}"
+        await append_events(
+            redis, k, gen, events, state=new, expected_state=state, new_epoch="e1", maxlen=trim
+        )
+        state = new
+    length: int = await redis.xlen(keys.events(sid))
+    return length
+
+
+async def test_recent_history_is_kept_past_stream_max_len_within_the_hard_cap(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys(settings.key_prefix)
+    # By count only (stream_history_s = 0): about stream_max_len entries stay.
+    assert await _append(redis, keys, "s_count", "100", 3000) < 400
+    # By age: everything of the last minute stays, however fast the session is ...
+    assert await _append(redis, keys, "s_young", "100 60 100000", 3000) == 3000
+    # ... up to the hard cap.
+    assert await _append(redis, keys, "s_capped", "100 60 1000", 3000) < 1300
+    # Past stream_max_len, entries older than stream_history_s go, never below the count.
+    for n in range(1, 201):  # two whole stream nodes from 1970 (trimming is by node: ~)
+        await redis.xadd(keys.events("s_old"), {"kind": "token"}, id=f"1-{n}")
+    assert await _append(redis, keys, "s_old", "100 60 100000", 3000) == 3000
+    first: Any = await redis.xrange(keys.events("s_old"), count=1)
+    assert not first[0][0].startswith(b"1-")
