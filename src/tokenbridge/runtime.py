@@ -90,6 +90,10 @@ class Runtime:
             pipeline_shards=settings.pipeline_shards if settings.pipeline_enabled else 0,
             # A backstop only: processors/pipeline_trim.py trims (and counts what it drops).
             pipeline_max_len=settings.pipeline_max_len * 2,
+            outage_s=settings.redis_outage_s,
+            max_pending_bytes=settings.producer_max_pending_bytes,
+            history_s=settings.stream_history_s,
+            history_max_len=settings.stream_history_max_len,
         )
         self.models: dict[str, ChatModel] = build_models(settings)
         self.dead_letters = DeadLetters(self.redis, self.keys.dead_letters, settings.dlq_max_len)

@@ -82,6 +82,15 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]{1,32}$",
         description="Prefix of every Redis key tokenbridge writes.",
     )
+    redis_outage_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a producer whose write failed (Redis restarting, a failover, a "
+        "lost reply) retries it with backoff, the model's events waiting in its bounded buffer "
+        "(producer_max_pending, producer_max_pending_bytes); past this the generation stops "
+        "and ends with `error generation_lost` once Redis is back. Keep it below "
+        "consumer_claim_idle_ms, after which another worker takes the job over.",
+    )
 
     # -- HTTP ----------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address the gateway binds to.")
@@ -91,7 +100,8 @@ class Settings(BaseSettings):
     stream_max_len: int = Field(
         default=10_000,
         ge=10,
-        description="Approximate max entries kept per session stream (XADD MAXLEN ~).",
+        description="Entries kept per session stream whatever their age; past it, entries "
+        "older than stream_history_s are trimmed (XTRIM MINID ~, never below this count).",
     )
     stream_retention_s: int = Field(
         default=3600, ge=1, description="Session keys expire this long after a generation ends."
@@ -106,6 +116,18 @@ class Settings(BaseSettings):
         ge=60,
         description="How long a stored Responses API response (POST /v1/responses, store: "
         "true) can be retrieved, continued (previous_response_id) and deleted.",
+    )
+    stream_history_s: int = Field(
+        default=60,
+        ge=0,
+        description="Entries younger than this are kept even past stream_max_len (up to "
+        "stream_history_max_len), so a fast session keeps the history a dropped reader "
+        "resumes from. 0: trim by count only.",
+    )
+    stream_history_max_len: int = Field(
+        default=200_000,
+        ge=10,
+        description="Hard cap of entries per session stream (XADD MAXLEN ~), whatever their age.",
     )
 
     # -- Gateway fan-out -----------------------------------------------------------------
@@ -256,6 +278,12 @@ class Settings(BaseSettings):
     )
     jobs_max_len: int = Field(
         default=100_000, ge=100, description="Approximate max entries kept in the job stream."
+    )
+    producer_max_pending_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of event text a producer buffers (not yet written: Redis slow or "
+        "away) before the model waits; with producer_max_pending, the bound of that buffer.",
     )
 
     # -- Operations (presence, dashboard, embedded Redis data) ---------------------------
