@@ -20,6 +20,7 @@ from tokenbridge.cli.app import app
 from tokenbridge.cli.local import DataDir, first_key, start_embedded
 from tokenbridge.cli.process import CLOSE_GRACE_S, StopSignals, bind_socket, probe_redis
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable, TokenBridgeError
+from tokenbridge.gateway.asgi3 import coroutine_returning
 from tokenbridge.logs import configure_logging
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings, load_settings
@@ -136,6 +137,7 @@ class _StartupErrors:
     def _quiet(self, record: logging.LogRecord) -> bool:
         return self.error is None or not record.getMessage().startswith("Application startup")
 
+    @coroutine_returning
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # Not a coroutine function: a request's coroutine is the app's own, so every open
         # stream holds one suspended frame less (~260 bytes). Hence interface="asgi3".
@@ -237,7 +239,6 @@ def serve(
         uv_config = uvicorn.Config(
             lifespan,
             lifespan="on",
-            interface="asgi3",
             log_config=None,
             timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_s)),
             **uvicorn_options(settings),

@@ -6,6 +6,7 @@ is stable (see docs/api.md), ``message`` is for people.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -143,23 +144,18 @@ async def cancel_generation(request: Request) -> Response:
     return JSONResponse({"generation_id": generation_id, "state": outcome}, status_code=202)
 
 
-async def session_websocket(websocket: WebSocket) -> None:
-    """WebSocket stream of a session (same events and ids as SSE) with resume and cancel."""
+def session_websocket(websocket: WebSocket) -> Coroutine[Any, Any, None]:
+    """WebSocket stream of a session (same events and ids as SSE) with resume and cancel.
+
+    Returns :func:`serve_websocket`'s coroutine rather than awaiting it, with two slotted
+    callables rather than closures: an open WebSocket holds no frame nor cells of this."""
     gateway: Gateway = websocket.state.gateway
-
-    async def cancel(session_id: str, generation_id: str) -> bool:
-        outcome = await request_cancel(gateway.redis, gateway.keys, generation_id, session_id)
-        return outcome != "not_found"
-
-    async def authorize(session_id: str) -> None:
-        await reader_principal(gateway.auth, websocket, session_id)
-
-    await serve_websocket(
+    return serve_websocket(
         websocket,
         gateway.fanout,
         gateway.connections,
-        cancel,
-        authorize,
+        _Cancel(gateway),
+        _Authorize(gateway, websocket),
         gateway.stream_options,
         max_message_bytes=gateway.settings.limits_max_websocket_message_bytes,
     )
@@ -172,6 +168,33 @@ def _model_object(gateway: Gateway, name: str) -> dict[str, Any]:
     created = gateway.started_s
     return {"id": name, "object": "model", "created": created, "owned_by": "tokenbridge",
             "adapter": adapter}  # fmt: skip
+
+
+class _Cancel:
+    """A WebSocket client's ``cancel`` command: True unless the generation is unknown."""
+
+    __slots__ = ("gateway",)
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, session_id: str, generation_id: str) -> bool:
+        gateway = self.gateway
+        outcome = await request_cancel(gateway.redis, gateway.keys, generation_id, session_id)
+        return outcome != "not_found"
+
+
+class _Authorize:
+    """Whether a WebSocket's client may read a session (raises :class:`AuthError` if not)."""
+
+    __slots__ = ("gateway", "websocket")
+
+    def __init__(self, gateway: Gateway, websocket: WebSocket) -> None:
+        self.gateway = gateway
+        self.websocket = websocket
+
+    async def __call__(self, session_id: str) -> None:
+        await reader_principal(self.gateway.auth, self.websocket, session_id)
 
 
 async def list_models(request: Request) -> Response:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenbridge.gateway.direct_http import EXTENSION, LightEvent
+from tokenbridge.gateway.wake_clock import call_later
 
 __all__ = ["DirectFrames", "DirectWSProtocol", "text_frame"]
 
@@ -61,9 +62,13 @@ class _LightQueue:
         return not self._items
 
     async def get(self) -> Any:
-        while not self._items:
+        while not self._items:  # waits in this frame (not in LightEvent.wait's): ~230 B less
             self._ready.clear()
-            await self._ready.wait()
+            waiter = self._ready.add_waiter()
+            try:
+                await waiter
+            finally:
+                self._ready.remove_waiter(waiter)
         items = self._items
         item = items.pop(0)
         if not items:
@@ -128,6 +133,13 @@ if WSProtocol is not None:
             """Called once the accept is written: the handshake's state is done with."""
             _forget_handshake(self.conn)
             super().start_keepalive()
+
+        def schedule_ping(self) -> None:
+            """As uvicorn's, on the shared clock (``gateway/wake_clock.py``): no timer handle
+            of the event loop per idle WebSocket (~350 bytes less)."""
+            assert self.ping_interval is not None
+            delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+            self.ping_timer = call_later(self.loop, delay, self.send_keepalive_ping)  # type: ignore[assignment]
 
 
 else:  # pragma: no cover
