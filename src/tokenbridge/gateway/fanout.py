@@ -96,6 +96,20 @@ class _Feed:
     heard_at: float = float("-inf")  # last live message of ``epoch`` (time.monotonic())
 
 
+def _after_delivered(feed: _Feed, entry_id: str) -> list[Frame] | None:
+    """The recent frames after ``entry_id`` if it is one the feed delivered (or the one just
+    before them), found by comparing strings; None if it is not (then ids are compared)."""
+    recent = feed.recent or ()
+    if entry_id == feed.cursor:
+        return []
+    if entry_id == feed.recent_base:
+        return list(recent)
+    for at in range(len(recent) - 1, -1, -1):
+        if recent[at].entry_id == entry_id:
+            return [recent[i] for i in range(at + 1, len(recent))]
+    return None
+
+
 class SessionFanout:
     """Feeds every :class:`ClientConnection` of this process; see the module docstring."""
 
@@ -233,6 +247,10 @@ class SessionFanout:
         """The history from the feed's recent frames, if they cover it."""
         if feed.repairing:
             return None
+        if last is not None and last[0] == feed.epoch:
+            frames = _after_delivered(feed, last[1])
+            if frames is not None:  # the common case: no entry id parsed
+                return Opening(feed.epoch, history=[Batch(frames)] if frames else [])
         cursor = _cursor_key(feed)
         if last is None:
             if feed.recent_base != "0-0":
