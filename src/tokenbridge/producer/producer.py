@@ -29,6 +29,7 @@ the ``cancel`` event the worker sets on a pub/sub notice.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -76,22 +77,35 @@ class GenerationResult:
 
 class _Pending(asyncio.Queue[Event]):
     """Events not yet written, bounded in events and in bytes (text + ``_EVENT_BYTES`` each):
-    full, ``put`` waits (the model waits). One event always fits in an empty queue."""
+    full, ``put`` waits (the model waits). One event always fits in an empty queue. (The
+    ``_init``/``_put``/``_get`` hooks are asyncio's for subclasses, as ``PriorityQueue``.)"""
 
     def __init__(self, max_events: int, max_bytes: int) -> None:
         super().__init__(maxsize=max_events)
+        self.max_events = max_events
         self.max_bytes = max_bytes
         self.bytes = 0
 
+    def _init(self, maxsize: int) -> None:
+        self._items: collections.deque[Event] = collections.deque()
+        self._queue = self._items  # what asyncio's own methods look at
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
     def full(self) -> bool:
-        return super().full() or (self.bytes >= self.max_bytes and not self.empty())
+        n = len(self._items)
+        return n >= self.max_events or (n > 0 and self.bytes >= self.max_bytes)
 
     def _put(self, item: Event) -> None:
-        super()._put(item)
+        self._items.append(item)
         self.bytes += len(item.text) + _EVENT_BYTES
 
     def _get(self) -> Event:
-        item: Event = super()._get()
+        item = self._items.popleft()
         self.bytes -= len(item.text) + _EVENT_BYTES
         return item
 
