@@ -176,25 +176,26 @@ async def test_many_clients_use_a_bounded_number_of_redis_connections(
         async def client(session_id: str) -> int:
             nonlocal connected
             reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-            writer.write(
-                f"GET /v1/sessions/{session_id}/events HTTP/1.1\r\nHost: x\r\n"
-                "Accept: text/event-stream\r\n\r\n".encode()
-            )
-            await writer.drain()
-            await reader.readuntil(b"retry:")
-            connected += 1
-            if connected == n_sessions * per_session:
-                all_in.set()
-            tokens = 0
-            buffer = b""
-            while b"event: end" not in buffer:
-                chunk = await reader.read(65536)
-                assert chunk, "server closed early"
-                buffer = buffer[-64:] + chunk
-                tokens += chunk.count(b"event: token")
-            writer.close()
-            await writer.wait_closed()
-            return tokens
+            try:  # closed however this ends (a failure, or the test's timeout cancelling it)
+                writer.write(
+                    f"GET /v1/sessions/{session_id}/events HTTP/1.1\r\nHost: x\r\n"
+                    "Accept: text/event-stream\r\n\r\n".encode()
+                )
+                await writer.drain()
+                await reader.readuntil(b"retry:")
+                connected += 1
+                if connected == n_sessions * per_session:
+                    all_in.set()
+                tokens = 0
+                buffer = b""
+                while b"event: end" not in buffer:
+                    chunk = await reader.read(65536)
+                    assert chunk, "server closed early"
+                    buffer = buffer[-64:] + chunk
+                    tokens += chunk.count(b"event: token")
+                return tokens
+            finally:
+                writer.close()
 
         async with asyncio.timeout(90):
             tasks = [asyncio.create_task(client(s)) for s in sessions for _ in range(per_session)]

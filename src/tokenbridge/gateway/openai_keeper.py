@@ -32,11 +32,13 @@ from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.wire.events import TERMINAL_KINDS
 from tokenbridge.wire.keys import Keys
 
-__all__ = ["ResponseKeeper", "options_of", "replay_response"]
+__all__ = ["DONE_STATUSES", "ResponseKeeper", "options_of", "replay_response"]
 
 log = logging.getLogger(__name__)
 
 _PAGE = 100
+_MAX_PAGES = 1000  # per sweep: 100,000 listed responses; the rest wait for the next round
+DONE_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
 _TERMINAL = frozenset(kind.encode() for kind in TERMINAL_KINDS)
 
 
@@ -117,10 +119,10 @@ class ResponseKeeper:
         """One pass over the listed responses; returns how many final objects it kept."""
         kept = 0
         cursor = 0
-        while True:
+        for _ in range(_MAX_PAGES):
             listed = await self.store.unfinished(cursor, _PAGE)
             if not listed:
-                return kept
+                break
             cursor += len(listed)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for session_id in listed:
@@ -129,9 +131,10 @@ class ResponseKeeper:
             for session_id, last in zip(listed, lasts, strict=True):
                 outcome = await self._settle(session_id, last)
                 kept += outcome == "kept"
-                cursor -= outcome != "running"  # forgotten: the next page starts earlier
+                cursor -= outcome != "running"  # taken off the list: the next page starts earlier
             if len(listed) < _PAGE:
-                return kept
+                break
+        return kept
 
     async def _settle(self, session_id: str, last: list[Any]) -> str:
         """``kept`` (ended: final object written), ``running`` (not ended yet) or
@@ -149,9 +152,11 @@ class ResponseKeeper:
                 ended = fields.get(b"kind") in _TERMINAL
                 if not ended or fields.get(b"gen") != record["generation_id"].encode():
                     return "running"
-                await replay_response(
+                snapshot = await replay_response(
                     self.redis, self.keys, self.store, session_id, record, self.history_batch
                 )
+                if snapshot["status"] not in DONE_STATUSES:  # its end is not in the stream
+                    return "running"
                 self.kept += 1
                 return "kept"
         await self.store.forget_unfinished(session_id)

@@ -35,7 +35,7 @@ from tokenbridge.gateway.openai_common import (
     submit,
 )
 from tokenbridge.gateway.openai_errors import OpenAIParamError, openai_endpoint
-from tokenbridge.gateway.openai_keeper import options_of, replay_response
+from tokenbridge.gateway.openai_keeper import DONE_STATUSES, options_of, replay_response
 from tokenbridge.gateway.openai_requests import ResponsesBody, parse_responses
 from tokenbridge.gateway.openai_store import RESPONSE_PREFIX, OpenAIStore, session_of
 from tokenbridge.gateway.request_body import json_body
@@ -47,7 +47,6 @@ __all__ = ["cancel_response", "create_response", "delete_response", "retrieve_re
 
 _CANCEL_WAIT_S = 5.0
 _SSE = "text/event-stream"
-_DONE = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
 def _base(response_id: str, body: ResponsesBody, created_at: int) -> dict[str, Any]:
@@ -126,7 +125,7 @@ async def _conversation(
         ) from None
     if final is None:
         final = await _snapshot(gateway, store, session_id, record)
-    if final["status"] not in _DONE:
+    if final["status"] not in DONE_STATUSES:
         raise InvalidRequest(
             "previous_response_in_progress", f"{previous} has not finished yet", 409
         )
