@@ -30,7 +30,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any, NoReturn
 
-from tokenbridge.settings import ModelConfig
+from tokenbridge.model_config import ModelConfig
 
 __all__ = ["Answer", "FailMidStream", "HttpError", "ModelServer", "Reply", "Stall", "ToolCall"]
 

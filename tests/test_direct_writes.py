@@ -177,3 +177,77 @@ async def test_wake_clock_wakes_each_waiter_at_its_deadline_in_order() -> None:
     await asyncio.wait_for(waiters["late"], 10)
     assert woken == ["early", "late"]
     waiters["never"].cancel()
+
+
+async def test_clock_calls_fire_in_order_unless_cancelled_and_a_failing_one_spoils_none() -> None:
+    from tokenbridge.gateway.wake_clock import call_later
+
+    loop = asyncio.get_running_loop()
+    called: list[str] = []
+    done = asyncio.Event()
+
+    def fail() -> None:
+        raise RuntimeError("a callback's bug")
+
+    call_later(loop, 0.03, lambda: (called.append("late"), done.set()))
+    call_later(loop, 0.01, lambda: called.append("early"))
+    call_later(loop, 0.02, fail)
+    call_later(loop, 0.015, lambda: called.append("cancelled")).cancel()
+    async with asyncio.timeout(10):
+        await done.wait()
+    assert called == ["early", "late"]
+
+
+async def test_websocket_pings_on_the_clock_and_works_without_its_handshake_state() -> None:
+    from websockets.asyncio.client import connect
+
+    from tokenbridge.gateway.direct_http import EXTENSION
+    from tokenbridge.gateway.direct_ws import _HANDSHAKEN, DirectFrames
+
+    answered: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        protocol = scope["extensions"][EXTENSION]
+        assert protocol.conn.handshake is _HANDSHAKEN  # dropped once accepted
+        ponged = asyncio.Event()
+        handle_pong = protocol.handle_pong
+
+        def pong(event: Any) -> None:
+            handle_pong(event)
+            ponged.set()
+
+        protocol.handle_pong = pong
+        async with asyncio.timeout(10):
+            await ponged.wait()  # a ping went out on the clock, and its pong came back
+        assert protocol.last_ping_rtt > 0
+        frames = DirectFrames.open(scope)
+        assert frames is not None and frames.ready()
+        frames.write("hello")
+        message = await receive()  # the client's reply is still parsed
+        answered.append(message.get("text", ""))
+        await send({"type": "websocket.close", "code": 1000})
+
+    port = free_port()
+    options = uvicorn_options(Settings(redis_url="redis://127.0.0.1:1"))
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, ws_ping_interval=0.05, **options
+    )
+    server = _Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            await server.ready.wait()
+            async with connect(f"ws://127.0.0.1:{port}/", ping_interval=None) as ws:
+                assert await ws.recv() == "hello"
+                await ws.send("thanks")
+                with contextlib.suppress(Exception):
+                    await ws.recv()  # the close
+        assert answered == ["thanks"]
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(serving, 10)

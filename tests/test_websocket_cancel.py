@@ -140,3 +140,17 @@ async def test_websocket_bad_session_id_is_closed_with_policy_violation(gateway:
     async with connect(ws_url(gateway.url, "bad$id")) as ws:
         await ws.wait_closed()
     assert ws.close_code == 1008
+
+
+async def test_websocket_binary_message_closes_with_unsupported_data(gateway: Gateway) -> None:
+    async with asyncio.timeout(30), connect(ws_url(gateway.url, "bin-session")) as ws:
+        await ws.send(b"\x00\x01")
+        await ws.wait_closed()
+    assert ws.close_code == 1003 and ws.close_reason == "binary_message"
+
+
+async def test_websocket_ping_message_is_answered(gateway: Gateway) -> None:
+    async with asyncio.timeout(30), connect(ws_url(gateway.url, "ping-session")) as ws:
+        await ws.send(json.dumps({"type": "ping"}))
+        while (message := json.loads(await ws.recv())).get("type") != "pong":
+            assert "event" in message  # only session events before the pong

@@ -15,7 +15,7 @@ from playwright.async_api import Page, expect
 
 from tests.servers import Gateway
 from tests.sse_client import read_events
-from tokenbridge.settings import ModelConfig
+from tokenbridge.model_config import ModelConfig
 
 # The cache would replay a repeated prompt at once: these tests need answers that take time.
 SLOW = {"cache_enabled": False}

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from tokenbridge.cli.app import app
 from tokenbridge.cli.local import DataDir, first_key, start_embedded
 from tokenbridge.cli.process import CLOSE_GRACE_S, StopSignals, bind_socket, probe_redis
 from tokenbridge.exceptions import ConfigurationError, RedisUnavailable, TokenBridgeError
+from tokenbridge.gateway.asgi3 import coroutine_returning
 from tokenbridge.logs import configure_logging
 from tokenbridge.runtime import Runtime
 from tokenbridge.settings import Settings, load_settings
@@ -37,6 +38,13 @@ MODEL_OPTION = typer.Option(
     "--model",
     help="Add a model NAME=ADAPTER:MODEL[@BASE_URL], e.g. gpt=openai:gpt-4o-mini (repeatable).",
 )
+PROCESSORS_OPTION = typer.Option(
+    None,
+    "--processors/--no-processors",
+    help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
+)
+LOG_LEVEL_OPTION = typer.Option("info", help="debug, info, warning or error.")
+LOG_JSON_OPTION = typer.Option(False, "--log-json", help="Log JSON lines.")
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -129,11 +137,15 @@ class _StartupErrors:
     def _quiet(self, record: logging.LogRecord) -> bool:
         return self.error is None or not record.getMessage().startswith("Application startup")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    @coroutine_returning
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine function: a request's coroutine is the app's own, so every open
+        # stream holds one suspended frame less (~260 bytes). Hence interface="asgi3".
         if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._lifespan(scope, receive, send)
 
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def quiet(message: Message) -> None:
             # Starlette sends this from inside its `except` block: the error is in flight.
             failed = sys.exc_info()[1]
@@ -182,15 +194,11 @@ def serve(
     worker: bool | None = typer.Option(
         None, "--worker/--no-worker", help="Run a generation worker in this process."
     ),
-    processors: bool | None = typer.Option(
-        None,
-        "--processors/--no-processors",
-        help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
-    ),
+    processors: bool | None = PROCESSORS_OPTION,
     config: Path | None = CONFIG_OPTION,
     model: list[str] | None = MODEL_OPTION,
-    log_level: str = typer.Option("info", help="debug, info, warning or error."),
-    log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
+    log_level: str = LOG_LEVEL_OPTION,
+    log_json: bool = LOG_JSON_OPTION,
     data_dir: str | None = typer.Option(
         None,
         "--data-dir",
@@ -262,15 +270,11 @@ def worker(
     generations: bool = typer.Option(
         True, "--generations/--no-generations", help="Run generation jobs in this process."
     ),
-    processors: bool | None = typer.Option(
-        None,
-        "--processors/--no-processors",
-        help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
-    ),
+    processors: bool | None = PROCESSORS_OPTION,
     config: Path | None = CONFIG_OPTION,
     model: list[str] | None = MODEL_OPTION,
-    log_level: str = typer.Option("info", help="debug, info, warning or error."),
-    log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
+    log_level: str = LOG_LEVEL_OPTION,
+    log_json: bool = LOG_JSON_OPTION,
 ) -> None:
     """Run generation workers (and the processor pipeline) against TOKENBRIDGE_REDIS_URL."""
     settings = load_settings(config, model or ())

@@ -30,6 +30,7 @@ from starlette.websockets import WebSocket
 
 from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExceeded
 from tokenbridge.gateway import admin_api, api, dashboard, openai_routes, stats_api
+from tokenbridge.gateway.asgi3 import coroutine_returning
 from tokenbridge.gateway.openapi import openapi_schema
 from tokenbridge.gateway.presence import presence_for
 from tokenbridge.gateway.state import Gateway
@@ -83,7 +84,12 @@ class _GatewayApp(Starlette):
     get the same handlers (SSE: the same JSON bodies); with user middleware (CORS) or a root
     path everything goes the usual way."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    @coroutine_returning
+    def __call__(  # type: ignore[override]  # returns the coroutine: the same to an ASGI server
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> Awaitable[None]:
+        # Not a coroutine function: it returns the coroutine to await, so an open stream
+        # holds no frame of this method (uvicorn is told interface="asgi3").
         kind = scope["type"]
         if not self.user_middleware and not scope.get("root_path"):
             if kind == "http" and scope["method"] == "GET":
@@ -91,16 +97,14 @@ class _GatewayApp(Starlette):
                 if session_id is not None:
                     scope["app"] = self
                     scope["path_params"] = {"session_id": session_id}
-                    await self._stream(scope, receive, send)
-                    return
+                    return self._stream(scope, receive, send)
             elif kind == "websocket":
                 session_id = _stream_session(scope["path"], "/ws")
                 if session_id is not None:
                     scope["app"] = self
                     scope["path_params"] = {"session_id": session_id}
-                    await self._websocket(scope, receive, send)
-                    return
-        await super().__call__(scope, receive, send)
+                    return self._websocket(scope, receive, send)
+        return super().__call__(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         websocket = WebSocket(scope, receive, send)
@@ -250,6 +254,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         Route("/openapi.json", _openapi, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/v1/models", api.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.retrieve_model, methods=["GET"]),
         Route("/v1/auth/login", api.login, methods=["POST"]),
         Route("/v1/status", api.status, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),

@@ -96,6 +96,7 @@ class ClientConnection:
     __slots__ = (
         "_aborted",
         "_direct",
+        "_flush_to",
         "_flushing",
         "_pending",
         "_pending_bytes",
@@ -145,6 +146,7 @@ class ClientConnection:
         self._writing_bytes = 0  # taken by next_batches, until the write returns
         self._waiter: asyncio.Future[None] | None = None
         self._direct: DirectWriter | None = None  # lent by the parked pump (next_batches)
+        self._flush_to: _FlushList | None = None  # the loop's flush list, while lent
         self._flushing = False  # on the loop's flush list
         self._write_task: asyncio.Task[Any] | None = None  # the task inside write()
         self._aborted = False
@@ -195,9 +197,9 @@ class ClientConnection:
         self._pending_bytes += nbytes
         if self._direct is None:
             _wake(self._waiter)
-        elif not self._flushing:
+        elif not self._flushing and self._flush_to is not None:
             self._flushing = True
-            _flush_soon(self)
+            self._flush_to.add(self)
 
     def _flush(self) -> None:
         """Hand the queue to the direct writer (the flush list's callback); if it cannot
@@ -262,11 +264,14 @@ class ClientConnection:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
             wake_at(loop, timeout_s, waiter)  # no timer handle per parked connection
-            self._direct = direct
+            if direct is not None:
+                self._flush_to = _flush_list(loop)  # looked up per park, not per token
+                self._direct = direct
             try:
                 await waiter
             finally:
                 self._direct = None
+                self._flush_to = None
                 self._waiter = None
         if self.closed_reason is not None:
             return None
@@ -291,27 +296,41 @@ class ClientConnection:
         self.last_activity = time.monotonic()
 
 
-_flush_lists: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[ClientConnection]] = (
+class _FlushList:
+    """The connections of one event loop to hand to their direct writers at the end of
+    this iteration: one ``call_soon`` per iteration, whatever the number of connections.
+    Holds its loop weakly (it is the value of a weak-keyed map of loops)."""
+
+    __slots__ = ("_conns", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)
+        self._conns: list[ClientConnection] = []
+
+    def add(self, conn: ClientConnection) -> None:
+        if not self._conns:
+            loop = self._loop()
+            if loop is None:  # pragma: no cover  # the loop is gone: nothing runs any more
+                return
+            loop.call_soon(self._run)
+        self._conns.append(conn)
+
+    def _run(self) -> None:
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            conn._flush()
+
+
+_flush_lists: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _FlushList] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _flush_soon(conn: ClientConnection) -> None:
-    """Put ``conn`` on its loop's flush list; the first one of an iteration schedules it."""
-    loop = asyncio.get_running_loop()
+def _flush_list(loop: asyncio.AbstractEventLoop) -> _FlushList:
     pending = _flush_lists.get(loop)
     if pending is None:
-        pending = _flush_lists[loop] = []
-    if not pending:
-        loop.call_soon(_flush_all, pending)
-    pending.append(conn)
-
-
-def _flush_all(pending: list[ClientConnection]) -> None:
-    conns = pending[:]
-    pending.clear()
-    for conn in conns:
-        conn._flush()
+        pending = _flush_lists[loop] = _FlushList(loop)
+    return pending
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:

@@ -72,20 +72,29 @@ class LightEvent:
     async def wait(self) -> bool:
         if self._flag:
             return True
+        waiter = self.add_waiter()
+        try:  # one future per waiter: a cancelled waiter never cancels another
+            await waiter
+            return True
+        finally:
+            self.remove_waiter(waiter)
+
+    def add_waiter(self) -> asyncio.Future[bool]:
+        """A future resolved by the next :meth:`set` (for a caller that awaits it in its own
+        frame, then calls :meth:`remove_waiter` whatever happened)."""
         waiter = asyncio.get_running_loop().create_future()
         if self._waiters is None:
             self._waiters = [waiter]
         else:
             self._waiters.append(waiter)
-        try:  # one future per waiter: a cancelled waiter never cancels another
-            await waiter
-            return True
-        finally:
-            waiters = self._waiters
-            if waiters is not None:
-                waiters.remove(waiter)
-                if not waiters:
-                    self._waiters = None
+        return waiter
+
+    def remove_waiter(self, waiter: asyncio.Future[bool]) -> None:
+        waiters = self._waiters
+        if waiters is not None:
+            waiters.remove(waiter)
+            if not waiters:
+                self._waiters = None
 
 
 class _FlowControl(FlowControl):

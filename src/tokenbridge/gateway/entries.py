@@ -13,7 +13,7 @@ from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.gateway.frames import Frame
 from tokenbridge.wire.events import decode_entry
 
-__all__ = ["Entries", "FanoutStats", "decode_entries"]
+__all__ = ["Entries", "FanoutStats", "decode_entries", "decode_frame"]
 
 log = logging.getLogger("tokenbridge.gateway.fanout")
 
@@ -42,13 +42,28 @@ def decode_entries(
     """Decode raw entries into frames; entries that break the wire format are logged, skipped."""
     frames: list[Frame] = []
     for raw_id, fields in entries:
-        entry_id = raw_id.decode()
-        try:
-            frames.append(Frame(entry_id, epoch, decode_entry(fields)))
-        except InvalidEntry as exc:
-            if stats is not None:
-                stats.invalid += 1
-            log.warning(
-                "invalid entry skipped session=%s entry_id=%s error=%s", session_id, entry_id, exc
-            )
+        frame = decode_frame(raw_id.decode(), None, fields, epoch, session_id, stats)
+        if frame is not None:
+            frames.append(frame)
     return frames
+
+
+def decode_frame(
+    entry_id: str,
+    key: tuple[int, int] | None,
+    fields: dict[bytes, bytes],
+    epoch: str,
+    session_id: str,
+    stats: FanoutStats | None = None,
+) -> Frame | None:
+    """One entry as a frame (``key``: its id already parsed, if it was); None, logged, if it
+    breaks the wire format."""
+    try:
+        return Frame(entry_id, epoch, decode_entry(fields), key)
+    except InvalidEntry as exc:
+        if stats is not None:
+            stats.invalid += 1
+        log.warning(
+            "invalid entry skipped session=%s entry_id=%s error=%s", session_id, entry_id, exc
+        )
+        return None

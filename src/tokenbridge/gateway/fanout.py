@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenbridge.gateway.client_connection import ClientConnection
-from tokenbridge.gateway.entries import FanoutStats, decode_entries
+from tokenbridge.gateway.entries import FanoutStats, decode_entries, decode_frame
 from tokenbridge.gateway.frames import Batch, Frame, parse_entry_id
 from tokenbridge.gateway.resume import plan_resume
 from tokenbridge.gateway.resume_reads import ResumeReads
@@ -84,8 +84,10 @@ class _Feed:
     ready: asyncio.Future[None]
     epoch: str = ""
     cursor: str | None = None  # None: not known yet (messages wait in ``pending``)
+    cursor_key: tuple[int, int] | None = None  # ``cursor`` parsed (None: not yet)
     connections: set[ClientConnection] = field(default_factory=set)
-    recent: collections.deque[Frame] = field(default_factory=collections.deque)
+    # Made on the first event: an idle session's feed holds no deque (~600 bytes).
+    recent: collections.deque[Frame] | None = None
     recent_base: str = "0-0"  # the id just before ``recent[0]``
     pending: list[LiveMessage | None] = field(default_factory=list)
     repairing: bool = False
@@ -249,7 +251,7 @@ class SessionFanout:
             frames = _after_delivered(feed, last[1])
             if frames is not None:  # the common case: no entry id parsed
                 return Opening(feed.epoch, history=[Batch(frames)] if frames else [])
-        cursor = parse_entry_id(feed.cursor or "0-0")
+        cursor = _cursor_key(feed)
         if last is None:
             if feed.recent_base != "0-0":
                 return None
@@ -259,7 +261,7 @@ class SessionFanout:
             after = parse_entry_id(entry_id)
             if epoch != feed.epoch or not parse_entry_id(feed.recent_base) <= after <= cursor:
                 return None
-        frames = [frame for frame in feed.recent if frame.key > after]
+        frames = [frame for frame in feed.recent or () if frame.key > after]
         return Opening(feed.epoch, history=[Batch(frames)] if frames else [])
 
     async def _from_redis(self, feed: _Feed, last: tuple[str, str] | None) -> Opening:
@@ -316,6 +318,7 @@ class SessionFanout:
         if feed.cursor is not None:
             return
         feed.epoch, feed.cursor, feed.recent_base = epoch, cursor, cursor
+        feed.cursor_key = None
         pending, feed.pending = feed.pending, []
         for message in pending:
             self._handle(feed, message)
@@ -343,7 +346,7 @@ class SessionFanout:
         if message.epoch != feed.epoch:
             self._epoch_changed(feed, message)
             return
-        if parse_entry_id(message.prev_id) > parse_entry_id(feed.cursor):
+        if parse_entry_id(message.prev_id) > _cursor_key(feed):
             self._repair(feed)  # something was published that this feed never heard
             return
         feed.heard_at = time.monotonic()
@@ -354,10 +357,10 @@ class SessionFanout:
         assert feed.cursor is not None
         entries = message.entries
         renewed = message.prev_id == "0-0" and entries
-        if renewed and parse_entry_id(entries[0][0].decode()) > parse_entry_id(feed.cursor):
+        if renewed and parse_entry_id(entries[0][0].decode()) > _cursor_key(feed):
             log.info("session stream renewed session=%s epoch=%s", feed.session_id, message.epoch)
             feed.epoch = message.epoch
-            feed.recent.clear()
+            feed.recent = None
             feed.recent_base = feed.cursor
             self._deliver(feed, entries)
             return
@@ -366,22 +369,35 @@ class SessionFanout:
             conn.close("epoch_changed")
         feed.epoch = message.epoch
         feed.cursor = entries[-1][0].decode() if entries else message.prev_id
-        feed.recent.clear()
+        feed.cursor_key = None
+        feed.recent = None
         feed.recent_base = feed.cursor
 
     def _deliver(self, feed: _Feed, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Decode the entries past the cursor (each id parsed once) and hand them, as one
+        batch shared by every connection, to the session's connections."""
         assert feed.cursor is not None
-        cursor = parse_entry_id(feed.cursor)
-        fresh = [e for e in entries if parse_entry_id(e[0].decode()) > cursor]
-        if not fresh:
-            return
-        feed.cursor = fresh[-1][0].decode()
-        self.stats.read += len(fresh)
-        frames = decode_entries(fresh, feed.epoch, feed.session_id, self.stats)
+        cursor = _cursor_key(feed)
+        frames: list[Frame] = []
+        epoch, sid, stats = feed.epoch, feed.session_id, self.stats
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
+            key = parse_entry_id(entry_id)
+            if key <= cursor:
+                continue
+            cursor = feed.cursor_key = key
+            feed.cursor = entry_id
+            stats.read += 1
+            frame = decode_frame(entry_id, key, fields, epoch, sid, stats)
+            if frame is not None:
+                frames.append(frame)
         if not frames:
             return
-        recent, limit = feed.recent, self.recent_events
+        limit = self.recent_events
         if limit:
+            recent = feed.recent
+            if recent is None:
+                recent = feed.recent = collections.deque()
             for frame in frames:
                 if len(recent) >= limit:
                     feed.recent_base = recent.popleft().entry_id
@@ -440,7 +456,8 @@ class SessionFanout:
             for conn in list(feed.connections):
                 conn.close(reason)
             feed.epoch, feed.cursor = state.epoch, state.last_id or "0-0"
-            feed.recent.clear()
+            feed.cursor_key = None
+            feed.recent = None
             feed.recent_base = feed.cursor
             return False
         self._deliver(feed, entries)
@@ -481,3 +498,11 @@ class SessionFanout:
     def stop(self) -> None:
         """Ask :meth:`run` to return: feeds dropped, subscriber stopped."""
         self._stopping.set()
+
+
+def _cursor_key(feed: _Feed) -> tuple[int, int]:
+    """The feed's cursor as a comparable pair, parsed once per change of cursor."""
+    key = feed.cursor_key
+    if key is None:
+        key = feed.cursor_key = parse_entry_id(feed.cursor or "0-0")
+    return key

@@ -25,11 +25,21 @@ _MAX_U64 = 2**64 - 1
 def parse_entry_id(entry_id: str) -> tuple[int, int]:
     """``"1700000000000-3"`` -> ``(1700000000000, 3)``; raises ValueError if malformed."""
     ms, _, seq = entry_id.partition("-")
-    if not (ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
-        raise ValueError(f"not a stream entry id: {entry_id[:60]!r}")
-    if len(ms) > 20 or len(seq) > 20 or int(ms) > _MAX_U64 or int(seq) > _MAX_U64:
+    if (
+        len(ms) <= 20
+        and len(seq) <= 20
+        and ms.isdigit()
+        and seq.isdigit()
+        and ms.isascii()
+        and seq.isascii()
+    ):
+        key = int(ms), int(seq)
+        if key[0] <= _MAX_U64 and key[1] <= _MAX_U64:
+            return key
         raise ValueError(f"stream entry id out of range: {entry_id[:60]!r}")
-    return int(ms), int(seq)
+    if ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit():
+        raise ValueError(f"stream entry id out of range: {entry_id[:60]!r}")
+    raise ValueError(f"not a stream entry id: {entry_id[:60]!r}")
 
 
 def format_event_id(epoch: str, entry_id: str) -> str:
@@ -56,11 +66,13 @@ class Frame:
 
     __slots__ = ("_chunk", "_encoded", "_key", "_name", "entry_id", "epoch", "event")
 
-    def __init__(self, entry_id: str, epoch: str, event: Event) -> None:
+    def __init__(
+        self, entry_id: str, epoch: str, event: Event, key: tuple[int, int] | None = None
+    ) -> None:
         self.entry_id = entry_id
         self.epoch = epoch
         self.event = event
-        self._key: tuple[int, int] | None = None
+        self._key = key  # parsed on first use, unless the reader already did
         self._name: str | None = None  # the first encoding asked for, and its chunk ...
         self._chunk: Any = None
         self._encoded: dict[str, Any] | None = None  # ... and any other

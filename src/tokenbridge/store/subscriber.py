@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import hiredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
@@ -64,7 +65,10 @@ class _Link:
         self.settled = asyncio.Event()
         self.settled.set()
         self.flush = asyncio.Event()
-        self.heard = asyncio.Event()  # any message since the last probe
+        # Messages heard (a count, not an Event: no task wake-up per read); a probe in
+        # flight waits on ``probe_waiter``, which the next message resolves.
+        self.heard = 0
+        self.probe_waiter: asyncio.Future[None] | None = None
         self.probe_channel = b""
         self.conn: AbstractConnection | None = None
         self.retired = False
@@ -141,36 +145,60 @@ class _Link:
                     await self.conn.send_packed_command(_pack(b"SSUBSCRIBE", group), False)
 
     async def _read(self) -> None:
+        """Read whole socket chunks and dispatch every reply in them synchronously: one
+        task wake-up per chunk, not one redis-py ``read_response`` (several awaits) per
+        message."""
         assert self.conn is not None
-        owner = self.owner
-        while True:
-            try:
-                reply: Any = await self.conn.read_response(timeout=None)
-            except ResponseError as exc:  # MOVED: an SSUBSCRIBE went to the wrong node
-                group = self.sent.popleft() if self.sent else []
-                if not self.sent:
-                    self.settled.set()
-                log.info("subscriber node=%s refused %d channels: %s", self.name, len(group), exc)
-                owner.reroute(self, group)
-                continue
-            kind = reply[0]
-            if kind == b"smessage":
-                self.heard.set()
-                channel = reply[1]
-                if channel == self.probe_channel:
-                    continue
+        stream = getattr(self.conn, "_reader", None)  # redis-py's asyncio.StreamReader
+        if not isinstance(stream, asyncio.StreamReader):  # pragma: no cover  # redis-py changed
+            while True:
                 try:
-                    owner.on_message(channel, reply[2])
-                except Exception:  # one bad message must not end the connection's loop
-                    log.exception("subscriber dropped a message channel=%r", channel)
-                    owner.on_resubscribed(channel)  # its session re-reads the stream
-            elif kind == b"ssubscribe":
-                self._confirmed(reply[1])
-            elif kind == b"sunsubscribe":
-                channel = reply[1]
-                if channel in self.channels or channel == self.probe_channel:
-                    # Not asked for: the slot left this node. Subscribe where it lives now.
-                    owner.reroute(self, [channel])
+                    self._reply(await self.conn.read_response(timeout=None))
+                except ResponseError as exc:
+                    self._reply(exc)
+        reader = hiredis.Reader(replyError=ResponseError)
+        reply = self._reply
+        while True:
+            data = await stream.read(65536)
+            if not data:
+                raise ConnectionError("pub/sub connection closed by the server")
+            reader.feed(data)
+            try:
+                while (item := reader.gets()) is not False:
+                    reply(item)
+            except hiredis.ProtocolError as exc:
+                raise ConnectionError(f"pub/sub protocol error: {exc}") from None
+
+    def _reply(self, reply: Any) -> None:
+        owner = self.owner
+        if isinstance(reply, ResponseError):  # MOVED: an SSUBSCRIBE went to the wrong node
+            group = self.sent.popleft() if self.sent else []
+            if not self.sent:
+                self.settled.set()
+            log.info("subscriber node=%s refused %d channels: %s", self.name, len(group), reply)
+            owner.reroute(self, group)
+            return
+        kind = reply[0]
+        if kind == b"smessage":
+            self.heard += 1
+            waiter = self.probe_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            channel = reply[1]
+            if channel == self.probe_channel:
+                return
+            try:
+                owner.on_message(channel, reply[2])
+            except Exception:  # one bad message must not end the connection's loop
+                log.exception("subscriber dropped a message channel=%r", channel)
+                owner.on_resubscribed(channel)  # its session re-reads the stream
+        elif kind == b"ssubscribe":
+            self._confirmed(reply[1])
+        elif kind == b"sunsubscribe":
+            channel = reply[1]
+            if channel in self.channels or channel == self.probe_channel:
+                # Not asked for: the slot left this node. Subscribe where it lives now.
+                owner.reroute(self, [channel])
 
     def _confirmed(self, channel: bytes) -> None:
         if self.sent:
@@ -186,22 +214,25 @@ class _Link:
         """Every ``probe_s`` of silence, publish to our probe channel through the command
         client; if this connection does not hear it within ``probe_s``, rebuild it."""
         owner = self.owner
+        loop = asyncio.get_running_loop()
         while True:
-            self.heard.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(owner.probe_s):
-                    await self.heard.wait()
-                    continue
-            self.heard.clear()
-            with contextlib.suppress(*REDIS_DOWN_ERRORS, ResponseError):
-                await owner.redis.execute_command("SPUBLISH", self.probe_channel, b"probe")
+            heard = self.heard
+            await asyncio.sleep(owner.probe_s)
+            if self.heard != heard:
+                continue  # traffic: the connection hears
+            waiter = self.probe_waiter = loop.create_future()
             try:
-                async with asyncio.timeout(owner.probe_s):
-                    await self.heard.wait()
+                with contextlib.suppress(*REDIS_DOWN_ERRORS, ResponseError):
+                    await owner.redis.execute_command("SPUBLISH", self.probe_channel, b"probe")
+                if self.heard == heard:
+                    async with asyncio.timeout(owner.probe_s):
+                        await waiter
             except TimeoutError:
                 owner.stats_probe_failures += 1
                 log.warning("subscriber node=%s hears nothing; reconnecting", self.name)
                 raise ConnectionError("pub/sub probe not heard") from None
+            finally:
+                self.probe_waiter = None
 
 
 class ShardSubscriber:
