@@ -8,6 +8,7 @@ subscriber lost its connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,11 +17,13 @@ import pytest
 from redis.exceptions import ResponseError
 
 from tokenbridge.gateway.client_connection import ClientConnection
-from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.gateway.fanout import SessionFanout, _after_delivered, _Feed
+from tokenbridge.gateway.frames import Frame, parse_entry_id
 from tokenbridge.gateway.resume import iter_history
 from tokenbridge.store.client import command_client, is_cluster
 from tokenbridge.store.live import AppendCommand, append_events, send_append
 from tokenbridge.store.scripts import Scripts
+from tokenbridge.wire.events import Event
 from tokenbridge.wire.keys import Keys
 
 
@@ -322,3 +325,24 @@ async def test_a_batch_sent_again_is_written_once(redis: Any, keys: Keys) -> Non
     await writer.tokens(2)  # the same batch again: same state, same events
     assert writer.state == state
     assert await redis.xlen(keys.events(writer.sid)) == 2
+
+
+async def test_a_resume_id_found_by_string_gives_what_comparing_ids_gives() -> None:
+    """_from_memory finds an id the feed delivered by string (no id parsed); for every id,
+    delivered or not, the history is what comparing ids gives, and None outside the memory."""
+    ids = ["1700-3", "1700-4", "1701-0", "1702-7"]
+    recent = collections.deque(
+        Frame(i, "e", Event("token", "g_1", n, text="x")) for n, i in enumerate(ids)
+    )
+    future = asyncio.get_running_loop().create_future()
+    feed = _Feed("s", b"c", future, epoch="e", cursor=ids[-1], recent=recent, recent_base="1700-2")
+    for asked in ["1700-2", *ids, "1700-5", "1701-9", "1699-0", "1703-0", "1702-8"]:
+        after = parse_entry_id(asked)
+        inside = parse_entry_id("1700-2") <= after <= parse_entry_id(ids[-1])
+        want = [i for i in ids if parse_entry_id(i) > after] if inside else None
+        opening = SessionFanout._from_memory(None, feed, ("e", asked))  # type: ignore[arg-type]
+        got = None if opening is None else [f.entry_id for b in opening.history for f in b.frames]
+        assert got == want, asked
+        fast = _after_delivered(feed, asked)
+        assert fast is None or [f.entry_id for f in fast] == want, asked
+    assert SessionFanout._from_memory(None, feed, ("other", ids[0])) is None  # type: ignore[arg-type]
