@@ -346,3 +346,19 @@ async def test_a_resume_id_found_by_string_gives_what_comparing_ids_gives() -> N
         fast = _after_delivered(feed, asked)
         assert fast is None or [f.entry_id for f in fast] == want, asked
     assert SessionFanout._from_memory(None, feed, ("other", ids[0])) is None  # type: ignore[arg-type]
+
+
+async def test_reads_waiting_when_the_fanout_stops_fail_instead_of_hanging(
+    redis: Any, keys: Keys
+) -> None:
+    fan = SessionFanout(redis, Scripts(redis), keys)
+    task = asyncio.create_task(fan.run())
+    await asyncio.sleep(0)  # run() has its task group
+    reads = [asyncio.create_task(fan.reads.read(f"s_{i}", "-", 10)) for i in range(3)]
+    await asyncio.sleep(0)  # queued; their pipeline task is created, not started
+    task.cancel()  # what a cancelled lifespan does to the fan-out's task group
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with asyncio.timeout(10):
+        done = await asyncio.gather(*reads, return_exceptions=True)
+    assert [type(r) for r in done] == [ConnectionError] * 3, done

@@ -465,11 +465,11 @@ class SessionFanout:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         if self._group is None:
             coro.close()
             raise RuntimeError("SessionFanout.run() is not running")
-        self._group.create_task(coro)
+        return self._group.create_task(coro)
 
     async def run(self) -> None:
         """Run the subscriber and the linger sweep until :meth:`stop`."""

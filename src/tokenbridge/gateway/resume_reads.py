@@ -35,7 +35,7 @@ class ResumeReads:
         self,
         redis: Any,
         keys: Keys,
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
         max_batch: int = 500,
     ) -> None:
         self.redis = redis
@@ -45,6 +45,7 @@ class ResumeReads:
         self.pipelines = 0  # round trips made (reads / pipelines: how well they batch)
         self.reads = 0
         self._queue: list[_Read] = []
+        self._sending: list[_Read] = []
         self._running = False
 
     def __repr__(self) -> str:
@@ -56,22 +57,28 @@ class ResumeReads:
         self._queue.append((session_id, start, count, future))
         if not self._running:
             self._running = True
-            self.spawn(self._run())
+            self.spawn(self._run()).add_done_callback(self._ended)
         return await future
 
     async def _run(self) -> None:
-        try:
-            await asyncio.sleep(0)  # the other connections of this loop iteration queue theirs
-            while self._queue:
-                batch = self._queue[: self.max_batch]
-                del self._queue[: self.max_batch]
-                await self._send(batch)
-        finally:
-            self._running = False
-            for *_, future in self._queue:  # only when cancelled (shutdown)
-                if not future.done():
-                    future.set_exception(ConnectionError("resume reads stopped"))
-            self._queue.clear()
+        await asyncio.sleep(0)  # the other connections of this loop iteration queue theirs
+        while self._queue:
+            self._sending = self._queue[: self.max_batch]
+            del self._queue[: self.max_batch]
+            await self._send(self._sending)
+            self._sending = []
+        self._running = False
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A pipeline task cancelled (shutdown), even before it started: its reads fail
+        rather than wait forever."""
+        if not task.cancelled() and task.exception() is None:
+            return
+        self._running = False
+        for *_, future in self._sending + self._queue:
+            if not future.done():
+                future.set_exception(ConnectionError("resume reads stopped"))
+        self._sending, self._queue = [], []
 
     async def _send(self, batch: list[_Read]) -> None:
         self.pipelines += 1
