@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.entries import FanoutStats, decode_entries, decode_frame
 from tokenbridge.gateway.frames import Batch, Frame, parse_entry_id
@@ -54,6 +55,7 @@ from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.store.live import LiveMessage, parse_live_message
 from tokenbridge.store.scripts import Scripts, SessionState
 from tokenbridge.store.subscriber import ShardSubscriber
+from tokenbridge.wire.events import decode_entry
 from tokenbridge.wire.keys import Keys
 
 __all__ = ["FanoutStats", "Opening", "SessionFanout", "decode_entries"]
@@ -379,18 +381,22 @@ class SessionFanout:
         assert feed.cursor is not None
         cursor = _cursor_key(feed)
         frames: list[Frame] = []
-        epoch, sid, stats = feed.epoch, feed.session_id, self.stats
+        epoch, fresh, last_id, last_key = feed.epoch, 0, "", cursor
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             key = parse_entry_id(entry_id)
             if key <= cursor:
                 continue
-            cursor = feed.cursor_key = key
-            feed.cursor = entry_id
-            stats.read += 1
-            frame = decode_frame(entry_id, key, fields, epoch, sid, stats)
-            if frame is not None:
-                frames.append(frame)
+            fresh += 1
+            last_id, last_key = entry_id, key
+            try:
+                frames.append(Frame(entry_id, epoch, decode_entry(fields), key))
+            except InvalidEntry:  # logged and counted by decode_frame
+                decode_frame(entry_id, key, fields, epoch, feed.session_id, self.stats)
+        if not fresh:
+            return
+        feed.cursor, feed.cursor_key = last_id, last_key
+        self.stats.read += fresh
         if not frames:
             return
         limit = self.recent_events

@@ -18,6 +18,11 @@ stream from what it delivered:
   its slots without telling): every ``probe_s`` an idle connection gets a message published to a
   probe channel of its own, through the command client, which routes by slot like any producer;
   if it does not arrive within ``probe_s``, the connection is dropped and rebuilt.
+
+Reading: redis-py connects (auth, TLS, the handshake), then each connection reads whole socket
+chunks into a ``hiredis.Reader`` of its own and hands every reply of a chunk to the fan-out
+synchronously (:meth:`_Link._reply`): one task wake-up per chunk, whatever the number of
+messages in it, instead of redis-py's ``read_response`` (several awaits) per message.
 """
 
 from __future__ import annotations
