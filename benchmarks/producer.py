@@ -95,6 +95,10 @@ async def run_fast(session_id: str, tokens: int, sessions: int = 0) -> dict[str,
             # As in production: one pipeline entry per batch (TOKENBRIDGE_PIPELINE_ENABLED).
             pipeline_shards=settings.pipeline_shards if settings.pipeline_enabled else 0,
             pipeline_max_len=settings.pipeline_max_len,
+            outage_s=settings.redis_outage_s,
+            max_pending_bytes=settings.producer_max_pending_bytes,
+            history_s=settings.stream_history_s,
+            history_max_len=settings.stream_history_max_len,
         )
         ids = spread_session_ids(session_id, sessions) if sessions else [session_id]
         jobs = [

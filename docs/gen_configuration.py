@@ -3,9 +3,9 @@
     python docs/gen_configuration.py           # rewrite docs/configuration.md
     python docs/gen_configuration.py --check   # exit 1 if the file is out of date
 
-The tables come from ``Settings.model_fields`` and ``ModelConfig.model_fields``: name, type,
-default, bounds and ``description``. Groups follow the ``# -- Group ---`` comments of
-``settings.py``. The prose around the tables is in this script.
+The tables come from ``Settings.model_fields`` and ``ModelConfig.model_fields`` (in
+``model_config.py``): name, type, default, bounds and ``description``. Groups follow the
+``# -- Group ---`` comments of ``settings.py``. The prose around the tables is in this script.
 """
 
 from __future__ import annotations

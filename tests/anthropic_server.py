@@ -32,7 +32,7 @@ from tests.model_server import (
     Stall,
     _Request,
 )
-from tokenbridge.settings import ModelConfig
+from tokenbridge.model_config import ModelConfig
 
 __all__ = ["AnthropicServer"]
 

@@ -13,6 +13,8 @@ import pytest
 from tests.servers import Gateway, RedisCluster, RedisServer
 from tokenbridge.settings import Settings
 
+pytest_plugins = ["tests.leak_origins"]  # where a leaked socket came from (see there)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -30,7 +30,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any, NoReturn
 
-from tokenbridge.settings import ModelConfig
+from tokenbridge.model_config import ModelConfig
 
 __all__ = ["Answer", "FailMidStream", "HttpError", "ModelServer", "Reply", "Stall", "ToolCall"]
 
@@ -114,7 +114,8 @@ class ModelServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._writers: set[asyncio.StreamWriter] = set()  # open ones
+        self._accepted: list[asyncio.StreamWriter] = []  # every one, aborted at stop
         self._error: BaseException | None = None
         self._loop_errors: list[str] = []
 
@@ -179,7 +180,7 @@ class ModelServer:
         self._loop = asyncio.get_running_loop()
         self._loop.set_exception_handler(self._record_error)
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         async with server:
@@ -188,7 +189,27 @@ class ModelServer:
             for writer in self._writers:
                 writer.close()  # idle keep-alive connections read EOF
             if self._tasks:
-                await asyncio.wait(self._tasks, timeout=5)
+                _, late = await asyncio.wait(self._tasks, timeout=5)
+                for task in late:
+                    task.cancel()
+                if late:
+                    await asyncio.wait(late)
+        # A closed transport whose client stopped reading keeps its socket open until its
+        # buffer drains: abort them all, and let their sockets close while this loop still
+        # runs. One left to the garbage collector once asyncio.run has closed the loop is
+        # reported (ResourceWarning: transport, socket) inside whichever test runs then.
+        for writer in self._accepted:
+            writer.transport.abort()
+        await asyncio.sleep(0)  # one loop iteration: the aborts' connection_lost callbacks
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Every accepted connection is known (and closed at stop) from the start, even one
+        whose handler task never got to run."""
+        self._writers.add(writer)
+        self._accepted.append(writer)
+        task = asyncio.get_running_loop().create_task(self._handle(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _record_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A server bug must fail the test, not vanish into the log of a background thread."""
@@ -197,10 +218,6 @@ class ModelServer:
     # -- HTTP ----------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
         try:
             while (request := await _read_request(reader)) is not None:
                 if not await self._respond(request, writer):
@@ -208,7 +225,6 @@ class ModelServer:
         except (ConnectionError, asyncio.IncompleteReadError, _Stopping):
             pass  # the client went away, or the server stops: nothing more to answer
         finally:
-            self._tasks.discard(task)
             self._writers.discard(writer)
             writer.close()
 

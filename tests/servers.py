@@ -296,6 +296,8 @@ class Gateway:
         done, _ = await asyncio.wait({self._task, ready}, timeout=20, return_when="FIRST_COMPLETED")
         if ready not in done:
             ready.cancel()
+            for sock in sockets or ():  # uvicorn owns it only once it serves
+                sock.close()
             if self._task in done:
                 self._task.result()
             raise RuntimeError("gateway did not start within 20 s")

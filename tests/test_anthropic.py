@@ -16,13 +16,13 @@ from tests.servers import Gateway
 from tests.test_models import chat, collect
 from tests.test_token_path import collect_until_end, start
 from tokenbridge.exceptions import ProviderError, ProviderTimeout
+from tokenbridge.model_config import ModelConfig
 from tokenbridge.producer.models import (
     AnthropicChatModel,
     ChatRequest,
     GenerationParams,
     build_model,
 )
-from tokenbridge.settings import ModelConfig
 
 KEY_ENV = "TB_TEST_ANTHROPIC_KEY"
 SECRET = "sk-ant-test-0123456789abcdef"

@@ -201,3 +201,15 @@ async def test_serve_with_embedded_redis_exits_0_and_cleans_up_on_sigterm() -> N
         os.kill(stopped.redis_pid, 0)
     assert not accepts(stopped.redis_port)
     assert not stopped.redis_dir_left
+
+
+def test_the_server_spaces_out_garbage_collections() -> None:
+    """``tokenbridge serve`` calls tune_gc() (gc_tuning.py); in a process of its own here,
+    since freezing would keep this test process's garbage forever."""
+    code = (
+        "import gc\nfrom tokenbridge.gc_tuning import YOUNG_THRESHOLD, tune_gc\n"
+        "tune_gc()\nassert gc.get_threshold()[0] == YOUNG_THRESHOLD > 700, gc.get_threshold()\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\nprint('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr

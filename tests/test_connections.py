@@ -72,13 +72,17 @@ class StalledClient:
 
     async def __aenter__(self) -> StalledClient:
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(self.sock, ("127.0.0.1", self.port))
-        request = f"GET {self.path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-        await loop.sock_sendall(self.sock, request.encode())
-        while b"retry:" not in self.received:
-            chunk = await loop.sock_recv(self.sock, 1024)
-            assert chunk, f"closed before the preamble: {bytes(self.received)!r}"
-            self.received += chunk
+        try:  # __aexit__ does not run if this fails: close the socket here then
+            await loop.sock_connect(self.sock, ("127.0.0.1", self.port))
+            request = f"GET {self.path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+            await loop.sock_sendall(self.sock, request.encode())
+            while b"retry:" not in self.received:
+                chunk = await loop.sock_recv(self.sock, 1024)
+                assert chunk, f"closed before the preamble: {bytes(self.received)!r}"
+                self.received += chunk
+        except BaseException:
+            self.sock.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

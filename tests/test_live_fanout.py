@@ -8,18 +8,22 @@ subscriber lost its connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.exceptions import ResponseError
 
 from tokenbridge.gateway.client_connection import ClientConnection
-from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.gateway.fanout import SessionFanout, _after_delivered, _Feed
+from tokenbridge.gateway.frames import Frame, parse_entry_id
 from tokenbridge.gateway.resume import iter_history
 from tokenbridge.store.client import command_client, is_cluster
 from tokenbridge.store.live import AppendCommand, append_events, send_append
 from tokenbridge.store.scripts import Scripts
+from tokenbridge.wire.events import Event
 from tokenbridge.wire.keys import Keys
 
 
@@ -145,6 +149,59 @@ async def test_resume_from_memory_costs_no_read(
     assert fanout.stats.memory_resumes == before + 1
 
 
+async def test_resume_soon_after_a_live_message_reads_no_epoch(redis: Any, keys: Keys) -> None:
+    """Within ``epoch_trust_s`` of a live message, a resume from memory asks Redis nothing:
+    an epoch changed behind the feed's back (no message) goes unseen. Past it, the one HGET
+    sees the change, and the client gets a gap."""
+    fan = SessionFanout(redis, Scripts(redis), keys, history_batch=5, epoch_trust_s=3600)
+    task = asyncio.create_task(fan.run())
+    try:
+        writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+        await writer.tokens(2)
+        first = ClientConnection(writer.sid, "sse", 1000)
+        assert await texts(fan, first, None, 2) == expected(1, 2)
+        fan.unsubscribe(first)
+        await writer.tokens(4)  # heard live while the client is away
+        await until(lambda: fan.stats.read >= 4)
+        await redis.hset(keys.meta(writer.sid), "epoch", "behind1")  # only a read would see it
+        last = (fan._feeds[writer.sid].epoch, _entry_id_of(first))
+        back = ClientConnection(writer.sid, "sse", 1000)
+        assert await texts(fan, back, last, 4) == expected(3, 6)
+        assert (fan.stats.memory_resumes, fan.stats.redis_resumes) == (1, 1)
+        fan.unsubscribe(back)
+
+        fan.epoch_trust_s = 0.0  # the message is too old now: the epoch is read
+        late = ClientConnection(writer.sid, "sse", 1000)
+        opening = await fan.open(late, last)
+        assert opening.gap is not None and opening.epoch == "behind1"
+        assert (fan.stats.memory_resumes, fan.stats.redis_resumes) == (1, 2)
+    finally:
+        fan.stop()
+        async with asyncio.timeout(10):
+            await task
+
+
+async def test_connections_opening_together_share_their_reads(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    """A storm of new connections: their history reads go out in shared pipelines, each
+    connection gets its own session's history, and one session's error stays its own."""
+    writers = [Writer(redis, keys, "s_" + secrets.token_hex(6)) for _ in range(20)]
+    for writer in writers:
+        await writer.tokens(3)
+    broken = "s_" + secrets.token_hex(6)
+    await redis.set(keys.events(broken), "not a stream")  # XRANGE fails with WRONGTYPE
+    conns = [ClientConnection(w.sid, "sse", 1000) for w in writers]
+    results = await asyncio.gather(
+        *(texts(fanout, conn, None, 3) for conn in conns),
+        fanout.open(ClientConnection(broken, "sse", 1000), None),
+        return_exceptions=True,
+    )
+    assert results[:-1] == [expected(1, 3)] * 20
+    assert isinstance(results[-1], ResponseError) and "WRONGTYPE" in str(results[-1])
+    assert fanout.reads.reads == 21 and fanout.reads.pipelines < 21
+
+
 def _entry_id_of(conn: ClientConnection) -> str:
     ms, seq = conn.last_key
     return f"{ms}-{seq}"
@@ -268,3 +325,40 @@ async def test_a_batch_sent_again_is_written_once(redis: Any, keys: Keys) -> Non
     await writer.tokens(2)  # the same batch again: same state, same events
     assert writer.state == state
     assert await redis.xlen(keys.events(writer.sid)) == 2
+
+
+async def test_a_resume_id_found_by_string_gives_what_comparing_ids_gives() -> None:
+    """_from_memory finds an id the feed delivered by string (no id parsed); for every id,
+    delivered or not, the history is what comparing ids gives, and None outside the memory."""
+    ids = ["1700-3", "1700-4", "1701-0", "1702-7"]
+    recent = collections.deque(
+        Frame(i, "e", Event("token", "g_1", n, text="x")) for n, i in enumerate(ids)
+    )
+    future = asyncio.get_running_loop().create_future()
+    feed = _Feed("s", b"c", future, epoch="e", cursor=ids[-1], recent=recent, recent_base="1700-2")
+    for asked in ["1700-2", *ids, "1700-5", "1701-9", "1699-0", "1703-0", "1702-8"]:
+        after = parse_entry_id(asked)
+        inside = parse_entry_id("1700-2") <= after <= parse_entry_id(ids[-1])
+        want = [i for i in ids if parse_entry_id(i) > after] if inside else None
+        opening = SessionFanout._from_memory(None, feed, ("e", asked))  # type: ignore[arg-type]
+        got = None if opening is None else [f.entry_id for b in opening.history for f in b.frames]
+        assert got == want, asked
+        fast = _after_delivered(feed, asked)
+        assert fast is None or [f.entry_id for f in fast] == want, asked
+    assert SessionFanout._from_memory(None, feed, ("other", ids[0])) is None  # type: ignore[arg-type]
+
+
+async def test_reads_waiting_when_the_fanout_stops_fail_instead_of_hanging(
+    redis: Any, keys: Keys
+) -> None:
+    fan = SessionFanout(redis, Scripts(redis), keys)
+    task = asyncio.create_task(fan.run())
+    await asyncio.sleep(0)  # run() has its task group
+    reads = [asyncio.create_task(fan.reads.read(f"s_{i}", "-", 10)) for i in range(3)]
+    await asyncio.sleep(0)  # queued; their pipeline task is created, not started
+    task.cancel()  # what a cancelled lifespan does to the fan-out's task group
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with asyncio.timeout(10):
+        done = await asyncio.gather(*reads, return_exceptions=True)
+    assert [type(r) for r in done] == [ConnectionError] * 3, done

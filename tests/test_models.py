@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from tests.model_server import Answer, FailMidStream, HttpError, ModelServer, Stall
 from tokenbridge.exceptions import ProviderError, ProviderTimeout
+from tokenbridge.model_config import ModelConfig
 from tokenbridge.producer.models import (
     ChatModel,
     ChatRequest,
@@ -24,7 +25,6 @@ from tokenbridge.producer.models import (
     OpenAIChatModel,
     build_model,
 )
-from tokenbridge.settings import ModelConfig
 
 KEY_ENV = "TB_TEST_MODEL_KEY"
 SECRET = "sk-test-0123456789abcdef"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -200,6 +201,39 @@ async def test_response_lost_with_its_stream_says_so(settings_factory: Any) -> N
         await state.redis.hset(key, "response", json.dumps(record))
         polled = await client.responses.retrieve(created.id)
         assert polled.status == "failed" and polled.error is not None
+
+
+async def _wait_for_the_end(redis: Any, events_key: str) -> None:
+    """Block on the session stream (no gateway reads it) until its terminal event."""
+    last = "0-0"
+    async with asyncio.timeout(30):
+        while True:
+            for _, entries in await redis.xread({events_key: last}, block=5000) or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    if fields[b"kind"] in (b"end", b"error"):
+                        return
+
+
+async def test_a_background_response_nobody_polls_keeps_its_final_past_its_stream(
+    client: openai.AsyncOpenAI, gateway: Any
+) -> None:
+    created = await client.responses.create(
+        model="demo", input="nobody reads me", background=True, extra_body={"rate": 0}
+    )
+    state = gateway.state
+    session_id = created.id.removeprefix("resp_")
+    await _wait_for_the_end(state.redis, state.keys.events(session_id))
+    key = f"{state.keys.prefix}:{{{session_id}}}:openai"
+    assert not await state.redis.hexists(key, "final")  # nobody has read it
+    await state.response_keeper.sweep()  # (its own task sweeps once a minute)
+    assert await state.redis.hexists(key, "final")
+    assert session_id.encode() not in await state.redis.zrange(
+        f"{state.keys.prefix}:openai:unfinished", 0, -1
+    )
+    await state.redis.delete(state.keys.events(session_id))  # as if stream_retention_s passed
+    polled = await client.responses.retrieve(created.id)
+    assert polled.status == "completed" and polled.output_text
 
 
 async def test_background_stream_from_create(client: openai.AsyncOpenAI) -> None:

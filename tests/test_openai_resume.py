@@ -168,8 +168,13 @@ class CuttingProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self.writers += [writer, up_writer]
+        self.writers.append(writer)  # cut (closed) by __aexit__ whatever happens next
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:  # the gateway is gone: drop the client as a network would
+            writer.transport.abort()
+            return
+        self.writers.append(up_writer)
         for src, dst in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.ensure_future(self._pipe(src, dst))
             self.tasks.add(task)

@@ -21,12 +21,13 @@ from tests.test_cli import clean_env, run_cli
 from tests.test_consumers import wait_for_length
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.exceptions import ConfigurationError
+from tokenbridge.model_config import ModelConfig
 from tokenbridge.processors.batcher import Batcher
 from tokenbridge.processors.generation_log import read_log
 from tokenbridge.processors.registry import ProcessorContext, load_processors
 from tokenbridge.producer.jobs import GenerationJob, Message
 from tokenbridge.producer.models.demo import DemoModel
-from tokenbridge.settings import ModelConfig, Settings
+from tokenbridge.settings import Settings
 from tokenbridge.store.stats import read_processor_stats, read_stats
 from tokenbridge.wire.events import decode_entry
 from tokenbridge.wire.keys import Keys

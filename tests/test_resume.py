@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from tests.conftest import BOTH
 from tests.servers import Gateway, GatewayProcess
 from tests.sse_client import SSEEvent, read_events
+from tests.test_live_fanout import until
 from tests.test_token_path import collect_until_end, start
 from tokenbridge.settings import Settings
 from tokenbridge.store.client import cluster_url
@@ -128,25 +129,34 @@ async def test_resume_past_trimmed_history_gets_a_gap_event(settings_factory: An
     assert [e.data["seq"] for e in tail] == list(range(27, 32))
 
 
-async def test_resume_after_expiry_gets_a_gap_event(
-    http: httpx.AsyncClient, settings: Settings
+async def test_resume_after_expiry_gets_a_gap_event(settings_factory: Any) -> None:
+    # The feed does not linger: a feed that heard the stream lately vouches for it (a real
+    # expiry cannot come that soon, see gateway/fanout.py); the DEL below could.
+    settings: Settings = settings_factory(fanout_linger_s=0)
+    async with (
+        Gateway(settings) as gateway,
+        httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
+        asyncio.timeout(30),
+    ):
+        await _expired_then_renewed(gateway, http, settings)
+
+
+async def _expired_then_renewed(
+    gateway: Gateway, http: httpx.AsyncClient, settings: Settings
 ) -> None:
     started = await start(http, params={"max_tokens": 3, "rate": 0})
     url, gen = started["events_url"], started["generation_id"]
-    async with asyncio.timeout(30):
-        events = await collect_until_end(http, url, gen)
-        keys = Keys(settings.key_prefix)
-        client = _redis(settings)
-        async with client:  # what retention does, right now
-            await client.delete(
-                keys.events(started["session_id"]), keys.meta(started["session_id"])
-            )
-        gone = await collect_until_end(http, url, gen, last_event_id=events[-1].id, limit=1)
-        later = await start(http, session_id=started["session_id"], params={"max_tokens": 2})
-        await collect_until_end(http, url, later["generation_id"])  # the new stream exists
-        rest = await collect_until_end(
-            http, url, later["generation_id"], last_event_id=events[-1].id
-        )
+    events = await collect_until_end(http, url, gen)
+    fanout = gateway.app.state.gateway.fanout
+    await until(lambda: not (fanout.session_count or fanout.lingering_count))  # within 1 s
+    keys = Keys(settings.key_prefix)
+    client = _redis(settings)
+    async with client:  # what retention does, right now
+        await client.delete(keys.events(started["session_id"]), keys.meta(started["session_id"]))
+    gone = await collect_until_end(http, url, gen, last_event_id=events[-1].id, limit=1)
+    later = await start(http, session_id=started["session_id"], params={"max_tokens": 2})
+    await collect_until_end(http, url, later["generation_id"])  # the new stream exists
+    rest = await collect_until_end(http, url, later["generation_id"], last_event_id=events[-1].id)
     assert gone[0].event == "gap" and gone[0].data["reason"] == "expired"
     assert rest[0].event == "gap"
     assert rest[0].data["reason"] == "epoch_changed"
@@ -166,25 +176,26 @@ async def test_many_clients_use_a_bounded_number_of_redis_connections(
         async def client(session_id: str) -> int:
             nonlocal connected
             reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-            writer.write(
-                f"GET /v1/sessions/{session_id}/events HTTP/1.1\r\nHost: x\r\n"
-                "Accept: text/event-stream\r\n\r\n".encode()
-            )
-            await writer.drain()
-            await reader.readuntil(b"retry:")
-            connected += 1
-            if connected == n_sessions * per_session:
-                all_in.set()
-            tokens = 0
-            buffer = b""
-            while b"event: end" not in buffer:
-                chunk = await reader.read(65536)
-                assert chunk, "server closed early"
-                buffer = buffer[-64:] + chunk
-                tokens += chunk.count(b"event: token")
-            writer.close()
-            await writer.wait_closed()
-            return tokens
+            try:  # closed however this ends (a failure, or the test's timeout cancelling it)
+                writer.write(
+                    f"GET /v1/sessions/{session_id}/events HTTP/1.1\r\nHost: x\r\n"
+                    "Accept: text/event-stream\r\n\r\n".encode()
+                )
+                await writer.drain()
+                await reader.readuntil(b"retry:")
+                connected += 1
+                if connected == n_sessions * per_session:
+                    all_in.set()
+                tokens = 0
+                buffer = b""
+                while b"event: end" not in buffer:
+                    chunk = await reader.read(65536)
+                    assert chunk, "server closed early"
+                    buffer = buffer[-64:] + chunk
+                    tokens += chunk.count(b"event: token")
+                return tokens
+            finally:
+                writer.close()
 
         async with asyncio.timeout(90):
             tasks = [asyncio.create_task(client(s)) for s in sessions for _ in range(per_session)]

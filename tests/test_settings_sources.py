@@ -1,4 +1,4 @@
-"""Model specs, the config file and its precedence, masked output: settings_sources.py."""
+"""Model specs (model_config.py), the config file, its precedence, masked output."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 from pydantic import SecretStr
 
 from tokenbridge.exceptions import ConfigurationError
+from tokenbridge.model_config import parse_model_flag, parse_model_spec
 from tokenbridge.settings import load_settings
-from tokenbridge.settings_sources import masked, parse_model_flag, parse_model_spec
+from tokenbridge.settings_sources import masked, safe_url
 
 EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "tokenbridge.toml"
 
@@ -72,4 +73,6 @@ def test_variable_table_replaces_the_file_table(
 
 def test_masked_keeps_the_redis_host_only() -> None:
     assert masked(SecretStr("redis://u:pw@db:6379/0")) == "redis://***@db:6379/0"
+    assert safe_url("rediss://:p@ss@db:6380") == "rediss://***@db:6380"
+    assert safe_url("unix:///run/redis.sock") == "unix:///run/redis.sock"
     assert masked([SecretStr("tbk_secret")]) == ["***"]

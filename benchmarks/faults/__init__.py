@@ -19,10 +19,17 @@ from benchmarks.faults.delivery import (
     hostile_sse,
     partition,
     reconnect_storm,
-    redis_restart_empty,
     slow_client,
 )
 from benchmarks.faults.harness import FaultEnv, Outcome
+from benchmarks.faults.outage import (
+    AOF_ALWAYS,
+    EMPTY_BOUND_S,
+    lost_reply_first,
+    lost_reply_whole,
+    redis_restart_aof,
+    redis_restart_empty,
+)
 from benchmarks.faults.pipeline import poison_entry, processor_kill, trimmed_pending, worker_kill
 from benchmarks.faults.soak import soak
 
@@ -37,6 +44,7 @@ class Scenario:
     criterion: str
     run: Callable[[FaultEnv, int], Awaitable[Outcome]]
     quick: bool = True
+    redis_args: tuple[str, ...] = ()  # the scenario's redis-server options (persistence)
 
 
 SCENARIOS = [
@@ -61,8 +69,18 @@ SCENARIOS = [
     Scenario("cross-session", "a Last-Event-ID of session A used on session B: none of A's "
              "events, B's answer whole", cross_session),
     Scenario("redis-restart-empty", "Redis SIGKILLed mid-answer, back empty: all 30 clients "
-             "get gap and their stream ends (the rest then end, or generation_lost) within 30 s",
-             redis_restart_empty),
+             f"(10 sessions) get gap and their stream ends (the rest then end, or "
+             f"generation_lost) within {EMPTY_BOUND_S:.0f} s", redis_restart_empty),
+    Scenario("redis-restart-aof", "Redis with appendfsync always SIGKILLed mid-answer and "
+             "restarted with its data: 10 clients of 5 answers get every token exactly once "
+             "and end, no worker_lost", redis_restart_aof, redis_args=AOF_ALWAYS),
+    Scenario("lost-reply-whole", "3 producer round trips (pipeline entry + append) reach "
+             "Redis whole, their replies lost with the connection: every token once to every "
+             "client, each seq once in the stream, each batch once in the pipeline",
+             lost_reply_whole),
+    Scenario("lost-reply-first", "3 producer round trips cut after their first command (the "
+             "pipeline entry), replies lost: every token once to every client, each seq once "
+             "in the stream, each batch once in the pipeline", lost_reply_first),
     Scenario("partition", "the gateway loses Redis for 5 s mid-answer (a proxy holds every "
              "byte): 10 clients get every token exactly once", partition),
     Scenario("reconnect-storm", "200 clients lose their gateway at once (SIGKILL) and all "

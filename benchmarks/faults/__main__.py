@@ -28,7 +28,7 @@ async def run_scenario(
     scenario: Scenario, seed: int, soak_s: float = 60.0
 ) -> tuple[Outcome, float, str]:
     """Run one scenario on a Redis of its own; (outcome, seconds, redis version)."""
-    with EmbeddedRedis() as redis:
+    with EmbeddedRedis(extra_args=list(scenario.redis_args)) as redis:
         env = FaultEnv(redis.url, server=redis)
         run = partial(soak, duration_s=soak_s) if scenario.run is soak else scenario.run
         started = time.monotonic()

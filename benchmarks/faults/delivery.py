@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-import time
 
 import httpx
 
@@ -35,7 +34,6 @@ __all__ = [
     "hostile_sse",
     "partition",
     "reconnect_storm",
-    "redis_restart_empty",
     "slow_client",
 ]
 
@@ -205,41 +203,6 @@ async def cross_session(env: FaultEnv, seed: int) -> Outcome:
     ok, why = exact(rec_b.of(b["generation_id"]), 20)
     figures = {"foreign_events": len(foreign), "gaps": sum(e.kind == "gap" for e in rec_b.events)}
     return Outcome(ok and not foreign, figures, why)
-
-
-async def redis_restart_empty(env: FaultEnv, seed: int) -> Outcome:
-    """Redis is SIGKILLed mid-answer and comes back empty: every client gets ``gap`` and its
-    stream ends (the rest of the answer then ``end``, or ``error generation_lost`` where the
-    producer could not go on), none waits forever."""
-    rng = random.Random(seed)
-    clients, bound_s = 30, 30.0
-    gw = await env.node("gw", "--no-worker")
-    await env.node("worker", worker_only=True)
-    session = f"s_restart{seed}"
-    recorders = [Recorder(session, lambda: [gw.url], rng) for _ in range(clients)]
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as http:
-        started = await start_generation(http, gw.url, 1500, 200, session_id=session)
-        gid = started["generation_id"]
-        follows = [asyncio.create_task(r.follow(http, gid)) for r in recorders]
-        await until(lambda: min(len(r.events) for r in recorders) >= 10, 30)
-        env.restart_redis()
-        restarted = time.monotonic()
-        try:
-            async with asyncio.timeout(bound_s):
-                await asyncio.gather(*follows)
-        except TimeoutError:
-            pass  # counted below: the clients whose stream did not end
-        finally:
-            for task in follows:
-                task.cancel()
-        took = time.monotonic() - restarted
-    gapped = sum(any(e.kind == "gap" for e in r.events) for r in recorders)
-    last = [r.events[-1] for r in recorders if r.events]
-    ended = [e.data.get("code", e.kind) for e in last if e.kind in ("end", "error")]
-    figures = {"clients": clients, "gap": gapped, "ended": len(ended),
-               "ended_with": ",".join(sorted(set(ended))),
-               "ends_within_s": round(took, 1)}  # fmt: skip
-    return Outcome(gapped == clients and len(ended) == clients, figures)
 
 
 async def partition(env: FaultEnv, seed: int) -> Outcome:

@@ -131,10 +131,16 @@ class FaultEnv:
         await node.wait_ready(60)
         return node
 
-    def restart_redis(self) -> None:
+    def restart_redis(self, keep_data: bool = False) -> None:
         """SIGKILL the Redis server and start an empty one on the same port (no persistence:
-        everything is lost, as after a crash of a cache-only Redis)."""
+        everything is lost, as after a crash of a cache-only Redis); ``keep_data``: start it
+        again in the same directory (a server with its append-only file on comes back with
+        what it had written)."""
         assert self.server is not None and self.server.pid is not None
+        if keep_data:
+            self.server.kill()
+            self.server.start()
+            return
         os.kill(self.server.pid, signal.SIGKILL)
         self.server.stop()
         self.server = EmbeddedRedis(port=self.server.port)

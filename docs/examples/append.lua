@@ -8,6 +8,10 @@ if record == ARGV[3] then
   -- this very batch was written already (a retry whose first reply was lost)
   return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied'}
 end
+if record and string.sub(record, 1, 5) == 'done ' then
+  -- ended by another (worker_lost, generation_lost): nothing may follow its terminal event
+  return {'', epoch or '', 0, 'ended'}
+end
 local lost = 0
 if ARGV[4] ~= '' and record ~= ARGV[4] then
   epoch = false
@@ -21,6 +25,9 @@ end
 local prev = '0-0'
 local tail = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)
 if tail[1] then prev = tail[1][1] end
+-- trim: "<count>" (MAXLEN ~ count), or "<count> <history s> <hard max>" (below)
+local keep, history, hard = string.match(ARGV[1], '^(%d+) (%d+) (%d+)$')
+if not keep then hard = ARGV[1] end
 local total = tonumber(ARGV[8])
 local out = {'*3\r\n$', #epoch, '\r\n', epoch, '\r\n$', #prev, '\r\n', prev, '\r\n*',
              total, '\r\n'}
@@ -29,7 +36,7 @@ local i = 9
 local id = prev
 for _ = 1, total do
   local k = tonumber(ARGV[i])
-  id = redis.call('XADD', events, 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, i + 1, i + k))
+  id = redis.call('XADD', events, 'MAXLEN', '~', hard, '*', unpack(ARGV, i + 1, i + k))
   out[n + 1] = '*2\r\n$'; out[n + 2] = #id; out[n + 3] = '\r\n'; out[n + 4] = id
   out[n + 5] = '\r\n*'; out[n + 6] = k; out[n + 7] = '\r\n'
   n = n + 7
@@ -42,6 +49,15 @@ for _ = 1, total do
   i = i + k + 1
 end
 redis.call('SPUBLISH', channel, table.concat(out))
+if keep then
+  -- past <count> entries, trim only those older than <history s>, never below <count>
+  local excess = redis.call('XLEN', events) - tonumber(keep)
+  if excess > 0 then
+    local now = redis.call('TIME')
+    local oldest = now[1] * 1000 + math.floor(now[2] / 1000) - tonumber(history) * 1000
+    redis.call('XTRIM', events, 'MINID', '~', oldest, 'LIMIT', excess)
+  end
+end
 redis.call('HSET', gens, gen, ARGV[3])
 local cancel = redis.call('HGET', gens, 'cancel:' .. gen) or ''
 if ARGV[5] ~= '' then

@@ -34,6 +34,7 @@ from tokenbridge.exceptions import (
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.model_config import ModelConfig
 from tokenbridge.processors.analytics import AnalyticsProcessor
 from tokenbridge.processors.base import Processor
 from tokenbridge.processors.cache import CachingProcessor
@@ -45,7 +46,7 @@ from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel, ChatRequest, Delta, Finish
 from tokenbridge.producer.producer import Producer
 from tokenbridge.producer.worker import GenerationWorker
-from tokenbridge.settings import ModelConfig, Settings
+from tokenbridge.settings import Settings
 from tokenbridge.store.embedded import EmbeddedRedis
 from tokenbridge.wire.events import Event, decode_entry
 from tokenbridge.wire.pipeline import PipelineBatch

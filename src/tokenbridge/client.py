@@ -44,7 +44,7 @@ from tokenbridge.exceptions import (
     ServerError,
     TokenBridgeError,
 )
-from tokenbridge.sse_parser import iter_sse, parse_sse
+from tokenbridge.sse_parser import SSEMessage, iter_sse, parse_sse
 
 __all__ = ["AsyncTokenBridgeClient", "GenerationStarted", "StreamEvent", "TokenBridgeClient"]
 
@@ -106,13 +106,25 @@ _RESUMABLE = (httpx.TransportError, ServerError)
 
 
 class _Options:
-    """What both clients share: URL, headers, request bodies and error mapping."""
+    """What both clients share: URL, HTTP options, request bodies, answers and error mapping.
 
-    def __init__(self, base_url: str, api_key: str | None, max_reconnects: int) -> None:
+    Only the I/O is written twice (a blocking and an async method of the same shape): the
+    requests they send and how their answers read are built here and in the functions below.
+    """
+
+    def __init__(
+        self, base_url: str, api_key: str | None, timeout_s: float, max_reconnects: int
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_reconnects = max_reconnects
         self.reconnects = 0
-        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        # Streams may stay silent between events for long: no read timeout.
+        self._http_options: dict[str, Any] = {
+            "base_url": self.base_url,
+            "timeout": httpx.Timeout(timeout_s, read=None),
+            "headers": headers,
+        }
 
     @staticmethod
     def _body(
@@ -147,6 +159,10 @@ def _started(response: httpx.Response) -> GenerationStarted:
     return GenerationStarted(data["session_id"], data["generation_id"], data["events_url"])
 
 
+def _event(message: SSEMessage) -> StreamEvent:
+    return StreamEvent(message.event, json.loads(message.data), message.id)
+
+
 def _generation_id(generation: GenerationStarted | str) -> str:
     return generation.generation_id if isinstance(generation, GenerationStarted) else generation
 
@@ -175,11 +191,8 @@ class TokenBridgeClient(_Options):
         timeout_s: float = 30.0,
         max_reconnects: int = 20,
     ) -> None:
-        super().__init__(base_url, api_key, max_reconnects)
-        self._http = httpx.Client(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout_s, read=None),
-            headers=self._headers,
-        )  # fmt: skip
+        super().__init__(base_url, api_key, timeout_s, max_reconnects)
+        self._http = httpx.Client(**self._http_options)
 
     def __enter__(self) -> TokenBridgeClient:
         return self
@@ -245,7 +258,7 @@ class TokenBridgeClient(_Options):
                 response.read()
                 raise _error_from(response)
             for message in iter_sse(response.iter_lines()):
-                yield StreamEvent(message.event, json.loads(message.data), message.id)
+                yield _event(message)
 
 
 class AsyncTokenBridgeClient(_Options):
@@ -259,11 +272,8 @@ class AsyncTokenBridgeClient(_Options):
         timeout_s: float = 30.0,
         max_reconnects: int = 20,
     ) -> None:
-        super().__init__(base_url, api_key, max_reconnects)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout_s, read=None),
-            headers=self._headers,
-        )  # fmt: skip
+        super().__init__(base_url, api_key, timeout_s, max_reconnects)
+        self._http = httpx.AsyncClient(**self._http_options)
 
     async def __aenter__(self) -> AsyncTokenBridgeClient:
         return self
@@ -329,7 +339,7 @@ class AsyncTokenBridgeClient(_Options):
                 raise _error_from(response)
             async with contextlib.aclosing(parse_sse(response.aiter_lines())) as messages:
                 async for message in messages:
-                    yield StreamEvent(message.event, json.loads(message.data), message.id)
+                    yield _event(message)
 
 
 def _error_from(response: httpx.Response) -> TokenBridgeError:

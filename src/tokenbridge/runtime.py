@@ -32,6 +32,7 @@ from tokenbridge.producer.producer import Producer
 from tokenbridge.producer.worker import GenerationWorker
 from tokenbridge.rate_limits import RateLimiter
 from tokenbridge.settings import Settings
+from tokenbridge.settings_sources import safe_url
 from tokenbridge.store.client import (
     REDIS_DOWN_ERRORS,
     blocking_client,
@@ -39,6 +40,7 @@ from tokenbridge.store.client import (
     command_client,
 )
 from tokenbridge.store.scripts import Scripts
+from tokenbridge.tasks import stop_within
 from tokenbridge.wire.keys import Keys
 
 __all__ = ["Runtime"]
@@ -88,6 +90,10 @@ class Runtime:
             pipeline_shards=settings.pipeline_shards if settings.pipeline_enabled else 0,
             # A backstop only: processors/pipeline_trim.py trims (and counts what it drops).
             pipeline_max_len=settings.pipeline_max_len * 2,
+            outage_s=settings.redis_outage_s,
+            max_pending_bytes=settings.producer_max_pending_bytes,
+            history_s=settings.stream_history_s,
+            history_max_len=settings.stream_history_max_len,
         )
         self.models: dict[str, ChatModel] = build_models(settings)
         self.dead_letters = DeadLetters(self.redis, self.keys.dead_letters, settings.dlq_max_len)
@@ -146,7 +152,7 @@ class Runtime:
         except REDIS_DOWN_ERRORS as exc:
             await self._close_clients()
             raise RedisUnavailable(
-                f"cannot reach Redis at TOKENBRIDGE_REDIS_URL ({_safe_url(self.url)}): "
+                f"cannot reach Redis at TOKENBRIDGE_REDIS_URL ({safe_url(self.url)}): "
                 f"{str(exc).rstrip('.')}. "
                 "Is Redis running there? Unset the variable to use the embedded server."
             ) from None
@@ -175,10 +181,7 @@ class Runtime:
         try:
             # Consumers drain (bounded by shutdown_drain_s), then the loops return.
             await self.consumers.__aexit__(exc_type, exc, tb)
-            if self._tasks:
-                _, pending = await asyncio.wait(self._tasks, timeout=5)
-                for task in pending:
-                    task.cancel()
+            await stop_within(self._tasks, 5)
             await self._group.__aexit__(exc_type, exc, tb)
             if self.processor is not None:
                 await self.processor.aclose()
@@ -190,11 +193,3 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await model.aclose()
         await close_client(self.redis)
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -2,7 +2,8 @@
 
 Settings are built once at the edge (the CLI, ``create_app``) and passed down; no other
 module reads ``os.environ`` (the one exception is an adapter reading the API key from the
-variable that its model entry *names*, via :meth:`ModelConfig.api_key`).
+variable that its model entry *names*, via :meth:`ModelConfig.api_key`). The model table's
+entries (:class:`ModelConfig`) and specs live in ``model_config.py``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -34,12 +33,13 @@ from pydantic_settings import (
 )
 
 from tokenbridge.exceptions import ConfigurationError
-from tokenbridge.settings_sources import (
-    describe_errors,
+from tokenbridge.model_config import (
+    ModelConfig,
+    check_model_table,
+    default_models,
     parse_model_flag,
-    parse_model_spec,
-    read_config_file,
 )
+from tokenbridge.settings_sources import describe_errors, read_config_file
 
 __all__ = ["RATE_PATTERN", "RENAMED", "ModelConfig", "Settings", "load_settings"]
 
@@ -53,53 +53,6 @@ RENAMED = {
 
 RATE_PATTERN = r"^[1-9][0-9]{0,8}/(second|minute|hour|day|[1-9][0-9]{0,5}[smhd])$"
 """A rate setting: a count per period (``10/minute``, ``100/30s``)."""
-
-
-class ModelConfig(BaseModel):
-    """One entry of the model table: a public model name maps to an adapter and its options."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    adapter: Literal["demo", "openai", "anthropic"] = Field(
-        description="Which adapter serves this model."
-    )
-    base_url: str | None = Field(
-        default=None,
-        description="Base URL of the API: OpenAI-compatible, e.g. http://localhost:11434/v1, or "
-        "Anthropic's (default https://api.anthropic.com/v1).",
-    )
-    model: str | None = Field(
-        default=None, description="Upstream model name; defaults to the public name."
-    )
-    api_key_env: str | None = Field(
-        default=None,
-        description="Name of the environment variable that holds the API key (never the key).",
-    )
-    timeout_s: float = Field(default=60.0, gt=0, description="Per-read timeout of the provider.")
-    connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect timeout.")
-    fallbacks: list[str] = Field(
-        default_factory=list,
-        max_length=8,
-        description="Models of the table tried in order when this one fails before its first "
-        "token (after its retries).",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _spec(cls, value: object) -> object:
-        """An entry may be a spec string: ``"openai:gpt-4o-mini"`` (settings_sources.py)."""
-        return parse_model_spec(value) if isinstance(value, str) else value
-
-    def api_key(self) -> SecretStr | None:
-        """The API key read from the variable named by ``api_key_env``, if any."""
-        if not self.api_key_env:
-            return None
-        value = os.environ.get(self.api_key_env)
-        return SecretStr(value) if value else None
-
-
-def _default_models() -> dict[str, ModelConfig]:
-    return {"demo": ModelConfig(adapter="demo")}
 
 
 class Settings(BaseSettings):
@@ -129,6 +82,15 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]{1,32}$",
         description="Prefix of every Redis key tokenbridge writes.",
     )
+    redis_outage_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a producer whose write failed (Redis restarting, a failover, a "
+        "lost reply) retries it with backoff, the model's events waiting in its bounded buffer "
+        "(producer_max_pending, producer_max_pending_bytes); past this the generation stops "
+        "and ends with `error generation_lost` once Redis is back. Keep it below "
+        "consumer_claim_idle_ms, after which another worker takes the job over.",
+    )
 
     # -- HTTP ----------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address the gateway binds to.")
@@ -138,7 +100,8 @@ class Settings(BaseSettings):
     stream_max_len: int = Field(
         default=10_000,
         ge=10,
-        description="Approximate max entries kept per session stream (XADD MAXLEN ~).",
+        description="Entries kept per session stream whatever their age; past it, entries "
+        "older than stream_history_s are trimmed (XTRIM MINID ~, never below this count).",
     )
     stream_retention_s: int = Field(
         default=3600, ge=1, description="Session keys expire this long after a generation ends."
@@ -153,6 +116,18 @@ class Settings(BaseSettings):
         ge=60,
         description="How long a stored Responses API response (POST /v1/responses, store: "
         "true) can be retrieved, continued (previous_response_id) and deleted.",
+    )
+    stream_history_s: int = Field(
+        default=60,
+        ge=0,
+        description="Entries younger than this are kept even past stream_max_len (up to "
+        "stream_history_max_len), so a fast session keeps the history a dropped reader "
+        "resumes from. 0: trim by count only.",
+    )
+    stream_history_max_len: int = Field(
+        default=200_000,
+        ge=10,
+        description="Hard cap of entries per session stream (XADD MAXLEN ~), whatever their age.",
     )
 
     # -- Gateway fan-out -----------------------------------------------------------------
@@ -303,6 +278,12 @@ class Settings(BaseSettings):
     )
     jobs_max_len: int = Field(
         default=100_000, ge=100, description="Approximate max entries kept in the job stream."
+    )
+    producer_max_pending_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of event text a producer buffers (not yet written: Redis slow or "
+        "away) before the model waits; with producer_max_pending, the bound of that buffer.",
     )
 
     # -- Operations (presence, dashboard, embedded Redis data) ---------------------------
@@ -512,7 +493,7 @@ class Settings(BaseSettings):
 
     # -- Models --------------------------------------------------------------------------
     models: dict[str, ModelConfig] = Field(
-        default_factory=_default_models,
+        default_factory=default_models,
         description='Model table as JSON: {"name": {"adapter": "openai", "base_url": ...}}.',
     )
 
@@ -582,17 +563,7 @@ class Settings(BaseSettings):
     @field_validator("models")
     @classmethod
     def _models_not_empty(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
-        if not value:
-            raise ValueError("at least one model must be configured")
-        for name, entry in value.items():
-            for other in entry.fallbacks:
-                if other == name or other not in value:
-                    known = ", ".join(sorted(set(value) - {name})) or "none"
-                    raise ValueError(
-                        f"model {name!r}: fallback {other!r} is not another model of the "
-                        f"table (others: {known})"
-                    )
-        return value
+        return check_model_table(value)
 
     def once_ttl_ms(self) -> int:
         """Lifetime of apply-once markers (``processors_once_ttl_s``, or derived from it)."""

@@ -15,7 +15,7 @@ from playwright.async_api import Page, expect
 
 from tests.servers import Gateway
 from tests.sse_client import read_events
-from tokenbridge.settings import ModelConfig
+from tokenbridge.model_config import ModelConfig
 
 # The cache would replay a repeated prompt at once: these tests need answers that take time.
 SLOW = {"cache_enabled": False}
@@ -33,7 +33,9 @@ async def short_chat(settings_factory: Any) -> AsyncIterator[Gateway]:
     """Session streams trimmed to about 10 entries, and a model that cannot be reached."""
     broken = ModelConfig(adapter="openai", base_url="http://127.0.0.1:1/v1", timeout_s=5)
     models = {"demo": ModelConfig(adapter="demo"), "broken": broken}
-    async with Gateway(settings_factory(models=models, stream_max_len=10, **SLOW)) as gateway:
+    # By count only (stream_history_s=0): the last 10 entries, however young.
+    settings = settings_factory(models=models, stream_max_len=10, stream_history_s=0, **SLOW)
+    async with Gateway(settings) as gateway:
         yield gateway
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import typer
@@ -30,6 +31,15 @@ out = Console()
 
 def _time(ms: int) -> str:
     return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
 
 
 def _selection(ids: list[str] | None, stream: str | None) -> dict[str, Any]:
@@ -65,15 +75,13 @@ def dlq_list(
         for letter in body["letters"]:
             print(json.dumps(letter))
         return
-    table = Table(title=f"dead letters: {len(body['letters'])} shown of {body['count']}")
-    for column in ("dlq id", "stream", "group", "entry id", "deliveries", "dead at", "error"):
-        table.add_column(column)
-    for lt in body["letters"]:
-        table.add_row(
-            lt["dlq_id"], lt["stream"], lt["group"], lt["entry_id"], str(lt["deliveries"]),
-            _time(lt["dead_ms"]), lt["error"][:80],
-        )  # fmt: skip
-    out.print(table)
+    rows = [
+        (lt["dlq_id"], lt["stream"], lt["group"], lt["entry_id"], str(lt["deliveries"]),
+         _time(lt["dead_ms"]), lt["error"][:80])
+        for lt in body["letters"]
+    ]  # fmt: skip
+    columns = ("dlq id", "stream", "group", "entry id", "deliveries", "dead at", "error")
+    _print_table(f"dead letters: {len(rows)} shown of {body['count']}", columns, rows)
 
 
 def _dlq_action(action: str, chosen: dict[str, Any], where: Any) -> int:
@@ -136,17 +144,16 @@ def consumers(
     if as_json:
         print(json.dumps(groups))
         return
-    table = Table(title="consumer groups")
-    for column in ("stream", "group", "consumer", "pending", "idle", "lag", "oldest pending"):
-        table.add_column(column)
+    rows = []
     for g in groups:
         oldest = g.get("oldest_pending_ms")
         age = "" if oldest is None else f"{oldest / 1000:.1f}s"
-        table.add_row(g["stream"], g["group"], "", str(g["pending"]), "", str(g["lag"]), age)
+        rows.append((g["stream"], g["group"], "", str(g["pending"]), "", str(g["lag"]), age))
         for c in g["consumers"]:
             idle = f"{c['idle_ms'] / 1000:.1f}s"
-            table.add_row("", "", c["name"], str(c["pending"]), idle, "", "")
-    out.print(table)
+            rows.append(("", "", c["name"], str(c["pending"]), idle, "", ""))
+    columns = ("stream", "group", "consumer", "pending", "idle", "lag", "oldest pending")
+    _print_table("consumer groups", columns, rows)
 
 
 def _auth(redis: Any, keys: Keys) -> Any:
@@ -190,13 +197,11 @@ def keys_list(
         rows = where.call("GET", "/v1/admin/keys")["keys"]
     else:
         rows = where.run(lambda redis, keys: _auth(redis, keys).list_keys())
-    table = Table(title="API keys")
-    for column in ("id", "name", "created"):
-        table.add_column(column)
-    for row in rows:
-        created = _time(row["created_ms"]) if "created_ms" in row else ""
-        table.add_row(row["id"], row["name"], created)
-    out.print(table)
+    listed = [
+        (row["id"], row["name"], _time(row["created_ms"]) if "created_ms" in row else "")
+        for row in rows
+    ]
+    _print_table("API keys", ("id", "name", "created"), listed)
 
 
 @keys_app.command("revoke")

@@ -38,6 +38,13 @@ MODEL_OPTION = typer.Option(
     "--model",
     help="Add a model NAME=ADAPTER:MODEL[@BASE_URL], e.g. gpt=openai:gpt-4o-mini (repeatable).",
 )
+PROCESSORS_OPTION = typer.Option(
+    None,
+    "--processors/--no-processors",
+    help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
+)
+LOG_LEVEL_OPTION = typer.Option("info", help="debug, info, warning or error.")
+LOG_JSON_OPTION = typer.Option(False, "--log-json", help="Log JSON lines.")
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -187,15 +194,11 @@ def serve(
     worker: bool | None = typer.Option(
         None, "--worker/--no-worker", help="Run a generation worker in this process."
     ),
-    processors: bool | None = typer.Option(
-        None,
-        "--processors/--no-processors",
-        help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
-    ),
+    processors: bool | None = PROCESSORS_OPTION,
     config: Path | None = CONFIG_OPTION,
     model: list[str] | None = MODEL_OPTION,
-    log_level: str = typer.Option("info", help="debug, info, warning or error."),
-    log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
+    log_level: str = LOG_LEVEL_OPTION,
+    log_json: bool = LOG_JSON_OPTION,
     data_dir: str | None = typer.Option(
         None,
         "--data-dir",
@@ -223,6 +226,7 @@ def serve(
     configure_logging(log_level, log_json)
     from tokenbridge.gateway.app import create_app
     from tokenbridge.gateway.websocket import uvicorn_options
+    from tokenbridge.gc_tuning import tune_gc
 
     with contextlib.ExitStack() as stack:
         stack.callback(sock.close)
@@ -253,6 +257,7 @@ def serve(
         server.data_dir = where
         if embedded is not None:  # stopped on a forced exit too
             server.stop_signals.cleanups.append(embedded.stop)
+        tune_gc()  # gc_tuning.py: no loop-stalling full collections in a reconnect storm
         server.run(sockets=[sock])
         if server.startup_error is not None:
             raise server.startup_error
@@ -265,15 +270,11 @@ def worker(
     generations: bool = typer.Option(
         True, "--generations/--no-generations", help="Run generation jobs in this process."
     ),
-    processors: bool | None = typer.Option(
-        None,
-        "--processors/--no-processors",
-        help="Run the processor pipeline in this process (TOKENBRIDGE_RUN_PROCESSORS).",
-    ),
+    processors: bool | None = PROCESSORS_OPTION,
     config: Path | None = CONFIG_OPTION,
     model: list[str] | None = MODEL_OPTION,
-    log_level: str = typer.Option("info", help="debug, info, warning or error."),
-    log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines."),
+    log_level: str = LOG_LEVEL_OPTION,
+    log_json: bool = LOG_JSON_OPTION,
 ) -> None:
     """Run generation workers (and the processor pipeline) against TOKENBRIDGE_REDIS_URL."""
     settings = load_settings(config, model or ())

@@ -12,7 +12,6 @@ process can show the whole picture, not only its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from types import TracebackType
@@ -23,6 +22,7 @@ from redis.asyncio import Redis
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.consumers.stream_consumer import ConsumerOptions, Handler, StreamConsumer
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.tasks import stop_within
 from tokenbridge.text import as_text
 
 __all__ = ["StreamConsumerService", "group_status"]
@@ -111,15 +111,9 @@ class StreamConsumerService:
     async def _stop(self, entries: list[tuple[StreamConsumer, asyncio.Task[None]]]) -> None:
         for instance, _ in entries:
             instance.stop()
-        tasks = [task for _, task in entries]
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=self.drain_s)
-        for task in pending:
-            log.warning("consumer did not drain in %.1fs; cancelling %s", self.drain_s, task)
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*pending, return_exceptions=True)
+        late = await stop_within([task for _, task in entries], self.drain_s)
+        for task in late:
+            log.warning("consumer did not drain in %.1fs; cancelled %s", self.drain_s, task)
 
     def consumers(self) -> list[StreamConsumer]:
         return [instance for instance, _ in self._consumers.values()]

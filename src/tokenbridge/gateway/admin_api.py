@@ -42,6 +42,7 @@ from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.exceptions import InvalidRequest, LimitExceeded
 from tokenbridge.gateway.auth import key_principal
 from tokenbridge.gateway.overview import consumer_groups, deployment, overview
+from tokenbridge.gateway.request_body import read_body
 from tokenbridge.gateway.state import Gateway
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 
@@ -107,9 +108,7 @@ async def _admin(request: Request, unsafe: bool = False) -> Gateway:
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
-    if len(raw) > _MAX_BODY:
-        raise InvalidRequest("request_too_large", f"body over {_MAX_BODY} bytes", 413)
+    raw = await read_body(request, _MAX_BODY)
     if not raw.strip():
         raise InvalidRequest("invalid_request", "send a JSON object as the body", 422)
     try:

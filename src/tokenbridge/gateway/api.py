@@ -6,7 +6,6 @@ is stable (see docs/api.md), ``message`` is for people.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Coroutine
 from typing import Any
 
@@ -19,6 +18,7 @@ from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway import encodings
 from tokenbridge.gateway.auth import COOKIE_NAME, Principal, key_principal, reader_principal
 from tokenbridge.gateway.encodings.base import StreamContext
+from tokenbridge.gateway.request_body import json_body
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.gateway.sse import EventStreamResponse
 from tokenbridge.gateway.state import Gateway
@@ -35,8 +35,6 @@ from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.wire.keys import ID_PATTERN, validate_id
 
 __all__ = ["GenerationRequest", "error_response"]
-
-_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def error_response(code: str, message: str, status_code: int) -> JSONResponse:
@@ -87,24 +85,6 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def _json_body(request: Request) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > _MAX_BODY_BYTES:
-        raise InvalidRequest("request_too_large", f"body over {_MAX_BODY_BYTES} bytes", 413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > _MAX_BODY_BYTES:
-            raise InvalidRequest("request_too_large", f"body over {_MAX_BODY_BYTES} bytes", 413)
-    try:
-        payload = json.loads(body)
-        # Lone surrogates ("\ud800") parse but cannot be stored or sent on: reject them here.
-        json.dumps(payload, ensure_ascii=False).encode()
-    except (ValueError, UnicodeError, RecursionError):
-        raise InvalidRequest("invalid_json", "the request body is not valid UTF-8 JSON") from None
-    return payload
-
-
 def _validation_message(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
@@ -118,7 +98,7 @@ async def create_generation(request: Request) -> Response:
     gateway = _gateway(request)
     gateway.connections.ensure_accepting()  # 503 `draining` once this process shuts down
     principal = await key_principal(gateway.auth, request, unsafe=True)
-    payload = await _json_body(request)
+    payload = await json_body(request)
     try:
         body = GenerationRequest.model_validate(payload)
     except ValidationError as exc:
@@ -181,6 +161,15 @@ def session_websocket(websocket: WebSocket) -> Coroutine[Any, Any, None]:
     )
 
 
+def _model_object(gateway: Gateway, name: str) -> dict[str, Any]:
+    """A model of the table as OpenAI's Model object (``object``, ``created``, ``owned_by``),
+    plus ``adapter``. ``created``: when this gateway loaded its model table."""
+    adapter = gateway.settings.models[name].adapter
+    created = gateway.started_s
+    return {"id": name, "object": "model", "created": created, "owned_by": "tokenbridge",
+            "adapter": adapter}  # fmt: skip
+
+
 class _Cancel:
     """A WebSocket client's ``cancel`` command: True unless the generation is unknown."""
 
@@ -209,13 +198,22 @@ class _Authorize:
 
 
 async def list_models(request: Request) -> Response:
+    """The model table, shaped as OpenAI's ``GET /v1/models`` list."""
     gateway = _gateway(request)
     await key_principal(gateway.auth, request)
-    data = [
-        {"id": name, "adapter": config.adapter}
-        for name, config in sorted(gateway.settings.models.items())
-    ]
+    data = [_model_object(gateway, name) for name in sorted(gateway.settings.models)]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """One model of the table (OpenAI's ``GET /v1/models/{model}``); 404 ``unknown_model``."""
+    gateway = _gateway(request)
+    await key_principal(gateway.auth, request)
+    name = request.path_params["model"]
+    if name not in gateway.settings.models:
+        known = ", ".join(sorted(gateway.settings.models))
+        raise InvalidRequest("unknown_model", f"unknown model {name!r}; known: {known}", 404)
+    return JSONResponse(_model_object(gateway, name))
 
 
 async def healthz(request: Request) -> Response:
@@ -283,7 +281,7 @@ def _console_response(request: Request, principal: Principal, response: Response
 async def login(request: Request) -> Response:
     """Exchange an API key for the console cookie (the page at / uses it)."""
     auth = _gateway(request).auth
-    payload = await _json_body(request)
+    payload = await json_body(request)
     key = payload.get("api_key") if isinstance(payload, dict) else None
     if not isinstance(key, str) or len(key) > 200:
         raise InvalidRequest("invalid_request", 'send {"api_key": "tbk_..."}', 422)

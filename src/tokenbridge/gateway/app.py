@@ -254,6 +254,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
         Route("/openapi.json", _openapi, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/v1/models", api.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.retrieve_model, methods=["GET"]),
         Route("/v1/auth/login", api.login, methods=["POST"]),
         Route("/v1/status", api.status, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),

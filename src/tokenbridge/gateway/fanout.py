@@ -10,10 +10,15 @@ Subscribing or resuming one connection costs the same whatever the number of ses
 
 - a session held here, resumed from an id the feed still remembers (its last
   ``fanout_recent_events`` entries; a feed lingers ``fanout_linger_s`` after its last
-  connection left, because a reconnect storm is clients coming back): one ``HGET`` of the
-  epoch (the stream may have expired or been renewed), the history from memory;
-- otherwise: one round trip, ``HGET :meta epoch`` + ``XRANGE :events <id> + COUNT n`` (the id
-  included: finding it proves nothing after it was trimmed), plus, for a session new here,
+  connection left, because a reconnect storm is clients coming back): the history from
+  memory, and no command at all if the feed heard a live message of its epoch less than
+  ``epoch_trust_s`` ago (a renewed stream is published, so only a silent expiry could
+  change the epoch, and the session keys outlive a write by more than that: the gateway
+  passes half the smaller of ``stream_retention_s`` and ``stream_max_generation_s``);
+  otherwise one ``HGET`` of the epoch;
+- otherwise: ``HGET :meta epoch`` + ``XRANGE :events <id> + COUNT n`` (the id included:
+  finding it proves nothing after it was trimmed), in one pipeline with the other connections
+  opening at the same time (``resume_reads.py``), plus, for a session new here,
   its share of one batched ``SSUBSCRIBE``. An unknown epoch, a trimmed id or an empty reply falls
   back to the full state script and :func:`plan_resume` (``gap`` events).
 
@@ -45,6 +50,7 @@ from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.entries import FanoutStats, decode_entries, decode_frame
 from tokenbridge.gateway.frames import Batch, Frame, parse_entry_id
 from tokenbridge.gateway.resume import plan_resume
+from tokenbridge.gateway.resume_reads import ResumeReads
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.store.live import LiveMessage, parse_live_message
 from tokenbridge.store.scripts import Scripts, SessionState
@@ -89,6 +95,21 @@ class _Feed:
     repairing: bool = False
     dirty: bool = False  # a message arrived during a repair: read again
     idle_since: float = 0.0
+    heard_at: float = float("-inf")  # last live message of ``epoch`` (time.monotonic())
+
+
+def _after_delivered(feed: _Feed, entry_id: str) -> list[Frame] | None:
+    """The recent frames after ``entry_id`` if it is one the feed delivered (or the one just
+    before them), found by comparing strings; None if it is not (then ids are compared)."""
+    recent = feed.recent or ()
+    if entry_id == feed.cursor:
+        return []
+    if entry_id == feed.recent_base:
+        return list(recent)
+    for at in range(len(recent) - 1, -1, -1):
+        if recent[at].entry_id == entry_id:
+            return [recent[i] for i in range(at + 1, len(recent))]
+    return None
 
 
 class SessionFanout:
@@ -108,6 +129,7 @@ class SessionFanout:
         repair_concurrency: int = 16,
         batch_events: int = 1000,
         node_id: str | None = None,
+        epoch_trust_s: float = 0.0,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
@@ -118,6 +140,7 @@ class SessionFanout:
         self.recent_events = recent_events
         self.linger_s = linger_s
         self.batch_events = batch_events
+        self.epoch_trust_s = epoch_trust_s
         self.stats = FanoutStats()
         self.subscriber = ShardSubscriber(
             redis, self._on_message, self._on_resubscribed, keys.prefix, probe_s
@@ -126,6 +149,7 @@ class SessionFanout:
         self._by_channel: dict[bytes, _Feed] = {}
         self._idle: collections.OrderedDict[str, _Feed] = collections.OrderedDict()
         self._repairs = asyncio.Semaphore(repair_concurrency)
+        self.reads = ResumeReads(redis, keys, self._spawn)
         self._group: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
 
@@ -155,7 +179,12 @@ class SessionFanout:
         """Register ``conn`` for live events and say where it starts (see the module doc)."""
         feed = self._join(conn)
         await feed.ready
-        if last is not None and feed.cursor is not None and self._from_memory(feed, last):
+        known = last is not None and feed.cursor is not None
+        opening = self._from_memory(feed, last) if known else None
+        if opening is not None and time.monotonic() - feed.heard_at < self.epoch_trust_s:
+            self.stats.memory_resumes += 1  # a live message proved the epoch lately: no Redis
+            return opening
+        if opening is not None:
             # The stream may have expired or been renewed without a message: one HGET says.
             epoch: Any = await self.redis.hget(self.keys.meta(conn.session_id), "epoch")
             opening = self._from_memory(feed, last)  # again: events may have come meanwhile
@@ -220,6 +249,10 @@ class SessionFanout:
         """The history from the feed's recent frames, if they cover it."""
         if feed.repairing:
             return None
+        if last is not None and last[0] == feed.epoch:
+            frames = _after_delivered(feed, last[1])
+            if frames is not None:  # the common case: no entry id parsed
+                return Opening(feed.epoch, history=[Batch(frames)] if frames else [])
         cursor = _cursor_key(feed)
         if last is None:
             if feed.recent_base != "0-0":
@@ -263,18 +296,9 @@ class SessionFanout:
         return Opening(epoch, history=[Batch(frames)] if frames else [], more_after=after)
 
     async def _read_two(self, sid: str, start: str, count: int) -> Any:
-        """The epoch and a page of the stream in one round trip; once more on a dead pooled
-        connection (after a Redis restart), as redis-py does for single commands."""
-        for attempt in (1, 2):
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.hget(self.keys.meta(sid), "epoch")
-                    pipe.xrange(self.keys.events(sid), min=start, max="+", count=count)
-                    return await pipe.execute()
-            except REDIS_DOWN_ERRORS:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        """The epoch and a page of the stream, in a pipeline shared with the other
+        connections opening now (``resume_reads.py``)."""
+        return await self.reads.read(sid, start, count)
 
     async def _from_state(self, feed: _Feed, last: tuple[str, str] | None) -> Opening:
         state = await self.session_state(feed.session_id)
@@ -327,6 +351,7 @@ class SessionFanout:
         if parse_entry_id(message.prev_id) > _cursor_key(feed):
             self._repair(feed)  # something was published that this feed never heard
             return
+        feed.heard_at = time.monotonic()
         self._deliver(feed, message.entries)
 
     def _epoch_changed(self, feed: _Feed, message: LiveMessage) -> None:
@@ -446,11 +471,11 @@ class SessionFanout:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         if self._group is None:
             coro.close()
             raise RuntimeError("SessionFanout.run() is not running")
-        self._group.create_task(coro)
+        return self._group.create_task(coro)
 
     async def run(self) -> None:
         """Run the subscriber and the linger sweep until :meth:`stop`."""

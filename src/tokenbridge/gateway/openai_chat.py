@@ -16,7 +16,6 @@ from starlette.responses import JSONResponse, Response
 
 from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway import encodings
-from tokenbridge.gateway.api import _json_body
 from tokenbridge.gateway.encodings.base import GenerationInfo, StreamContext
 from tokenbridge.gateway.encodings.openai_chat import ChatCollector, ChatOptions
 from tokenbridge.gateway.fanout import decode_entries
@@ -31,6 +30,7 @@ from tokenbridge.gateway.openai_common import (
 from tokenbridge.gateway.openai_errors import OpenAIParamError, openai_endpoint, openai_error
 from tokenbridge.gateway.openai_requests import parse_chat
 from tokenbridge.gateway.openai_store import CHAT_PREFIX, session_of
+from tokenbridge.gateway.request_body import json_body
 from tokenbridge.gateway.state import Gateway
 from tokenbridge.wire.keys import ID_PATTERN
 
@@ -47,7 +47,7 @@ async def create_chat_completion(request: Request) -> Response:
     gateway, store = gateway_of(request)
     gateway.connections.ensure_accepting()
     principal = await openai_principal(request, unsafe=True)
-    body = parse_chat(await _json_body(request))
+    body = parse_chat(await json_body(request))
     submitted = await submit(request, principal, body.model, body.messages, body.params)
     session_id = submitted.session_id
     completion_id = CHAT_PREFIX + session_id

@@ -21,11 +21,9 @@ from starlette.responses import JSONResponse, Response
 
 from tokenbridge.exceptions import InvalidRequest
 from tokenbridge.gateway import encodings
-from tokenbridge.gateway.api import _json_body
 from tokenbridge.gateway.encodings.base import StreamContext
 from tokenbridge.gateway.encodings.openai_responses import (
     ResponsesEncoder,
-    ResponsesOptions,
     events_of_final,
 )
 from tokenbridge.gateway.frames import Batch, Frame
@@ -37,9 +35,10 @@ from tokenbridge.gateway.openai_common import (
     submit,
 )
 from tokenbridge.gateway.openai_errors import OpenAIParamError, openai_endpoint
+from tokenbridge.gateway.openai_keeper import DONE_STATUSES, options_of, replay_response
 from tokenbridge.gateway.openai_requests import ResponsesBody, parse_responses
 from tokenbridge.gateway.openai_store import RESPONSE_PREFIX, OpenAIStore, session_of
-from tokenbridge.gateway.resume import iter_history
+from tokenbridge.gateway.request_body import json_body
 from tokenbridge.gateway.state import Gateway
 from tokenbridge.producer.cancel import request_cancel
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
@@ -48,7 +47,6 @@ __all__ = ["cancel_response", "create_response", "delete_response", "retrieve_re
 
 _CANCEL_WAIT_S = 5.0
 _SSE = "text/event-stream"
-_DONE = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
 def _base(response_id: str, body: ResponsesBody, created_at: int) -> dict[str, Any]:
@@ -105,31 +103,9 @@ async def _snapshot(
     gateway: Gateway, store: OpenAIStore, session_id: str, record: dict[str, Any]
 ) -> dict[str, Any]:
     """The response now: replayed from its session stream (kept once it has ended)."""
-    encoder = ResponsesEncoder(_options(record))
-    encoder.initial()
-    async for batch in iter_history(
-        gateway.redis,
-        gateway.keys.events(session_id),
-        session_id,
-        "0",
-        "0-0",
-        gateway.settings.history_batch,
-    ):
-        encoder.encode([batch])
-        if encoder.finished:
-            break
-    snapshot = encoder.snapshot()
-    if encoder.finished and record["base"]["store"]:
-        await store.put_final(session_id, snapshot)
-    return snapshot
-
-
-def _options(record: dict[str, Any], starting_after: int = -1) -> ResponsesOptions:
-    return ResponsesOptions(
-        base=record["base"],
-        generation_id=record["generation_id"],
-        background=record["base"]["background"],
-        starting_after=starting_after,
+    history_batch = gateway.settings.history_batch
+    return await replay_response(
+        gateway.redis, gateway.keys, store, session_id, record, history_batch
     )
 
 
@@ -149,7 +125,7 @@ async def _conversation(
         ) from None
     if final is None:
         final = await _snapshot(gateway, store, session_id, record)
-    if final["status"] not in _DONE:
+    if final["status"] not in DONE_STATUSES:
         raise InvalidRequest(
             "previous_response_in_progress", f"{previous} has not finished yet", 409
         )
@@ -162,7 +138,7 @@ async def create_response(request: Request) -> Response:
     gateway, store = gateway_of(request)
     gateway.connections.ensure_accepting()
     principal = await openai_principal(request, unsafe=True)
-    body = parse_responses(await _json_body(request))
+    body = parse_responses(await json_body(request))
     conversation = await _conversation(gateway, store, body)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages = [*system, *conversation]
@@ -178,7 +154,7 @@ async def create_response(request: Request) -> Response:
     if body.store:
         await store.put_response(session_id, record, gateway.settings.openai_response_retention_s)
     if body.background and not body.stream:
-        encoder = ResponsesEncoder(_options(record))
+        encoder = ResponsesEncoder(options_of(record))
         encoder.initial()
         return JSONResponse(encoder.snapshot())
     return await _answer(request, session_id, record, -1, body.stream)
@@ -189,7 +165,7 @@ async def _answer(
 ) -> Response:
     """The response's events from the start of its stream: streamed, or gathered whole."""
     _, store = gateway_of(request)
-    ctx = StreamContext(session_id, _options(record, starting_after))
+    ctx = StreamContext(session_id, options_of(record, starting_after))
     encoder = encodings.get("openai_responses").open(ctx)
     assert isinstance(encoder, ResponsesEncoder)
 
@@ -254,7 +230,7 @@ def _expired(gateway: Gateway, record: dict[str, Any]) -> bool:
 
 
 def _lost(record: dict[str, Any]) -> dict[str, Any]:
-    encoder = ResponsesEncoder(_options(record))
+    encoder = ResponsesEncoder(options_of(record))
     encoder.initial()
     snapshot = encoder.snapshot()
     snapshot["status"] = "failed"
@@ -266,7 +242,7 @@ def _lost(record: dict[str, Any]) -> dict[str, Any]:
 def _replay_final(record: dict[str, Any], final: dict[str, Any], starting_after: int) -> bytes:
     """The events of a kept response whose session stream has expired (one delta per item:
     sequence numbers after the first events differ from the live stream's)."""
-    encoder = ResponsesEncoder(_options(record, starting_after))
+    encoder = ResponsesEncoder(options_of(record, starting_after))
     events = events_of_final(final, record["generation_id"])
     frames = [Frame(f"0-{i + 1}", "0", event) for i, event in enumerate(events)]
     return (encoder.preamble() or b"") + (encoder.encode([Batch(frames)]) or b"")
@@ -281,7 +257,7 @@ async def cancel_response(request: Request) -> Response:
     if final is not None:
         return JSONResponse(final)
     await request_cancel(gateway.redis, gateway.keys, record["generation_id"], session_id)
-    encoder = ResponsesEncoder(_options(record))
+    encoder = ResponsesEncoder(options_of(record))
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(_CANCEL_WAIT_S):
             await collect(request, session_id, encoder)

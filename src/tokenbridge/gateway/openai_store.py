@@ -17,7 +17,9 @@ final       the response object once it ended (written by whoever first sees the
 ==========  ===========================================================================
 
 A chat record lives as long as the session stream (``stream_max_generation_s +
-stream_retention_s``); a stored response for ``openai_response_retention_s``.
+stream_retention_s``); a stored response for ``openai_response_retention_s``. Stored responses
+whose final object is not kept yet are listed in ``tb:openai:unfinished`` (a sorted set by
+``created_at``) for ``gateway/openai_keeper.py``, which keeps it before the stream expires.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ class OpenAIStore:
     def key(self, session_id: str) -> str:
         return f"{self.keys.prefix}:{{{session_id}}}:openai"
 
+    @property
+    def unfinished_key(self) -> str:
+        """Sorted set of the stored responses whose final object is not kept yet (score:
+        ``created_at``), swept by ``gateway/openai_keeper.py``."""
+        return f"{self.keys.prefix}:openai:unfinished"
+
     async def _put(self, session_id: str, field: str, record: dict[str, Any], ttl_s: int) -> None:
         key = self.key(session_id)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -84,7 +92,17 @@ class OpenAIStore:
         return await self._get(session_id, "chat")
 
     async def put_response(self, session_id: str, record: dict[str, Any], ttl_s: int) -> None:
+        """Store a response's request record, listed as unfinished until its final is kept."""
         await self._put(session_id, "response", record, ttl_s)
+        await self.redis.zadd(self.unfinished_key, {session_id: record["base"]["created_at"]})
+
+    async def unfinished(self, offset: int, count: int) -> list[str]:
+        """Listed unfinished responses (their session ids), oldest first."""
+        raw: list[Any] = await self.redis.zrange(self.unfinished_key, offset, offset + count - 1)
+        return [item.decode() if isinstance(item, bytes) else item for item in raw]
+
+    async def forget_unfinished(self, session_id: str) -> None:
+        await self.redis.zrem(self.unfinished_key, session_id)
 
     async def response(self, session_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The response's request record and its final object (None while it runs);
@@ -106,7 +124,9 @@ class OpenAIStore:
             exists, _ = await pipe.execute()
         if not exists:
             await self.redis.delete(key)
+        await self.forget_unfinished(session_id)
 
     async def delete(self, session_id: str) -> bool:
         """Forget a response (its request and final object); False if there was none."""
+        await self.forget_unfinished(session_id)
         return bool(await self.redis.delete(self.key(session_id)))

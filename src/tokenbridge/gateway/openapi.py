@@ -7,7 +7,7 @@ running app against it (no 5xx, every response conforming).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -40,12 +40,17 @@ class GenerationAccepted(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """OpenAI's Model object, plus the adapter that serves it."""
+
     id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time (s) when this gateway loaded its model table.")
+    owned_by: str = "tokenbridge"
     adapter: str
 
 
 class ModelList(BaseModel):
-    object: str = "list"
+    object: Literal["list"] = "list"
     data: list[ModelInfo]
 
 
@@ -156,6 +161,16 @@ def openapi_schema(version: str) -> dict[str, Any]:
                 "summary": "The model table",
                 "security": _AUTH,
                 "responses": {**_ok("ModelList"), **_errors(401, 403)},
+            }
+        },
+        "/v1/models/{model}": {
+            "get": {
+                "summary": "One model of the table",
+                "security": _AUTH,
+                "parameters": [
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {**_ok("ModelInfo"), **_errors(401, 403, 404)},
             }
         },
         "/v1/status": {

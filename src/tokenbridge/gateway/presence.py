@@ -86,7 +86,10 @@ class SessionPresence:
         self.ttl_ms = max(1, int((orphan_grace_s + self.refresh_s) * 1000))
         self.written = 0
         self.failed = 0
+        self.skipped = 0  # connections opened on a session whose key was fresh
         self._opened: set[str] = set()  # bounded by the connections opened since the last write
+        # Sessions written in the last ``refresh_s`` -> when (bounded: pruned every full round).
+        self._written_at: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -94,7 +97,13 @@ class SessionPresence:
         return f"<SessionPresence refresh_s={self.refresh_s} written={self.written}>"
 
     def opened(self, session_id: str) -> None:
-        """A connection to ``session_id`` opened here: mark the session at once."""
+        """A connection to ``session_id`` opened here: mark the session at once, unless this
+        process wrote its key less than ``refresh_s`` ago (then the key outlives the grace,
+        and the next full refresh, due within ``refresh_s``, writes it again)."""
+        written = self._written_at.get(session_id)
+        if written is not None and time.monotonic() - written < self.refresh_s:
+            self.skipped += 1
+            return
         self._opened.add(session_id)
         self._wake.set()
 
@@ -120,20 +129,26 @@ class SessionPresence:
                         await self._wake.wait()
             self._wake.clear()
             batch, self._opened = self._opened, set()
-            if time.monotonic() >= next_full:
+            now = time.monotonic()
+            if now >= next_full:
                 batch.update(self.sessions())
-                next_full = time.monotonic() + self.refresh_s
+                next_full = now + self.refresh_s
+                old = now - self.refresh_s
+                self._written_at = {sid: t for sid, t in self._written_at.items() if t > old}
             if batch:
                 await self._write(sorted(batch))
 
     async def _write(self, session_ids: list[str]) -> None:
         node = self.node_id.encode()
+        started = time.monotonic()  # the keys live at least ``ttl_ms`` from here
         try:
             for start in range(0, len(session_ids), _CHUNK):
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for session_id in session_ids[start : start + _CHUNK]:
                         pipe.set(self.keys.presence(session_id), node, px=self.ttl_ms)
                     await pipe.execute()
+                for session_id in session_ids[start : start + _CHUNK]:
+                    self._written_at[session_id] = started
             self.written += len(session_ids)
         except REDIS_DOWN_ERRORS as exc:
             self.failed += 1

@@ -11,6 +11,7 @@ Routes read ``request.state.gateway``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Collection
 from types import TracebackType
 
@@ -22,11 +23,14 @@ from tokenbridge.gateway.auth import Auth
 from tokenbridge.gateway.client_connection import Transport
 from tokenbridge.gateway.connection_manager import ConnectionManager
 from tokenbridge.gateway.fanout import SessionFanout
+from tokenbridge.gateway.openai_keeper import ResponseKeeper
+from tokenbridge.gateway.openai_store import OpenAIStore
 from tokenbridge.gateway.streaming import SessionStream, StreamOptions
 from tokenbridge.gateway.submit import GenerationSpec, Submission, SubmitContext, submit_generation
 from tokenbridge.settings import Settings
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.store.scripts import Scripts
+from tokenbridge.tasks import stop_within
 from tokenbridge.wire.keys import Keys
 
 __all__ = ["Gateway"]
@@ -60,6 +64,9 @@ class Gateway:
             repair_concurrency=settings.fanout_repair_concurrency,
             batch_events=settings.fanout_batch_events,
             node_id=node_id,
+            # A live message proves the stream's epoch then; a renewal after it is published
+            # too. Only an expiry is silent, and the keys live at least this long after a write.
+            epoch_trust_s=min(settings.stream_retention_s, settings.stream_max_generation_s) / 2,
         )
         self.auth = Auth(redis, keys, settings)
         self.connections = ConnectionManager(
@@ -86,7 +93,18 @@ class Gateway:
             subscribe_token=self.auth.subscribe_token,
             token_ttl_s=self.auth.token_ttl_s,
         )
+        # Stored OpenAI responses keep their final object even if nobody reads them to the end.
+        self.response_keeper = ResponseKeeper(
+            redis,
+            keys,
+            OpenAIStore(redis, keys),
+            history_batch=settings.history_batch,
+            sweep_s=min(60.0, max(0.5, settings.stream_retention_s / 4)),
+            lifetime_s=settings.stream_max_generation_s + settings.stream_retention_s,
+        )
         self._fanout_task: asyncio.Task[None] | None = None
+        self._keeper_task: asyncio.Task[None] | None = None
+        self.started_s = int(time.time())  # the `created` of the models it lists
 
     def __repr__(self) -> str:
         return f"<Gateway {self.fanout!r} {self.connections!r} {self.admission!r}>"
@@ -96,7 +114,9 @@ class Gateway:
             await self.auth.start()
         except REDIS_DOWN_ERRORS as exc:
             raise RedisUnavailable(f"Redis failed during startup: {exc}") from None
-        self._fanout_task = asyncio.get_running_loop().create_task(self.fanout.run())
+        loop = asyncio.get_running_loop()
+        self._fanout_task = loop.create_task(self.fanout.run())
+        self._keeper_task = loop.create_task(self.response_keeper.run())
         return self
 
     async def __aexit__(
@@ -106,16 +126,14 @@ class Gateway:
         tb: TracebackType | None,
     ) -> None:
         self.fanout.stop()
-        task, self._fanout_task = self._fanout_task, None
-        if task is None:
-            return
-        _, pending = await asyncio.wait([task], timeout=5)
-        for late in pending:
-            late.cancel()
-        await asyncio.wait([task])
-        error = None if task.cancelled() else task.exception()
-        if error is not None:
-            raise error
+        self.response_keeper.stop()
+        tasks = [task for task in (self._fanout_task, self._keeper_task) if task is not None]
+        self._fanout_task = self._keeper_task = None
+        await stop_within(tasks, 5)
+        for task in tasks:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
 
     def open_stream(
         self, session_id: str, transport: Transport, address: str | None

@@ -5,8 +5,19 @@ writes it in one round trip (``XADD ... MAXLEN ~`` per event, one pipeline entry
 whole batch for the processors (``wire/pipeline.py``), the generation's progress record, and a
 read of its cancel flag), hand-packed (``store/resp.py``). While a round trip is in flight
 the next tokens queue up, so the batch size follows the speed of the model relative to Redis:
-one event per write for a slow model, thousands for a fast one. A full queue makes the model
+one event per write for a slow model, thousands for a fast one. The queue is bounded in events
+and bytes (``producer_max_pending``, ``producer_max_pending_bytes``): full, it makes the model
 wait (backpressure) instead of growing memory.
+
+A write that fails (Redis restarting or failing over, a reply lost with its connection) is
+sent again with backoff for up to ``redis_outage_s``, the model streaming on into the queue
+meanwhile; clients get the rest once Redis is back. Both commands of a round trip are scripts
+that recognise a batch they already wrote (``store/pipeline_add.py``, ``store/live.py``), so
+a retry never doubles a ``seq`` or a pipeline entry. Past ``redis_outage_s`` the write's error
+propagates; the worker hands the generation to the sweeper, which ends it with ``error
+generation_lost`` once Redis is back (``producer/sweeper.py``): an end, never a silent loss.
+If another process ended the generation meanwhile (its job taken over: ``worker_lost``), the
+append script refuses the batch and the producer stops without writing anything more.
 
 Every generation ends with exactly one terminal event: ``end`` (stop, length, tool_calls,
 content_filter, cancelled, abandoned) or
@@ -18,8 +29,10 @@ the ``cancel`` event the worker sets on a pub/sub notice.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -32,7 +45,7 @@ from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.producer.models.base import ChatModel, Delta, Finish, ToolCallDelta
 from tokenbridge.store.client import Backoff
 from tokenbridge.store.live import APPEND_RETRY_ERRORS, AppendCommand, AppendResult, send_append
-from tokenbridge.store.resp import XaddTemplate
+from tokenbridge.store.pipeline_add import PipelineAdd
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.events import SCHEMA, WIRE_VERSION, Event, now_ms
 from tokenbridge.wire.keys import Keys
@@ -43,7 +56,7 @@ __all__ = ["GenerationResult", "Producer"]
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 4096
-_RETRY_S = 20.0  # a failover takes a few node timeouts
+_EVENT_BYTES = 64  # a queued event's size beyond its text, for producer_max_pending_bytes
 _PIPELINE_EVENTS = 256  # pipeline entry: at most this many events ...
 _PIPELINE_S = 0.5  # ... or this old (the terminal event flushes at once)
 # The fields a token entry packs per token, after v, kind and gen (wire/events.py SCHEMA).
@@ -62,6 +75,41 @@ class GenerationResult:
     duration_s: float
 
 
+class _Pending(asyncio.Queue[Event]):
+    """Events not yet written, bounded in events and in bytes (text + ``_EVENT_BYTES`` each):
+    full, ``put`` waits (the model waits). One event always fits in an empty queue. (The
+    ``_init``/``_put``/``_get`` hooks are asyncio's for subclasses, as ``PriorityQueue``.)"""
+
+    def __init__(self, max_events: int, max_bytes: int) -> None:
+        super().__init__(maxsize=max_events)
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def _init(self, maxsize: int) -> None:
+        self._items: collections.deque[Event] = collections.deque()
+        self._queue = self._items  # what asyncio's own methods look at
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        n = len(self._items)
+        return n >= self.max_events or (n > 0 and self.bytes >= self.max_bytes)
+
+    def _put(self, item: Event) -> None:
+        self._items.append(item)
+        self.bytes += len(item.text) + _EVENT_BYTES
+
+    def _get(self) -> Event:
+        item = self._items.popleft()
+        self.bytes -= len(item.text) + _EVENT_BYTES
+        return item
+
+
 class _Writer:
     """Batches a generation's events into single round trips; watches the cancel flag."""
 
@@ -70,8 +118,9 @@ class _Writer:
         self.producer = producer
         self.job = job
         self.cancel = cancel
-        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=p.max_pending)
+        self.queue: asyncio.Queue[Event] = _Pending(p.max_pending, p.max_pending_bytes)
         self.writes = 0
+        self.ended = False  # another process ended the generation: write nothing more
         sid = job.session_id
         self.gen = job.generation_id.encode()
         self.state = b""  # what the previous batch wrote to :gens (the failover check)
@@ -82,13 +131,13 @@ class _Writer:
             tuple(k.encode() for k in (p.keys.events(sid), p.keys.meta(sid),  # type: ignore[arg-type]
                                        p.keys.generations(sid), p.keys.live(sid))),
             self.gen,
-            p.stream_max_len,
+            p.trim,
             [(b"v", WIRE_VERSION.encode()), (b"kind", b"token"), (b"gen", self.gen)],
             TOKEN_VALUES,
         )  # fmt: skip
         self.pipeline_key = b""
-        # One pipeline entry per batch, for the processors (wire/pipeline.py).
-        self.pipeline: tuple[XaddTemplate, XaddTemplate, bytes] | None = None
+        # One pipeline entry per batch, for the processors (wire/pipeline.py), added once.
+        self.pipeline: tuple[PipelineAdd, list[tuple[bytes, bytes]], bytes] | None = None
         self.pipeline_pending: list[Event] = []
         self.pipeline_since = 0.0
         if p.pipeline_shards:
@@ -98,11 +147,9 @@ class _Writer:
             )
             key, fields = header.key.encode(), header.fields()
             self.pipeline_key = key
-            self.pipeline = (
-                XaddTemplate(key, p.pipeline_max_len, fields, (b"events",)),
-                XaddTemplate(key, p.pipeline_max_len, fields, (b"prompt_sha256", b"events")),
-                digest.encode(),
-            )
+            marker = p.keys.pipeline_written(header.key, job.generation_id).encode()
+            add = PipelineAdd(key, marker, p.pipeline_max_len)
+            self.pipeline = (add, fields, digest.encode())
 
     def _event(self, event: Event) -> tuple[bytes, int]:
         if event.kind == "token":
@@ -130,17 +177,20 @@ class _Writer:
         if not due:
             return None
         events, self.pipeline_pending = self.pipeline_pending, []
-        plain, with_prompt, digest = self.pipeline
-        body = events_json(events)
+        add, fields, digest = self.pipeline
         if any(e.kind == "start" for e in events):
-            return with_prompt.pack(digest, body)
-        return plain.pack(body)
+            fields = [*fields, (b"prompt_sha256", digest)]
+        fields = [*fields, (b"events", events_json(events))]
+        p = self.producer
+        # The marker must outlive every retry of this batch; the last one's, no longer.
+        ttl = min(math.ceil(p.outage_s) + 1, p.max_generation_s) if terminal else p.max_generation_s
+        return add.pack(events[0].seq, ttl, fields)
 
     async def _send(self, before: list[tuple[bytes, bytes]], command: bytes) -> AppendResult:
-        """Send the batch; through a failover (a primary dies, its replica takes over) or
-        a restart, again with backoff for up to ``_RETRY_S``: a batch that made it before
-        the reply was lost is recognised by the script and not written twice."""
-        deadline = time.monotonic() + _RETRY_S
+        """Send the batch; through a failover (a primary dies, its replica takes over), a
+        restart or a lost reply, again with backoff for up to ``redis_outage_s``: what made it
+        before the reply was lost is recognised by its script and not written twice."""
+        deadline = time.monotonic() + self.producer.outage_s
         backoff = Backoff(base_s=0.1, cap_s=1.0)
         while True:
             try:
@@ -166,6 +216,10 @@ class _Writer:
                 batch.append(self.queue.get_nowait())
             last = batch[-1]
             terminal = last.kind in ("end", "error")
+            if self.ended:  # drop what the model still sends until its terminal event
+                if terminal:
+                    return
+                continue
             state = b"%b %d" % (b"done" if terminal else b"running", last.seq)
             events = [self._event(event) for event in batch]
             pipeline_xadd = self._pipeline_entry(batch, terminal)
@@ -178,6 +232,19 @@ class _Writer:
                 events, state, self.state, ttl, secrets.token_hex(4).encode(), p.max_generation_s
             )
             result = await self._send(before, command)
+            if result.ended:
+                log.warning(
+                    "generation ended by another process (its job was taken over); stopping "
+                    "session=%s generation=%s", self.job.session_id, self.job.generation_id,
+                )  # fmt: skip
+                self.ended = True
+                if terminal:
+                    return
+                if isinstance(self.cancel, CancelSignal):
+                    self.cancel.cancel("lost")
+                else:
+                    self.cancel.set()
+                continue
             self.state = state
             self.writes += 1
             if result.lost:
@@ -207,8 +274,20 @@ class Producer:
         max_pending: int,
         pipeline_shards: int = 0,
         pipeline_max_len: int = 100_000,
+        *,
+        outage_s: float = 30.0,
+        max_pending_bytes: int = 4 * 1024 * 1024,
+        history_s: int = 0,
+        history_max_len: int = 0,
     ) -> None:
         self.redis = redis
+        self.outage_s = outage_s  # how long a failed write is retried
+        self.max_pending_bytes = max_pending_bytes
+        # The append script's trim (store/live.py): by count, or by age within a hard cap.
+        self.trim: int | bytes = stream_max_len
+        if history_s > 0:
+            self.trim = b"%d %d %d" % (stream_max_len, history_s, history_max_len)
+        self.hard_max_len = history_max_len if history_s > 0 else stream_max_len
         self.pipeline_shards = pipeline_shards  # 0: no pipeline entries
         self.pipeline_max_len = pipeline_max_len
         self.scripts = scripts
@@ -250,7 +329,7 @@ class Producer:
         cancelling this coroutine, which then re-raises. Redis errors propagate.
         """
         await self.prepare(job.session_id)
-        cancel = cancel or asyncio.Event()
+        cancel = cancel or CancelSignal()
         writer = _Writer(self, job, cancel)
         # The keys' safety TTL is max_generation_s: the generation must end before it.
         reader = _ModelReader(job, model, writer, max(1.0, self.max_generation_s - 5))

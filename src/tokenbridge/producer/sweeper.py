@@ -11,9 +11,13 @@ back empty). One sweeper task per worker process, every heartbeat, takes up to
 ``_BATCH`` members whose deadline has passed and ends each with one Lua script, a
 check-and-set on the generation's progress record (``<prefix>:{sid}:gens``): only a
 generation still ``running`` (or with no record, and no terminal event at the stream's tail)
-gets ``error`` with code ``generation_lost``, at the next ``seq``, announced on the session's
-live channel like any write (an empty ``SPUBLISH``: "read the stream"). Two sweepers, or a
-sweeper and a reclaiming worker, never both write it.
+gets ``error`` with code ``generation_lost``, right after the generation's last event actually
+in the stream (the record's ``seq``, or a later one found in the stream's last ``_TAIL``
+entries), announced on the session's live channel like any write (an empty ``SPUBLISH``: "read
+the stream"). A reclaiming worker writes its ``worker_lost`` with the same script
+(:meth:`GenerationSweeper.end_lost`), and a producer's append script refuses to write after a
+``done`` record it did not write itself (``store/live.py``): two sweepers, a sweeper and a
+reclaiming worker, or either and a producer still alive, never write two terminal events.
 
 Bound: a generation whose producer stopped gets its terminal event within
 ``deadline_s = 2 x consumer_claim_idle_ms + consumer_heartbeat_s`` plus one heartbeat.
@@ -40,27 +44,34 @@ log = logging.getLogger(__name__)
 
 LOST_CODE = "generation_lost"
 _BATCH = 100  # generations ended per sweep at most: bounded work per heartbeat
+_TAIL = 256  # entries of the stream's tail searched for the generation's last event
 _MESSAGE = "the generation stopped and cannot continue (its worker or its job was lost)"
 
 _END_LOST = """
 local gens, events, meta, live, gid = KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1]
 local record = redis.call('HGET', gens, gid)
-local seq = 0
+local last = -1
 if record then
-  local state, last = string.match(record, '^(%a+) (%-?%d+)$')
+  local state, seq = string.match(record, '^(%a+) (%-?%d+)$')
   if state ~= 'running' then return -1 end
-  seq = tonumber(last) + 1
-else
-  local tail = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)
-  if tail[1] then
-    local f, t = tail[1][2], {}
-    for i = 1, #f, 2 do t[f[i]] = f[i + 1] end
-    if t['gen'] == gid then
-      if t['kind'] == 'end' or t['kind'] == 'error' then return -1 end
-      seq = (tonumber(t['seq']) or -1) + 1
+  last = tonumber(seq)
+end
+-- the last event of this generation actually in the stream (a bounded look at the tail)
+local tail = redis.call('XREVRANGE', events, '+', '-', 'COUNT', ARGV[7])
+for _, entry in ipairs(tail) do
+  local f, t = entry[2], {}
+  for i = 1, #f, 2 do t[f[i]] = f[i + 1] end
+  if t['gen'] == gid then
+    local seq = tonumber(t['seq']) or -1
+    if t['kind'] == 'end' or t['kind'] == 'error' then
+      redis.call('HSET', gens, gid, 'done ' .. seq)
+      return -1
     end
+    if seq > last then last = seq end
+    break
   end
 end
+local seq = last + 1
 redis.call('XADD', events, 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'kind', 'error', 'gen', gid,
   'seq', tostring(seq), 'ts', ARGV[4], 'code', ARGV[5], 'message', ARGV[6])
 redis.call('HSET', gens, gid, 'done ' .. seq)
@@ -144,8 +155,14 @@ class GenerationSweeper:
                 await self.redis.zrem(self.keys.running, member)
         return ended
 
-    async def end_lost(self, session_id: str, generation_id: str) -> int:
-        """Write ``error generation_lost`` unless the generation has ended; its seq, or -1."""
+    async def end_lost(
+        self,
+        session_id: str,
+        generation_id: str,
+        code: str = LOST_CODE,
+        message: str = _MESSAGE,
+    ) -> int:
+        """Write ``error <code>`` unless the generation has ended; its seq, or -1."""
         k = self.keys
         keys = [
             k.generations(session_id), k.events(session_id), k.meta(session_id),
@@ -156,14 +173,15 @@ class GenerationSweeper:
             self.retention_s,
             self.stream_max_len,
             now_ms(),
-            LOST_CODE,
-            _MESSAGE,
+            code,
+            message,
+            _TAIL,
         ]
         seq = int(await self._script(keys=keys, args=args))
         if seq >= 0:
             self.ended += 1
             log.warning(
-                "generation ended as lost session=%s generation=%s seq=%d",
-                session_id, generation_id, seq,
+                "generation ended as lost session=%s generation=%s seq=%d code=%s",
+                session_id, generation_id, seq, code,
             )  # fmt: skip
         return seq

@@ -7,7 +7,8 @@ job is recovered from the session's progress record (``tb:{session}:gens``):
 * never started: it runs now, as if it had not been interrupted;
 * finished: nothing to do (the ack was lost), it is acked;
 * half done: the session stream gets an ``error`` event with code ``worker_lost`` right after
-  the last event that was written, so clients never wait for a generation that will not come.
+  the last event actually in the stream, so clients never wait for a generation that will not
+  come (the sweeper's check-and-set script: exactly one terminal event, whoever comes first).
 
 Before the model call, a job whose answer is in the response cache is replayed from it
 instead (``processors/cache.py``), and the ``before_model`` hooks run (the rate limiter notes
@@ -117,7 +118,7 @@ class GenerationWorker:
             deadline_s=2 * claim_idle_ms / 1000 + heartbeat_s,
             interval_s=heartbeat_s,
             retention_s=producer.retention_s,
-            stream_max_len=producer.stream_max_len,
+            stream_max_len=producer.hard_max_len,
         )
 
     def __repr__(self) -> str:
@@ -291,23 +292,20 @@ class GenerationWorker:
         )
         if record is None:
             return False
-        state, _, last_seq = record.decode().partition(" ")
-        if state == "running":
-            log.warning(
-                "generation lost with its worker session=%s generation=%s last_seq=%s",
+        if record.startswith(b"running"):
+            # One check-and-set script with the sweeper's: right after the last event actually
+            # in the stream, and never if someone (a sweeper, the producer) ended it meanwhile.
+            seq = await self.sweeper.end_lost(
                 job.session_id,
                 job.generation_id,
-                last_seq,
+                code="worker_lost",
+                message="the worker running this generation stopped; start it again",
             )
-            await self.producer.write_events(
-                job,
-                Event(
-                    "error",
-                    job.generation_id,
-                    int(last_seq) + 1,
-                    code="worker_lost",
-                    message="the worker running this generation stopped; start it again",
-                ),
+            log.warning(
+                "generation lost with its worker session=%s generation=%s seq=%d",
+                job.session_id,
+                job.generation_id,
+                seq,
             )
         return True
 

@@ -18,7 +18,17 @@ The failover check: the producer passes the ``:gens`` record its previous batch 
 record differs, that batch is gone (an asynchronous failover lost it): the script then gives the
 session a new epoch, so every client resuming across the loss gets a ``gap`` event rather than a
 silent hole. A batch whose state is already the record was written before (a retry after a
-lost reply): the script does nothing and answers ``applied``.
+lost reply): the script does nothing and answers ``applied``. A record ``done <seq>`` that is
+not this batch's means someone else ended the generation (a worker that took the job over
+wrote ``worker_lost``, a sweeper ``generation_lost``): the script writes nothing and answers
+``ended``, and the producer stops, so a stream never holds two terminal events.
+
+Trimming (``ARGV[1]``): ``<count>`` trims every ``XADD`` to ``MAXLEN ~ <count>``;
+``<count> <history s> <hard max>`` keeps every entry younger than ``<history s>`` (up to
+``MAXLEN ~ <hard max>``) and, past ``<count>`` entries, trims the older ones (``XTRIM MINID ~
+<now - history> LIMIT <excess>``: never below ``<count>``), so a fast session keeps the history
+a dropped reader comes back for (settings ``stream_max_len``, ``stream_history_s``,
+``stream_history_max_len``).
 
 An empty message (``SPUBLISH <channel> ""``) means "read the stream": producers that only
 ``XADD`` (docs/wire-format.md) announce their writes that way.
@@ -73,6 +83,10 @@ if record == ARGV[3] then
   -- this very batch was written already (a retry whose first reply was lost)
   return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied'}
 end
+if record and string.sub(record, 1, 5) == 'done ' then
+  -- ended by another (worker_lost, generation_lost): nothing may follow its terminal event
+  return {'', epoch or '', 0, 'ended'}
+end
 local lost = 0
 if ARGV[4] ~= '' and record ~= ARGV[4] then
   epoch = false
@@ -86,6 +100,9 @@ end
 local prev = '0-0'
 local tail = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)
 if tail[1] then prev = tail[1][1] end
+-- trim: "<count>" (MAXLEN ~ count), or "<count> <history s> <hard max>" (below)
+local keep, history, hard = string.match(ARGV[1], '^(%d+) (%d+) (%d+)$')
+if not keep then hard = ARGV[1] end
 local total = tonumber(ARGV[8])
 local out = {'*3\\r\\n$', #epoch, '\\r\\n', epoch, '\\r\\n$', #prev, '\\r\\n', prev, '\\r\\n*',
              total, '\\r\\n'}
@@ -94,7 +111,7 @@ local i = 9
 local id = prev
 for _ = 1, total do
   local k = tonumber(ARGV[i])
-  id = redis.call('XADD', events, 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, i + 1, i + k))
+  id = redis.call('XADD', events, 'MAXLEN', '~', hard, '*', unpack(ARGV, i + 1, i + k))
   out[n + 1] = '*2\\r\\n$'; out[n + 2] = #id; out[n + 3] = '\\r\\n'; out[n + 4] = id
   out[n + 5] = '\\r\\n*'; out[n + 6] = k; out[n + 7] = '\\r\\n'
   n = n + 7
@@ -107,6 +124,15 @@ for _ = 1, total do
   i = i + k + 1
 end
 redis.call('SPUBLISH', channel, table.concat(out))
+if keep then
+  -- past <count> entries, trim only those older than <history s>, never below <count>
+  local excess = redis.call('XLEN', events) - tonumber(keep)
+  if excess > 0 then
+    local now = redis.call('TIME')
+    local oldest = now[1] * 1000 + math.floor(now[2] / 1000) - tonumber(history) * 1000
+    redis.call('XTRIM', events, 'MINID', '~', oldest, 'LIMIT', excess)
+  end
+end
 redis.call('HSET', gens, gen, ARGV[3])
 local cancel = redis.call('HGET', gens, 'cancel:' .. gen) or ''
 if ARGV[5] ~= '' then
@@ -192,12 +218,17 @@ def parse_live_message(data: bytes) -> LiveMessage | None:
 
 @dataclass(slots=True)
 class AppendResult:
-    """The script's answer: the cancel flag, the epoch, whether a loss was found, last id."""
+    """The script's answer: the cancel flag, the epoch, whether a loss was found, last id
+    (``applied``: written before; ``ended``: someone else ended the generation)."""
 
     cancel: bool
     epoch: str
     lost: bool
     last_id: str
+
+    @property
+    def ended(self) -> bool:
+        return self.last_id == "ended"
 
     @classmethod
     def from_reply(cls, reply: Any) -> AppendResult:
@@ -220,7 +251,7 @@ async def append_events(
     ttl_s: int | None = None,
     new_epoch: str,
     meta_ttl_s: int = 3600,
-    maxlen: int = 100_000,
+    maxlen: int | str = 100_000,
 ) -> AppendResult:
     """Run :data:`APPEND_SCRIPT` through redis-py (routed by key on a cluster, NOSCRIPT
     handled): ``keys`` are (events, meta, gens, live channel); each event is its fields."""
@@ -242,8 +273,9 @@ async def append_events(
 class AppendCommand:
     """The producer's hot path: :data:`APPEND_SCRIPT` calls of one generation, hand-packed.
 
-    The keys, the trim and a token's constant fields (``v``, ``kind``, ``gen``) are packed
-    once; per token only its values (``seq``, ``ts``, ``text``) are packed."""
+    The keys, the trim (``maxlen``: a count, or ``b"<count> <history s> <hard max>"``) and a
+    token's constant fields (``v``, ``kind``, ``gen``) are packed once; per token only its
+    values (``seq``, ``ts``, ``text``) are packed."""
 
     __slots__ = ("_head", "_maxlen", "_names", "_token_bulks", "_token_head", "events_key")
 
@@ -251,13 +283,14 @@ class AppendCommand:
         self,
         keys: tuple[bytes, bytes, bytes, bytes],
         generation_id: bytes,
-        maxlen: int,
+        maxlen: int | bytes,
         token_constant: Sequence[tuple[bytes, bytes]],
         token_names: Sequence[bytes],
     ) -> None:
         self.events_key = keys[0]
         self._head = _HEAD + b"".join(arg(k) for k in keys)
-        self._maxlen = arg(b"%d" % maxlen) + arg(generation_id)
+        trim = maxlen if isinstance(maxlen, bytes) else b"%d" % maxlen  # ARGV[1]
+        self._maxlen = arg(trim) + arg(generation_id)
         fields = 2 * (len(token_constant) + len(token_names))
         constant = [arg(v) for pair in token_constant for v in pair]
         self._token_head = arg(b"%d" % fields) + b"".join(constant)

@@ -124,6 +124,12 @@ class Keys:
         """Pipeline stream ``shard``: one entry per flushed batch, read by the processors."""
         return f"{self.prefix}:pipeline:{shard}"
 
+    def pipeline_written(self, pipeline_key: str, generation_id: str) -> str:
+        """Marker: the first ``seq`` of the generation's last batch added to ``pipeline_key``
+        (``store/pipeline_add.py``: a retried write adds it once). Hash tag: the pipeline
+        stream's name, so one script writes both; it expires (the producer sets its TTL)."""
+        return f"{self.prefix}:pipeline:w:{{{pipeline_key}}}:{generation_id}"
+
     @property
     def pipeline_lost(self) -> str:
         """Hash: pipeline shard -> entries dropped before the processors were done with them."""

@@ -2,7 +2,9 @@
 
 The producer writes each flushed batch of a generation's events to the session stream (one
 entry per event, for clients) and, in the same round trip, ONE entry to a pipeline stream (for
-the processors): ``<prefix>:pipeline:<n>`` with ``n = crc32(session_id) % pipeline_shards``::
+the processors): ``<prefix>:pipeline:<n>`` with ``n = crc32(session_id) % pipeline_shards``
+(through a script that adds a batch once however often its round trip is retried:
+``store/pipeline_add.py``; other producers may use a plain ``XADD``)::
 
     XADD tb:pipeline:2 MAXLEN ~ 100000 * v 1 sid s_1 gen g_1 model demo
          prompt_sha256 <hex, with the start event only>

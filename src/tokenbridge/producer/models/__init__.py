@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from tokenbridge.exceptions import ConfigurationError
+from tokenbridge.model_config import ModelConfig
 from tokenbridge.producer.models.anthropic import AnthropicChatModel
 from tokenbridge.producer.models.base import (
     ChatModel,
@@ -23,7 +24,7 @@ from tokenbridge.producer.models.base import (
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.producer.models.openai import OpenAIChatModel
 from tokenbridge.producer.models.retry import ResilientModel, RetryPolicy
-from tokenbridge.settings import ModelConfig, Settings
+from tokenbridge.settings import Settings
 
 __all__ = [
     "AnthropicChatModel",

@@ -43,11 +43,11 @@ from typing import Any
 import httpx
 
 from tokenbridge.exceptions import ProviderError
+from tokenbridge.model_config import ModelConfig
 from tokenbridge.producer.models.anthropic_messages import anthropic_request
 from tokenbridge.producer.models.base import ChatRequest, Delta, Finish, ToolCallDelta
 from tokenbridge.producer.models.provider_errors import ProviderErrors
 from tokenbridge.producer.models.sse import sse_data
-from tokenbridge.settings import ModelConfig
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE_URL", "DEFAULT_MAX_TOKENS", "AnthropicChatModel"]
 

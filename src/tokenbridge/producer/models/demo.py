@@ -22,8 +22,8 @@ import json
 import random
 from collections.abc import AsyncGenerator
 
+from tokenbridge.model_config import ModelConfig
 from tokenbridge.producer.models.base import ChatRequest, Delta, Finish, ToolCallDelta
-from tokenbridge.settings import ModelConfig
 
 __all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_RATE", "DemoModel"]
 

@@ -37,6 +37,7 @@ import httpx
 from pydantic import BaseModel
 
 from tokenbridge.exceptions import ProviderError
+from tokenbridge.model_config import ModelConfig
 from tokenbridge.producer.models.base import (
     FINISH_REASONS,
     ChatRequest,
@@ -46,7 +47,6 @@ from tokenbridge.producer.models.base import (
 )
 from tokenbridge.producer.models.provider_errors import ProviderErrors
 from tokenbridge.producer.models.sse import sse_data
-from tokenbridge.settings import ModelConfig
 
 __all__ = ["DEFAULT_BASE_URL", "OpenAIChatModel"]
 
