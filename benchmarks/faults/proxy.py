@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any, Self
 
 import hiredis
 
@@ -21,14 +23,13 @@ __all__ = ["PausingProxy", "ReplyCuttingProxy"]
 _CHUNK = 1 << 16
 
 
-class PausingProxy:
-    """``async with PausingProxy(target_port) as proxy: proxy.url``; ``pause()``/``resume()``."""
+class _TcpProxy:
+    """A listening socket on a free port in front of Redis: accept, connect upstream, hand the
+    pair to :meth:`_serve`; every task it starts is owned, cancelled and awaited on exit."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
-        self._open = asyncio.Event()
-        self._open.set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -36,13 +37,7 @@ class PausingProxy:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def pause(self) -> None:
-        self._open.clear()
-
-    def resume(self) -> None:
-        self._open.set()
-
-    async def __aenter__(self) -> PausingProxy:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         return self
 
@@ -54,16 +49,52 @@ class PausingProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
+    def _own(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # owned: cancelled and awaited on exit
+        task.add_done_callback(self._tasks.discard)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.close()
             return
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.get_running_loop().create_task(self._pipe(src, dst))
-            self._tasks.add(task)  # owned: cancelled and awaited on exit
-            task.add_done_callback(self._tasks.discard)
+        self._serve(reader, writer, up_reader, up_writer)
+
+    def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        raise NotImplementedError
+
+
+class PausingProxy(_TcpProxy):
+    """``async with PausingProxy(target_port) as proxy: proxy.url``; ``pause()``/``resume()``."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self._open = asyncio.Event()
+        self._open.set()
+
+    def pause(self) -> None:
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        self._own(self._pipe(reader, up_writer))
+        self._own(self._pipe(up_reader, writer))
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
@@ -104,7 +135,7 @@ def _commands(buffer: bytes) -> tuple[list[bytes], bytes]:
     return commands, buffer[pos:]
 
 
-class ReplyCuttingProxy:
+class ReplyCuttingProxy(_TcpProxy):
     """A TCP proxy to Redis that loses the replies of chosen round trips, as a connection cut
     after the request left but before the reply came back does.
 
@@ -115,17 +146,10 @@ class ReplyCuttingProxy:
     first command, then the same. :attr:`cuts` counts what it did."""
 
     def __init__(self, target_port: int, marker: bytes) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.marker = marker
-        self.port = free_port()
         self.cuts = 0
         self._armed: bool | None = None  # None: pass through; else first_only
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
 
     def arm(self, first_only: bool) -> None:
         self._armed = first_only
@@ -134,29 +158,14 @@ class ReplyCuttingProxy:
     def armed(self) -> bool:
         return self._armed is not None
 
-    async def __aenter__(self) -> ReplyCuttingProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._link(reader, writer, up_reader, up_writer)
-        )
-        self._tasks.add(task)  # owned: cancelled and awaited on exit
-        task.add_done_callback(self._tasks.discard)
+    def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        self._own(self._link(reader, writer, up_reader, up_writer))
 
     async def _link(
         self,
