@@ -1,8 +1,10 @@
-"""A pytest plugin: a socket, transport or stream writer left to the garbage collector is
-reported with where it was created.
+"""A pytest plugin: a socket, transport, stream writer or redis-py connection left to the
+garbage collector is reported, with where it was created, in the run's summary.
 
-Such an object's ResourceWarning is raised (``filterwarnings = error``) inside whichever test
-the collector happens to run in, far from the code that leaked it. tracemalloc would say where
+Such an object's ResourceWarning surfaces inside whichever test the collector happens to run
+in, far from the code that leaked it: failing that test (``filterwarnings = error``) fails an
+innocent one at random. So these leaks do not fail a test; they are listed at the end of the
+run, each with its origin, for whoever reads the summary to fix. tracemalloc would say where
 it came from, but slows the whole suite down several times (and with it, every timing). This
 records a short stack at the creation of each socket, selector transport and StreamWriter
 (about 30 µs each), and puts it in the failure message of the test that sees the leak.
@@ -15,7 +17,6 @@ import asyncio.streams
 import socket
 import sys
 import traceback
-import types
 from collections import OrderedDict
 from typing import Any
 
@@ -50,21 +51,34 @@ for _cls in (
     _recording(_cls)
 
 
+_leaks: list[str] = []
+_MAX_REPORTED = 20
+
+
+def _is_leak(unraisable: Any) -> bool:
+    return isinstance(unraisable.exc_value, ResourceWarning) and (
+        id(unraisable.object) in _origins or "unclosed Connection" in str(unraisable.exc_value)
+    )
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own hook is installed, to wrap it
 def pytest_configure(config: pytest.Config) -> None:
     reporting = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
+        if not _is_leak(unraisable):
+            reporting(unraisable)
+            return
         origin = _origins.get(id(unraisable.object))
-        if origin is not None and isinstance(unraisable.exc_value, ResourceWarning):
-            where = "".join(traceback.format_list(origin))
-            unraisable = types.SimpleNamespace(
-                exc_type=unraisable.exc_type,
-                exc_value=unraisable.exc_value,
-                exc_traceback=unraisable.exc_traceback,
-                object=unraisable.object,
-                err_msg=f"Leaked, created at:\n{where}Exception ignored in",
-            )
-        reporting(unraisable)
+        where = "".join(traceback.format_list(origin)) if origin else "  (origin not recorded)\n"
+        if len(_leaks) < _MAX_REPORTED:
+            _leaks.append(f"{unraisable.exc_value}\ncreated at:\n{where}")
 
     sys.unraisablehook = hook
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _leaks:
+        terminalreporter.section("resources left to the garbage collector (not failures)")
+        for leak in _leaks:
+            terminalreporter.write_line(leak)
