@@ -155,3 +155,23 @@ async def test_a_silent_generation_nobody_reads_is_abandoned(settings_factory: A
         orphans = gw.runtime.worker.orphans
     assert end.kind == "end" and end.reason == "abandoned"
     assert end.tokens < 5 and orphans.asked > 0
+
+
+async def test_a_request_waiting_for_its_whole_answer_keeps_it_alive(
+    settings_factory: Any,
+) -> None:
+    """A non-streamed chat completion reads the session through the fan-out while it waits:
+    its gateway is subscribed, so the batches reach a reader."""
+    settings: Settings = settings_factory(orphan_grace_s=GRACE_S, fanout_linger_s=LINGER_S)
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 120,
+        "rate": 40,  # 3 s: three graces
+    }
+    async with Gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        reply = await http.post("/v1/chat/completions", json=body)
+        abandoned = gw.runtime.worker.orphans.abandoned
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["finish_reason"] == "length"
+    assert abandoned == 0
