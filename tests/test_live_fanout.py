@@ -59,6 +59,7 @@ class Writer:
         self.gen = "g_" + secrets.token_hex(4)
         self.seq = 0
         self.state = ""
+        self.readers = -1  # what the last append's SPUBLISH reached
 
     async def tokens(self, n: int) -> None:
         events = []
@@ -68,7 +69,7 @@ class Writer:
                            "ts": "1", "text": f"t{self.seq}"})  # fmt: skip
         k = self.keys
         state = f"running {self.seq}"
-        await append_events(
+        result = await append_events(
             self.redis,
             (k.events(self.sid), k.meta(self.sid), k.generations(self.sid), k.live(self.sid)),
             self.gen,
@@ -78,6 +79,7 @@ class Writer:
             new_epoch=secrets.token_hex(4),
         )
         self.state = state
+        self.readers = result.readers
 
 
 async def texts(fanout: SessionFanout, conn: ClientConnection, last: Any, n: int) -> list[str]:
@@ -314,6 +316,36 @@ async def test_a_message_after_a_gap_makes_the_feed_reread_the_stream(
     await writer.tokens(3)
     assert await got == expected(1, 7)
     assert fanout.stats.repairs == repairs + 1
+
+
+async def test_the_append_reply_counts_the_gateways_subscribed(
+    redis: Any, keys: Keys, fanout: SessionFanout
+) -> None:
+    """What the orphan rule reads (``producer/orphans.py``): 0 with nobody subscribed, one
+    per gateway process whose feed holds the session (two fan-outs here), -1 for a batch
+    that was written before (nothing published)."""
+    writer = Writer(redis, keys, "s_" + secrets.token_hex(6))
+    await writer.tokens(1)
+    assert writer.readers == 0
+    assert await texts(fanout, ClientConnection(writer.sid, "sse", 1000), None, 1) == ["t1"]
+    await writer.tokens(1)
+    assert writer.readers == 1
+    other = SessionFanout(redis, Scripts(redis), keys, history_batch=5, probe_s=1.0)
+    task = asyncio.create_task(other.run())
+    try:
+        await until(lambda: other._group is not None)
+        assert await texts(other, ClientConnection(writer.sid, "sse", 1000), None, 2) == [
+            "t1", "t2",
+        ]  # fmt: skip
+        await writer.tokens(1)
+        assert writer.readers == 2
+    finally:
+        other.stop()
+        async with asyncio.timeout(10):
+            await task
+    writer.seq, writer.state = 2, "running 2"
+    await writer.tokens(1)  # the same batch again: written before, not published
+    assert writer.readers == -1
 
 
 async def test_a_batch_sent_again_is_written_once(redis: Any, keys: Keys) -> None:

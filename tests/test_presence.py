@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
 
 from tests.servers import Gateway
-from tests.test_live_fanout import until
-from tokenbridge.gateway.presence import SessionPresence
 from tokenbridge.presence import Presence, list_processes
 from tokenbridge.processors.analytics import GenerationFigures
 from tokenbridge.runtime import Runtime
@@ -110,32 +107,3 @@ def test_percentile_of_a_log_histogram_is_within_its_bin() -> None:
     assert p50 is not None and 50 / 1.25 <= p50 <= 50 * 1.25
     assert p99 is not None and 1000 / 1.25 <= p99 <= 1000 * 1.25
     assert percentile({}, 0.5) is None
-
-
-async def test_a_client_back_within_the_refresh_writes_no_presence_key(
-    settings: Settings,
-) -> None:
-    """A reconnect storm: clients coming back to sessions whose presence key this process
-    wrote less than ``refresh_s`` ago cost no SET (the key outlives the grace; the next
-    full round writes it again). Later than that, a connection writes it at once."""
-    async with Runtime(settings, worker=False, processors=False) as runtime:
-        redis, keys = runtime.redis, runtime.keys
-        held: set[str] = set()
-        slow = SessionPresence(redis, keys, lambda: held, "n1", orphan_grace_s=30, heartbeat_s=15)
-        async with slow:
-            held.add("s1")
-            slow.opened("s1")
-            await until(lambda: slow.written >= 1)
-            assert await redis.pttl(keys.presence("s1")) > 30_000
-            slow.opened("s1")  # back within refresh_s (10 s): nothing to write
-            assert slow.skipped == 1 and not slow._opened
-
-        fast = SessionPresence(redis, keys, lambda: (), "n2", orphan_grace_s=0.3, heartbeat_s=15)
-        async with fast:
-            fast.opened("s2")
-            await until(lambda: fast.written == 1)
-            written = time.monotonic()
-            await until(lambda: time.monotonic() - written > fast.refresh_s)
-            fast.opened("s2")  # the key may be close to expiring: written at once
-            await until(lambda: fast.written == 2)
-            assert fast.skipped == 0

@@ -66,7 +66,6 @@ async def test_no_key_of_a_finished_generation_outlives_its_retention(
         stream_max_generation_s=MAX_GENERATION_S,
         analytics_retention_s=RETENTION_S,
         processors_once_ttl_s=3,
-        orphan_grace_s=2,  # the presence key's TTL: grace + refresh
         cache_ttl_s=RETENTION_S,
         rate_limit_generations="1000/minute",
         rate_limit_tokens_per_minute=1_000_000,

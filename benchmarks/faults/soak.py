@@ -30,7 +30,6 @@ _SHORT = {
     "analytics_retention_s": str(RETENTION_S),
     "processors_once_ttl_s": str(RETENTION_S),
     "cache_ttl_s": str(RETENTION_S),
-    "orphan_grace_s": str(RETENTION_S),  # the presence key: grace + its refresh interval
 }
 
 

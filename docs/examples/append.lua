@@ -6,11 +6,11 @@ local epoch = redis.call('HGET', meta, 'epoch')
 local record = redis.call('HGET', gens, gen)
 if record == ARGV[3] then
   -- this very batch was written already (a retry whose first reply was lost)
-  return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied'}
+  return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied', -1}
 end
 if record and string.sub(record, 1, 5) == 'done ' then
   -- ended by another (worker_lost, generation_lost): nothing may follow its terminal event
-  return {'', epoch or '', 0, 'ended'}
+  return {'', epoch or '', 0, 'ended', -1}
 end
 local lost = 0
 if ARGV[4] ~= '' and record ~= ARGV[4] then
@@ -48,7 +48,7 @@ for _ = 1, total do
   end
   i = i + k + 1
 end
-redis.call('SPUBLISH', channel, table.concat(out))
+local readers = redis.call('SPUBLISH', channel, table.concat(out))
 if keep then
   -- past <count> entries, trim only those older than <history s>, never below <count>
   local excess = redis.call('XLEN', events) - tonumber(keep)
@@ -65,4 +65,4 @@ if ARGV[5] ~= '' then
   redis.call('EXPIRE', gens, ARGV[5])
   redis.call('EXPIRE', meta, ARGV[5])
 end
-return {cancel, epoch, lost, id}
+return {cancel, epoch, lost, id, readers}

@@ -270,8 +270,8 @@ class Settings(BaseSettings):
         default=30.0,
         ge=0,
         description="A generation (not `background`) that no client reads on any gateway node "
-        "for this long is cancelled; its stream ends with reason `abandoned`. 0: never. Use "
-        "the same value on every gateway and worker process.",
+        "for this long is cancelled; its stream ends with reason `abandoned`. 0: never. Read "
+        "by workers; a gateway's `fanout_linger_s` adds to it after the last client left.",
     )
     producer_max_pending: int = Field(
         default=4096, ge=1, description="Events a producer buffers before the model waits."

@@ -32,7 +32,6 @@ from tokenbridge.exceptions import AuthError, Draining, InvalidRequest, LimitExc
 from tokenbridge.gateway import admin_api, api, dashboard, openai_routes, stats_api
 from tokenbridge.gateway.asgi3 import coroutine_returning
 from tokenbridge.gateway.openapi import openapi_schema
-from tokenbridge.gateway.presence import presence_for
 from tokenbridge.gateway.state import Gateway
 from tokenbridge.presence import add_gateway
 from tokenbridge.runtime import Runtime
@@ -220,10 +219,7 @@ def create_app(settings: Settings, *, worker: bool | None = None) -> Starlette:
                 client_name=runtime.client_name,
                 models=runtime.models,
             )
-            presence = presence_for(
-                settings, runtime.redis, gateway.keys, runtime.node_id, gateway.connections
-            )
-            async with gateway, presence:
+            async with gateway:
                 connections = gateway.connections
 
                 def drain() -> None:

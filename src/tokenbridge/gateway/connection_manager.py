@@ -13,7 +13,7 @@ registration it guards can never interleave with another connection's. Refusals 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 from tokenbridge.exceptions import Draining, LimitExceeded
@@ -54,8 +54,6 @@ class ConnectionManager:
         self.refused: Counter[str] = Counter()
         self.events_sent = 0
         self.bytes_sent = 0
-        # Told of every connection opened (gateway/presence.py marks its session as read).
-        self.on_session_open: Callable[[str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -110,8 +108,6 @@ class ConnectionManager:
         self._by_session.setdefault(session_id, set()).add(conn.id)
         if client_address is not None:
             self._by_address[client_address] += 1
-        if self.on_session_open is not None:
-            self.on_session_open(session_id)
         return conn
 
     def _refuse(self, code: str, message: str, retry_after_s: float | None = None) -> None:

@@ -1,17 +1,23 @@
 """OrphanWatch: a worker cancels, as ``abandoned``, the generations no client reads anywhere.
 
-A generation that is not ``background`` and has run for ``orphan_grace_s`` is watched through
-its session's presence key (``<prefix>:{<session>}:presence``), which every gateway node with
-a live connection to the session keeps alive (``gateway/presence.py``) with a TTL of
-``orphan_grace_s`` plus its refresh interval. When the key is gone, no client has read the
-session on any node for at least ``orphan_grace_s``: the generation's :class:`CancelSignal` is
-set with reason ``abandoned``, the model call stops, and the stream ends with
-``end reason=abandoned``. A generation that nobody ever connected to gets the same grace,
-counted from its start on this worker.
+Who reads a session is told by the producer's own writes, at no extra command: the append
+script answers, per batch, how many gateway processes its ``SPUBLISH`` reached
+(``store/live.py``), i.e. how many are subscribed to the session's channel, which a gateway is
+while a client (a stream, a WebSocket, a non-streamed request waiting for its answer) reads
+the session there, and ``fanout_linger_s`` after the last one left. A generation that is not
+``background`` is cancelled when, for ``orphan_grace_s`` counted from its start, every batch
+it published reached nobody: its :class:`CancelSignal` is set with reason ``abandoned``, the
+model call stops, and the stream ends with ``end reason=abandoned``. The effective grace after
+the last client left is therefore ``orphan_grace_s`` plus the gateway's ``fanout_linger_s``.
 
-Bounded: one task per worker process, one pipelined ``EXISTS`` per running generation every
-``check_s`` (at most the worker heartbeat, at most a quarter of the grace). Redis errors skip
-a round; they never cancel anything.
+A generation that published nothing for a while (a model thinking) has no fresh answer: once
+its grace is over, and its last publish is older than ``check_s``, the watch asks
+``PUBSUB SHARDNUMSUB`` on the node serving its channel (one command for all of them on
+standalone Redis, one per such generation on a cluster).
+
+Bounded: one task per worker process, checking every ``check_s`` (at most the worker
+heartbeat, at most a quarter of the grace); no command while generations publish. Redis
+errors skip a round; they never cancel anything.
 """
 
 from __future__ import annotations
@@ -26,20 +32,22 @@ from redis.asyncio import Redis
 from tokenbridge.producer.cancel import CancelSignal
 from tokenbridge.producer.jobs import GenerationJob
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
+from tokenbridge.store.live import channel_readers
 from tokenbridge.wire.keys import Keys
 
 __all__ = ["OrphanWatch"]
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1000  # keys per pipelined round trip
+_CHUNK = 1000  # channels per PUBSUB SHARDNUMSUB
 
 
 @dataclass(slots=True)
 class _Watched:
     session_id: str
-    started: float  # time.monotonic() when it started here
     signal: CancelSignal
+    read_at: float  # time.monotonic(): its start here, or the last publish someone received
+    published_at: float = float("-inf")  # its last publish (time.monotonic())
 
 
 class OrphanWatch:
@@ -51,6 +59,7 @@ class OrphanWatch:
         self.grace_s = grace_s
         self.check_s = max(0.05, min(heartbeat_s, grace_s / 4))
         self.abandoned = 0  # signals set (the worker counts the outcomes)
+        self.asked = 0  # channels asked about with PUBSUB SHARDNUMSUB (silent generations)
         self._watched: dict[str, _Watched] = {}  # generation id -> its watch; bounded by jobs
 
     def __repr__(self) -> str:
@@ -59,10 +68,20 @@ class OrphanWatch:
     def watch(self, job: GenerationJob, signal: CancelSignal) -> None:
         """Watch ``job`` while it runs (nothing for a background job)."""
         if not job.background:
-            self._watched[job.generation_id] = _Watched(job.session_id, time.monotonic(), signal)
+            self._watched[job.generation_id] = _Watched(job.session_id, signal, time.monotonic())
 
     def forget(self, generation_id: str) -> None:
         self._watched.pop(generation_id, None)
+
+    def published(self, generation_id: str, readers: int) -> None:
+        """A batch of ``generation_id`` reached ``readers`` gateway processes (the producer
+        tells, from the append script's reply)."""
+        watched = self._watched.get(generation_id)
+        if watched is None:
+            return
+        watched.published_at = time.monotonic()
+        if readers > 0:
+            watched.read_at = watched.published_at
 
     async def run(self) -> None:
         """Check every ``check_s`` until cancelled."""
@@ -75,23 +94,27 @@ class OrphanWatch:
 
     async def check(self) -> None:
         """Cancel, as abandoned, every watched generation past its grace nobody reads."""
-        due_by = time.monotonic() - self.grace_s
+        now = time.monotonic()
         due = [
             (gid, w)
             for gid, w in self._watched.items()
-            if w.started <= due_by and not w.signal.is_set()
+            if now - w.read_at >= self.grace_s and not w.signal.is_set()
         ]
-        for start in range(0, len(due), _CHUNK):
-            chunk = due[start : start + _CHUNK]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for _, watched in chunk:
-                    pipe.exists(self.keys.presence(watched.session_id))
-                present = await pipe.execute()
-            for (gid, watched), read in zip(chunk, present, strict=True):
-                if not read:
-                    log.info(
-                        "generation abandoned session=%s generation=%s grace_s=%s",
-                        watched.session_id, gid, self.grace_s,
-                    )  # fmt: skip
-                    self.abandoned += 1
-                    watched.signal.cancel("abandoned")
+        silent = [(gid, w) for gid, w in due if now - w.published_at > self.check_s]
+        for start in range(0, len(silent), _CHUNK):
+            chunk = silent[start : start + _CHUNK]
+            channels = [self.keys.live(w.session_id).encode() for _, w in chunk]
+            self.asked += len(channels)
+            for (_, watched), readers in zip(
+                chunk, await channel_readers(self.redis, channels), strict=True
+            ):
+                if readers > 0:
+                    watched.read_at = now
+        for gid, watched in due:
+            if watched.read_at < now and not watched.signal.is_set():
+                log.info(
+                    "generation abandoned session=%s generation=%s grace_s=%s",
+                    watched.session_id, gid, self.grace_s,
+                )  # fmt: skip
+                self.abandoned += 1
+                watched.signal.cancel("abandoned")

@@ -35,6 +35,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -247,6 +248,9 @@ class _Writer:
                 continue
             self.state = state
             self.writes += 1
+            published = self.producer.on_published
+            if published is not None and result.readers >= 0:
+                published(self.job.generation_id, result.readers)
             if result.lost:
                 log.warning(
                     "earlier writes lost (failover?): new epoch session=%s generation=%s",
@@ -296,6 +300,8 @@ class Producer:
         self.retention_s = retention_s
         self.max_generation_s = max_generation_s
         self.max_pending = max_pending
+        # Told, per published batch, how many gateways it reached: (generation id, readers).
+        self.on_published: Callable[[str, int], None] | None = None
 
     async def prepare(self, session_id: str) -> None:
         """Make sure the session has an epoch, and bound its keys' life while generating."""

@@ -92,6 +92,7 @@ class GenerationWorker:
         self.orphans: OrphanWatch | None = None
         if orphan_grace_s > 0:
             self.orphans = OrphanWatch(redis, keys, orphan_grace_s, heartbeat_s)
+            producer.on_published = self.orphans.published
         self._options = ConsumerOptions(
             concurrency=concurrency,
             block_ms=block_ms,

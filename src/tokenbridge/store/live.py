@@ -30,6 +30,12 @@ Trimming (``ARGV[1]``): ``<count>`` trims every ``XADD`` to ``MAXLEN ~ <count>``
 a dropped reader comes back for (settings ``stream_max_len``, ``stream_history_s``,
 ``stream_history_max_len``).
 
+The reply is ``[cancel, epoch, lost, last id, readers]``: ``readers`` is what ``SPUBLISH``
+answered, the number of gateway processes subscribed to the session's channel (on a cluster,
+on the slot's primary, where every gateway subscribes); ``-1`` when nothing was published
+(``applied``, ``ended``). A worker's orphan rule reads it (``producer/orphans.py``): no
+per-session command says that someone reads.
+
 An empty message (``SPUBLISH <channel> ""``) means "read the stream": producers that only
 ``XADD`` (docs/wire-format.md) announce their writes that way.
 """
@@ -69,6 +75,7 @@ __all__ = [
     "AppendResult",
     "LiveMessage",
     "append_events",
+    "channel_readers",
     "pack_append",
     "parse_live_message",
     "send_append",
@@ -81,11 +88,11 @@ local epoch = redis.call('HGET', meta, 'epoch')
 local record = redis.call('HGET', gens, gen)
 if record == ARGV[3] then
   -- this very batch was written already (a retry whose first reply was lost)
-  return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied'}
+  return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied', -1}
 end
 if record and string.sub(record, 1, 5) == 'done ' then
   -- ended by another (worker_lost, generation_lost): nothing may follow its terminal event
-  return {'', epoch or '', 0, 'ended'}
+  return {'', epoch or '', 0, 'ended', -1}
 end
 local lost = 0
 if ARGV[4] ~= '' and record ~= ARGV[4] then
@@ -123,7 +130,7 @@ for _ = 1, total do
   end
   i = i + k + 1
 end
-redis.call('SPUBLISH', channel, table.concat(out))
+local readers = redis.call('SPUBLISH', channel, table.concat(out))
 if keep then
   -- past <count> entries, trim only those older than <history s>, never below <count>
   local excess = redis.call('XLEN', events) - tonumber(keep)
@@ -140,7 +147,7 @@ if ARGV[5] ~= '' then
   redis.call('EXPIRE', gens, ARGV[5])
   redis.call('EXPIRE', meta, ARGV[5])
 end
-return {cancel, epoch, lost, id}
+return {cancel, epoch, lost, id, readers}
 """
 
 APPEND_RETRY_ERRORS: tuple[type[BaseException], ...] = (
@@ -219,12 +226,15 @@ def parse_live_message(data: bytes) -> LiveMessage | None:
 @dataclass(slots=True)
 class AppendResult:
     """The script's answer: the cancel flag, the epoch, whether a loss was found, last id
-    (``applied``: written before; ``ended``: someone else ended the generation)."""
+    (``applied``: written before; ``ended``: someone else ended the generation), and the
+    gateway processes the batch was published to (``-1``: not published; a script loaded by
+    an older version answers without it)."""
 
     cancel: bool
     epoch: str
     lost: bool
     last_id: str
+    readers: int = -1
 
     @property
     def ended(self) -> bool:
@@ -232,8 +242,9 @@ class AppendResult:
 
     @classmethod
     def from_reply(cls, reply: Any) -> AppendResult:
-        cancel, epoch, lost, last_id = reply
-        return cls(bool(cancel), _text(epoch), int(lost) == 1, _text(last_id))
+        cancel, epoch, lost, last_id, *rest = reply
+        readers = int(rest[0]) if rest else -1
+        return cls(bool(cancel), _text(epoch), int(lost) == 1, _text(last_id), readers)
 
 
 def _text(value: Any) -> str:
@@ -405,3 +416,21 @@ async def _routed(redis: Any, key: bytes, command: bytes, script: bool) -> Any:
             asking = None
             await redis.nodes_manager.initialize()
     raise reply
+
+
+async def channel_readers(redis: Any, channels: Sequence[bytes]) -> list[int]:
+    """How many gateway processes are subscribed to each shard channel: ``PUBSUB
+    SHARDNUMSUB`` on the node that serves the channel's slot (one command for all of them on
+    standalone Redis, one per channel on a cluster, whose counts are per node)."""
+    if not channels:
+        return []
+    if not is_cluster(redis):
+        reply: Any = await redis.execute_command("PUBSUB", "SHARDNUMSUB", *channels)
+        if reply and isinstance(reply[0], (tuple, list)):  # parsed into (channel, n) pairs
+            return [int(n) for _, n in reply]
+        return [int(n) for n in reply[1::2]]
+    counts = []
+    for channel in channels:
+        reply = await _routed(redis, channel, pack(b"PUBSUB", b"SHARDNUMSUB", channel), False)
+        counts.append(int(reply[1]))
+    return counts

@@ -78,13 +78,6 @@ class Keys:
         """Hash: generation id -> ``running <seq>`` or ``done <seq>`` (worker recovery)."""
         return f"{self.prefix}:{{{session_id}}}:gens"
 
-    def presence(self, session_id: str) -> str:
-        """String with a TTL: some gateway has a live connection to the session (its node id).
-
-        Refreshed by every gateway node holding a connection (``gateway/presence.py``); its
-        absence for ``orphan_grace_s`` makes a worker cancel the generation as abandoned."""
-        return f"{self.prefix}:{{{session_id}}}:presence"
-
     @staticmethod
     def cancel_field(generation_id: str) -> str:
         """The field of :meth:`generations` that flags a cancel request for a generation."""
