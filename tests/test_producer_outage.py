@@ -213,3 +213,22 @@ async def test_recent_history_is_kept_past_stream_max_len_within_the_hard_cap(
     assert await _append(redis, keys, "s_old", "100 60 100000", 3000) == 3000
     first: Any = await redis.xrange(keys.events("s_old"), count=1)
     assert not first[0][0].startswith(b"1-")
+
+
+async def test_stream_max_len_stays_a_floor_when_the_hard_cap_is_set_below_it(
+    settings: Settings, redis: Redis
+) -> None:
+    # stream_max_len is kept "whatever their age": a stream_history_max_len below it (its
+    # default, 200,000, under a stream_max_len raised past it) must not trim below it.
+    keys = Keys(settings.key_prefix)
+    job = demo_job(5, "s_floor", max_tokens=1000, rate=0)
+    producer = Producer(
+        redis, Scripts(redis), keys, 300, 60, 60, 4096, 2, history_s=60, history_max_len=100
+    )
+    assert (await producer.run(job, DemoModel())).outcome == "length"
+    assert await redis.xlen(keys.events(job.session_id)) >= 300
+    # history_s alone (no hard cap given): the count still bounds the stream.
+    job = demo_job(6, "s_no_cap", max_tokens=1000, rate=0)
+    producer = Producer(redis, Scripts(redis), keys, 300, 60, 60, 4096, 2, history_s=60)
+    assert (await producer.run(job, DemoModel())).outcome == "length"
+    assert await redis.xlen(keys.events(job.session_id)) >= 300

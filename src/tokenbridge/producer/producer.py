@@ -284,10 +284,13 @@ class Producer:
         self.outage_s = outage_s  # how long a failed write is retried
         self.max_pending_bytes = max_pending_bytes
         # The append script's trim (store/live.py): by count, or by age within a hard cap.
+        # The count is a floor "whatever their age": a hard cap below it (or none) is raised.
+        self.hard_max_len = stream_max_len
+        if history_s > 0:
+            self.hard_max_len = max(history_max_len, stream_max_len)
         self.trim: int | bytes = stream_max_len
         if history_s > 0:
-            self.trim = b"%d %d %d" % (stream_max_len, history_s, history_max_len)
-        self.hard_max_len = history_max_len if history_s > 0 else stream_max_len
+            self.trim = b"%d %d %d" % (stream_max_len, history_s, self.hard_max_len)
         self.pipeline_shards = pipeline_shards  # 0: no pipeline entries
         self.pipeline_max_len = pipeline_max_len
         self.scripts = scripts
