@@ -70,6 +70,16 @@ def test_the_pending_buffer_is_bounded_in_events_and_bytes() -> None:
     assert not by_bytes.full() and by_bytes.bytes == 0
 
 
+def test_tool_call_arguments_count_in_the_pending_bytes() -> None:
+    # A tool call's streamed arguments are its text: a fast model's big arguments must make
+    # the buffer full (the model waits) as tokens of the same size do.
+    pending = _Pending(max_events=1000, max_bytes=1024)
+    pending.put_nowait(Event("tool_call", "g", 1, index=0, arguments="a" * 5000))
+    assert pending.full()
+    pending.get_nowait()
+    assert not pending.full() and pending.bytes == 0
+
+
 async def test_a_lost_worker_and_a_sweeper_end_a_generation_once_after_the_stream_tail(
     settings: Settings, redis: Redis
 ) -> None:

@@ -76,9 +76,10 @@ class GenerationResult:
 
 
 class _Pending(asyncio.Queue[Event]):
-    """Events not yet written, bounded in events and in bytes (text + ``_EVENT_BYTES`` each):
-    full, ``put`` waits (the model waits). One event always fits in an empty queue. (The
-    ``_init``/``_put``/``_get`` hooks are asyncio's for subclasses, as ``PriorityQueue``.)"""
+    """Events not yet written, bounded in events and in bytes (text and tool-call arguments
+    + ``_EVENT_BYTES`` each): full, ``put`` waits (the model waits). One event always fits in
+    an empty queue. (The ``_init``/``_put``/``_get`` hooks are asyncio's for subclasses, as
+    ``PriorityQueue``.)"""
 
     def __init__(self, max_events: int, max_bytes: int) -> None:
         super().__init__(maxsize=max_events)
@@ -102,11 +103,11 @@ class _Pending(asyncio.Queue[Event]):
 
     def _put(self, item: Event) -> None:
         self._items.append(item)
-        self.bytes += len(item.text) + _EVENT_BYTES
+        self.bytes += len(item.text) + len(item.arguments) + _EVENT_BYTES
 
     def _get(self) -> Event:
         item = self._items.popleft()
-        self.bytes -= len(item.text) + _EVENT_BYTES
+        self.bytes -= len(item.text) + len(item.arguments) + _EVENT_BYTES
         return item
 
 
