@@ -80,6 +80,24 @@ def test_tool_call_arguments_count_in_the_pending_bytes() -> None:
     assert not pending.full() and pending.bytes == 0
 
 
+async def test_ready_made_events_past_the_pending_bytes_are_all_written(
+    settings: Settings, redis: Redis
+) -> None:
+    # write_events (a cached answer, replayed whole) queues more than producer_max_pending_bytes
+    # holds: the model-less writer must wait for room, not fail with QueueFull.
+    keys = Keys(settings.key_prefix)
+    job = demo_job(7, "s_ready", max_tokens=10, rate=0)
+    gid = job.generation_id
+    events = [Event("start", gid, 0, model="demo")]
+    events += [Event("token", gid, seq, text="t" * 1000) for seq in range(1, 6)]
+    events.append(Event("end", gid, 6, reason="stop", tokens=5))
+    producer = _producer(redis, keys, max_pending_bytes=1024)
+    async with asyncio.timeout(30):
+        await producer.write_events(job, *events)
+    written = await _events(redis, keys, job.session_id)
+    assert [e.seq for e in written] == list(range(7)) and written[-1].kind == "end"
+
+
 async def test_a_lost_worker_and_a_sweeper_end_a_generation_once_after_the_stream_tail(
     settings: Settings, redis: Redis
 ) -> None:

@@ -318,9 +318,10 @@ class Producer:
         worker, an answer replayed from the cache), batched like a live generation."""
         await self.prepare(job.session_id)
         writer = _Writer(self, job, asyncio.Event())
-        for event in events:
-            writer.queue.put_nowait(event)
-        await writer.run()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(writer.run())
+            for event in events:  # waits for room: more than the queue's bounds may come
+                await writer.queue.put(event)
 
     async def run(
         self, job: GenerationJob, model: ChatModel, cancel: asyncio.Event | None = None
