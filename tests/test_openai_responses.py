@@ -236,6 +236,24 @@ async def test_a_background_response_nobody_polls_keeps_its_final_past_its_strea
     assert polled.status == "completed" and polled.output_text
 
 
+async def test_one_unreadable_record_does_not_stop_the_keeper_keeping_the_others(
+    client: openai.AsyncOpenAI, gateway: Any
+) -> None:
+    state = gateway.state
+    unfinished = f"{state.keys.prefix}:openai:unfinished"
+    # Listed first (oldest): a record that cannot be read (written by something else).
+    await state.redis.hset(f"{state.keys.prefix}:{{s_bad}}:openai", "response", "not json")
+    await state.redis.zadd(unfinished, {"s_bad": 1})
+    created = await client.responses.create(
+        model="demo", input="after a bad one", background=True, extra_body={"rate": 0}
+    )
+    session_id = created.id.removeprefix("resp_")
+    await _wait_for_the_end(state.redis, state.keys.events(session_id))
+    await state.response_keeper.sweep()
+    assert await state.redis.hexists(f"{state.keys.prefix}:{{{session_id}}}:openai", "final")
+    assert await state.redis.zrange(unfinished, 0, -1) == []  # the bad one is not kept listed
+
+
 async def test_background_stream_from_create(client: openai.AsyncOpenAI) -> None:
     stream = await client.responses.create(
         model="demo", input="queued first", background=True, stream=True, extra_body={"rate": 0}

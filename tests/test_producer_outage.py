@@ -70,6 +70,34 @@ def test_the_pending_buffer_is_bounded_in_events_and_bytes() -> None:
     assert not by_bytes.full() and by_bytes.bytes == 0
 
 
+def test_tool_call_arguments_count_in_the_pending_bytes() -> None:
+    # A tool call's streamed arguments are its text: a fast model's big arguments must make
+    # the buffer full (the model waits) as tokens of the same size do.
+    pending = _Pending(max_events=1000, max_bytes=1024)
+    pending.put_nowait(Event("tool_call", "g", 1, index=0, arguments="a" * 5000))
+    assert pending.full()
+    pending.get_nowait()
+    assert not pending.full() and pending.bytes == 0
+
+
+async def test_ready_made_events_past_the_pending_bytes_are_all_written(
+    settings: Settings, redis: Redis
+) -> None:
+    # write_events (a cached answer, replayed whole) queues more than producer_max_pending_bytes
+    # holds: the model-less writer must wait for room, not fail with QueueFull.
+    keys = Keys(settings.key_prefix)
+    job = demo_job(7, "s_ready", max_tokens=10, rate=0)
+    gid = job.generation_id
+    events = [Event("start", gid, 0, model="demo")]
+    events += [Event("token", gid, seq, text="t" * 1000) for seq in range(1, 6)]
+    events.append(Event("end", gid, 6, reason="stop", tokens=5))
+    producer = _producer(redis, keys, max_pending_bytes=1024)
+    async with asyncio.timeout(30):
+        await producer.write_events(job, *events)
+    written = await _events(redis, keys, job.session_id)
+    assert [e.seq for e in written] == list(range(7)) and written[-1].kind == "end"
+
+
 async def test_a_lost_worker_and_a_sweeper_end_a_generation_once_after_the_stream_tail(
     settings: Settings, redis: Redis
 ) -> None:
@@ -213,3 +241,22 @@ async def test_recent_history_is_kept_past_stream_max_len_within_the_hard_cap(
     assert await _append(redis, keys, "s_old", "100 60 100000", 3000) == 3000
     first: Any = await redis.xrange(keys.events("s_old"), count=1)
     assert not first[0][0].startswith(b"1-")
+
+
+async def test_stream_max_len_stays_a_floor_when_the_hard_cap_is_set_below_it(
+    settings: Settings, redis: Redis
+) -> None:
+    # stream_max_len is kept "whatever their age": a stream_history_max_len below it (its
+    # default, 200,000, under a stream_max_len raised past it) must not trim below it.
+    keys = Keys(settings.key_prefix)
+    job = demo_job(5, "s_floor", max_tokens=1000, rate=0)
+    producer = Producer(
+        redis, Scripts(redis), keys, 300, 60, 60, 4096, 2, history_s=60, history_max_len=100
+    )
+    assert (await producer.run(job, DemoModel())).outcome == "length"
+    assert await redis.xlen(keys.events(job.session_id)) >= 300
+    # history_s alone (no hard cap given): the count still bounds the stream.
+    job = demo_job(6, "s_no_cap", max_tokens=1000, rate=0)
+    producer = Producer(redis, Scripts(redis), keys, 300, 60, 60, 4096, 2, history_s=60)
+    assert (await producer.run(job, DemoModel())).outcome == "length"
+    assert await redis.xlen(keys.events(job.session_id)) >= 300

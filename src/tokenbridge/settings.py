@@ -127,7 +127,8 @@ class Settings(BaseSettings):
     stream_history_max_len: int = Field(
         default=200_000,
         ge=10,
-        description="Hard cap of entries per session stream (XADD MAXLEN ~), whatever their age.",
+        description="Hard cap of entries per session stream (XADD MAXLEN ~), whatever their "
+        "age; never below stream_max_len.",
     )
 
     # -- Gateway fan-out -----------------------------------------------------------------

@@ -12,6 +12,8 @@ So every stored response is listed in one sorted set, ``<prefix>:openai:unfinish
 one ``XREVRANGE ... COUNT 1`` tells whether its generation ended; an ended one is replayed once
 and its final object kept (``HSETNX``: several gateways sweeping at once write it once). Cost
 per round: one round trip per page of 100 listed responses, plus one replay per ended one.
+A listed response that cannot be settled (an unreadable record) is logged and taken off the
+list, so that it does not stop every later round at the same place.
 """
 
 from __future__ import annotations
@@ -129,7 +131,14 @@ class ResponseKeeper:
                     pipe.xrevrange(self.keys.events(session_id), count=1)
                 lasts: list[Any] = await pipe.execute()
             for session_id, last in zip(listed, lasts, strict=True):
-                outcome = await self._settle(session_id, last)
+                try:
+                    outcome = await self._settle(session_id, last)
+                except REDIS_DOWN_ERRORS:
+                    raise
+                except Exception:  # one bad record must not hold up every round at it
+                    log.exception("response keeper: cannot settle session=%s; dropped", session_id)
+                    await self.store.forget_unfinished(session_id)
+                    outcome = "forgotten"
                 kept += outcome == "kept"
                 cursor -= outcome != "running"  # taken off the list: the next page starts earlier
             if len(listed) < _PAGE:

@@ -77,9 +77,10 @@ class GenerationResult:
 
 
 class _Pending(asyncio.Queue[Event]):
-    """Events not yet written, bounded in events and in bytes (text + ``_EVENT_BYTES`` each):
-    full, ``put`` waits (the model waits). One event always fits in an empty queue. (The
-    ``_init``/``_put``/``_get`` hooks are asyncio's for subclasses, as ``PriorityQueue``.)"""
+    """Events not yet written, bounded in events and in bytes (text and tool-call arguments
+    + ``_EVENT_BYTES`` each): full, ``put`` waits (the model waits). One event always fits in
+    an empty queue. (The ``_init``/``_put``/``_get`` hooks are asyncio's for subclasses, as
+    ``PriorityQueue``.)"""
 
     def __init__(self, max_events: int, max_bytes: int) -> None:
         super().__init__(maxsize=max_events)
@@ -103,11 +104,11 @@ class _Pending(asyncio.Queue[Event]):
 
     def _put(self, item: Event) -> None:
         self._items.append(item)
-        self.bytes += len(item.text) + _EVENT_BYTES
+        self.bytes += len(item.text) + len(item.arguments) + _EVENT_BYTES
 
     def _get(self) -> Event:
         item = self._items.popleft()
-        self.bytes -= len(item.text) + _EVENT_BYTES
+        self.bytes -= len(item.text) + len(item.arguments) + _EVENT_BYTES
         return item
 
 
@@ -288,10 +289,13 @@ class Producer:
         self.outage_s = outage_s  # how long a failed write is retried
         self.max_pending_bytes = max_pending_bytes
         # The append script's trim (store/live.py): by count, or by age within a hard cap.
+        # The count is a floor "whatever their age": a hard cap below it (or none) is raised.
+        self.hard_max_len = stream_max_len
+        if history_s > 0:
+            self.hard_max_len = max(history_max_len, stream_max_len)
         self.trim: int | bytes = stream_max_len
         if history_s > 0:
-            self.trim = b"%d %d %d" % (stream_max_len, history_s, history_max_len)
-        self.hard_max_len = history_max_len if history_s > 0 else stream_max_len
+            self.trim = b"%d %d %d" % (stream_max_len, history_s, self.hard_max_len)
         self.pipeline_shards = pipeline_shards  # 0: no pipeline entries
         self.pipeline_max_len = pipeline_max_len
         self.scripts = scripts
@@ -320,9 +324,10 @@ class Producer:
         worker, an answer replayed from the cache), batched like a live generation."""
         await self.prepare(job.session_id)
         writer = _Writer(self, job, asyncio.Event())
-        for event in events:
-            writer.queue.put_nowait(event)
-        await writer.run()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(writer.run())
+            for event in events:  # waits for room: more than the queue's bounds may come
+                await writer.queue.put(event)
 
     async def run(
         self, job: GenerationJob, model: ChatModel, cancel: asyncio.Event | None = None
