@@ -251,3 +251,36 @@ async def test_websocket_pings_on_the_clock_and_works_without_its_handshake_stat
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(serving, 10)
+
+
+async def test_one_failing_direct_writer_does_not_leave_the_others_unflushed() -> None:
+    """The loop's flush list runs every parked connection's writer even when one raises; the
+    failing one is closed (its client resumes from what it received)."""
+    broken = ClientConnection("s1", "sse", max_buffered_events=100)
+    healthy = ClientConnection("s2", "sse", max_buffered_events=100)
+    written: list[str] = []
+
+    def explode(batches: list[Batch]) -> bool:
+        raise RuntimeError("a bug in a writer")
+
+    def direct(batches: list[Batch]) -> bool:
+        written.extend(f.entry_id for b in batches for f in b.frames)
+        return True
+
+    tasks = [
+        asyncio.create_task(broken.next_batches(30.0, explode)),
+        asyncio.create_task(healthy.next_batches(30.0, direct)),
+    ]
+    await asyncio.sleep(0)  # let both tasks park (their first step), not a timing wait
+    broken.deliver(batch("1-0"))  # first in the flush list
+    healthy.deliver(batch("2-0"))
+    await asyncio.sleep(0)  # the loop's flush callback runs
+    assert written == ["2-0"]
+    assert broken.closed_reason == "internal_error"
+    healthy.deliver(batch("3-0"))  # its flush flag was reset: the next one is written too
+    await asyncio.sleep(0)
+    assert written == ["2-0", "3-0"]
+    healthy.close("done")
+    for task in tasks:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)

@@ -71,3 +71,29 @@ async def test_batched_reads_match_hget_and_xrange(redis_url: str) -> None:
     # standalone: one XREAD per COUNT (5, 100, 4) plus one for "a" named twice, one for the
     # follow-up; cluster: none
     assert reader.xreads == (0 if is_cluster(redis) else 5)
+
+
+async def test_a_read_fails_at_once_when_its_task_cannot_start(redis_url: str) -> None:
+    """A fan-out that is not running (spawn raises): the read fails, and a later read, once
+    tasks start again, is served rather than queued behind a task that never ran."""
+    keys = Keys(f"rr{secrets.token_hex(3)}")
+    running = False
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        if not running:
+            raise RuntimeError("fan-out not running")
+        return asyncio.get_running_loop().create_task(coro)
+
+    async with redis_client(redis_url) as redis:
+        await redis.hset(keys.meta("a"), "epoch", "e1")
+        first = (await redis.xadd(keys.events("a"), {"n": "0"})).decode()
+        reader = ResumeReads(redis, keys, spawn)
+        try:
+            await reader.read("a", first, 5)
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("the read should have failed")
+        running = True
+        epoch, entries = await asyncio.wait_for(reader.read("a", first, 5), 10)
+        assert epoch == b"e1" and [e[0].decode() for e in entries] == [first]

@@ -120,6 +120,7 @@ class Settings(BaseSettings):
     stream_history_s: int = Field(
         default=60,
         ge=0,
+        le=31_536_000,  # a year; far beyond it the trim id (now - history) would go negative
         description="Entries younger than this are kept even past stream_max_len (up to "
         "stream_history_max_len), so a fast session keeps the history a dropped reader "
         "resumes from. 0: trim by count only.",

@@ -318,7 +318,11 @@ class _FlushList:
     def _run(self) -> None:
         conns, self._conns = self._conns, []
         for conn in conns:
-            conn._flush()
+            try:
+                conn._flush()
+            except Exception:  # one connection's failure must not leave the others unflushed
+                log.exception("direct write failed; closing the connection conn=%r", conn)
+                conn.close("internal_error")  # the client resumes from what it received
 
 
 _flush_lists: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _FlushList] = (

@@ -83,8 +83,15 @@ class ResumeReads:
         future: asyncio.Future[tuple[Any, Any]] = asyncio.get_running_loop().create_future()
         self._queue.append((session_id, start, count, future))
         if not self._running:
+            run = self._run()
+            try:
+                task = self.spawn(run)
+            except BaseException:  # the fan-out is not running: fail this read, not hang later
+                run.close()
+                self._queue.clear()  # only this read: the others spawned or were failed
+                raise
             self._running = True
-            self.spawn(self._run()).add_done_callback(self._ended)
+            task.add_done_callback(self._ended)
         return await future
 
     async def _run(self) -> None:

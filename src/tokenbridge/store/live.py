@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,7 +196,17 @@ class LiveMessage:
     entries: list[tuple[bytes, dict[bytes, bytes]]]
 
 
-_READER = [hiredis.Reader()]  # reused: one message parsed at a time (replaced after an error)
+class _Readers(threading.local):
+    """One reusable reader per thread (gateways of tests and embeddings may share a process):
+    a message is fed and read back without an await, so within a thread they never mix."""
+
+    reader: hiredis.Reader
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+
+
+_READERS = _Readers()
 
 
 def parse_live_message(data: bytes) -> LiveMessage | None:
@@ -203,14 +214,14 @@ def parse_live_message(data: bytes) -> LiveMessage | None:
     one (the caller repairs from the stream either way)."""
     if not data:
         return None
-    reader = _READER[0]
+    reader = _READERS.reader
     reader.feed(data)
     try:
         reply: Any = reader.gets()
     except hiredis.ProtocolError:
         reply = False
     if reply is False or reader.has_data():  # malformed, cut short or trailing bytes
-        _READER[0] = hiredis.Reader()
+        _READERS.reader = hiredis.Reader()
         if reply is False:
             return None
     if not isinstance(reply, list) or len(reply) != 3 or not isinstance(reply[2], list):
