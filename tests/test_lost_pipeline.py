@@ -148,3 +148,20 @@ async def test_a_retry_after_a_lost_reply_adds_the_entry_once(
     assert await terminals(redis, keys, settings, done_gid) == []
     total = await counted(redis, keys, settings)
     assert (total["generations"], total["errors_by_code"]) == (1, {LOST_CODE: 1})
+
+
+async def test_a_producer_end_added_in_between_stays_the_only_one(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys(settings.key_prefix)
+    sid, gid = "s_race", "g_race"
+    header = await written(redis, keys, settings, sid, gid, n=4, piped=4)
+    assert await sweeper(redis, keys, settings, shards=False).end_lost(sid, gid) == 4
+    # The producer's terminal batch reaches the pipeline before the lost entry does (its
+    # append is then answered as written: the record is `done 4` either way).
+    assert await pipe(redis, keys, header, [Event("end", gid, 4, ts=1100, reason="stop")]) == 1
+    assert await sweeper(redis, keys, settings).end_lost(sid, gid) == -1
+    [terminal] = await terminals(redis, keys, settings, gid)
+    assert (terminal.kind, terminal.seq) == ("end", 4)
+    total = await counted(redis, keys, settings)
+    assert total["generations"] == 1

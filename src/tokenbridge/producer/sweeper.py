@@ -224,6 +224,10 @@ class GenerationSweeper:
             if closed_seq(raw) is not None:
                 return False
             added = -1 if raw is None else int(raw)
+            if added >= seq:  # the producer's own last batch got there first: it ends it
+                log.info("generation lost: its producer's end is in the pipeline already "
+                         "session=%s generation=%s", session_id, generation_id)  # fmt: skip
+                return False
             events = await self._unpiped(session_id, generation_id, added, seq)
             if not events:
                 log.warning(
