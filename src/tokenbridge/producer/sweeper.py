@@ -19,6 +19,11 @@ the stream"). A reclaiming worker writes its ``worker_lost`` with the same scrip
 ``done`` record it did not write itself (``store/live.py``): two sweepers, a sweeper and a
 reclaiming worker, or either and a producer still alive, never write two terminal events.
 
+Whoever wins adds the generation's last pipeline entry (:meth:`GenerationSweeper.add_to_pipeline`),
+so the processors count it as ended with its code: a second call (on a cluster the pipeline
+shard is another slot), once through the pipeline marker (``store/pipeline_add.py``). A call
+finding the generation already ended as lost (a retry after a lost reply) adds it too, once.
+
 Bound: a generation whose producer stopped gets its terminal event within
 ``deadline_s = 2 x consumer_claim_idle_ms + consumer_heartbeat_s`` plus one heartbeat.
 """
