@@ -8,10 +8,14 @@ from typing import Any
 
 import httpx
 
-from tests.servers import Gateway, GatewayProcess
+from tests.pipeline_helpers import pipeline_entries
+from tests.servers import Gateway, GatewayProcess, redis_client
 from tests.test_resume import assert_complete
 from tests.test_token_path import collect_until_end, start
+from tokenbridge.processors.analytics import AnalyticsProcessor
 from tokenbridge.settings import Settings
+from tokenbridge.store.stats import read_stats
+from tokenbridge.wire.keys import Keys
 
 
 def worker_process(settings: Settings) -> GatewayProcess:
@@ -76,9 +80,21 @@ async def test_job_of_a_killed_worker_is_recovered_by_another(settings_factory: 
     finally:
         doomed.stop(signal.SIGKILL)
         survivor.stop()
+    # The processors see the generation end too: one terminal entry, counted once (whoever
+    # reads the entries first, the processors that ran or these: exactly once either way).
+    async with redis_client(settings.redis_url_value()) as redis:
+        keys = Keys(settings.key_prefix)
+        batches = await pipeline_entries(redis, keys, settings.pipeline_shards)
+        analytics = AnalyticsProcessor(redis, keys, settings)
+        for i, batch in enumerate(batches):
+            await analytics.process(batch, f"{i}-0")
+        total = (await read_stats(redis, keys))["total"]
     events = early + rest
     last = events[-1]
     assert last.event == "error" and last.data["code"] == "worker_lost"
     seqs = [e.data["seq"] for e in events]
     assert seqs == list(range(len(seqs)))  # the error follows the last written event
     assert_complete(after, again["generation_id"], 3)
+    ends = [b.terminal for b in batches if b.generation_id == gen and b.terminal is not None]
+    assert [(e.kind, e.code, e.seq) for e in ends] == [("error", "worker_lost", seqs[-1])]
+    assert (total["generations"], total["errors_by_code"]) == (2, {"worker_lost": 1})

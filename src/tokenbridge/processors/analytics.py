@@ -70,7 +70,7 @@ if redis.call('HSETNX', seen, ARGV[3], '1') == 1 then
   redis.call('PEXPIRE', seen, ttl)
   redis.call('HINCRBY', gen, 'events', ARGV[4])
   redis.call('HINCRBY', gen, 'token_events', ARGV[5])
-  redis.call('HSETNX', gen, 'model', ARGV[6])
+  if ARGV[6] ~= '' then redis.call('HSETNX', gen, 'model', ARGV[6]) end
   if ARGV[7] ~= '' then
     redis.call('HSET', gen, 'start_ts', ARGV[7], 'cached', ARGV[8])
     redis.call('ZADD', gens, ARGV[7], ARGV[2])

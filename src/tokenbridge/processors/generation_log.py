@@ -57,7 +57,7 @@ if redis.call('HEXISTS', buf, 'logged') == 1 then return 0 end
 if redis.call('HSETNX', buf, 'c:' .. ARGV[2], ARGV[4]) == 1 then
   redis.call('HINCRBY', buf, 'events', ARGV[3])
   redis.call('HINCRBY', buf, 'token_events', ARGV[5])
-  redis.call('HSETNX', buf, 'model', ARGV[6])
+  if ARGV[6] ~= '' then redis.call('HSETNX', buf, 'model', ARGV[6]) end
   if ARGV[7] ~= '' then
     redis.call('HSET', buf, 'start_ts', ARGV[7], 'prompt_sha256', ARGV[8], 'cached', ARGV[9])
   end

@@ -186,7 +186,7 @@ class _Writer:
         p = self.producer
         # The marker must outlive every retry of this batch; the last one's, no longer.
         ttl = min(math.ceil(p.outage_s) + 1, p.max_generation_s) if terminal else p.max_generation_s
-        return add.pack(events[0].seq, ttl, fields)
+        return add.pack(events[0].seq, events[-1].seq, ttl, fields)
 
     async def _send(self, before: list[tuple[bytes, bytes]], command: bytes) -> AppendResult:
         """Send the batch; through a failover (a primary dies, its replica takes over), a

@@ -120,6 +120,8 @@ class GenerationWorker:
             interval_s=heartbeat_s,
             retention_s=producer.retention_s,
             stream_max_len=producer.hard_max_len,
+            pipeline_shards=producer.pipeline_shards,
+            pipeline_max_len=producer.pipeline_max_len,
         )
 
     def __repr__(self) -> str:
@@ -301,6 +303,7 @@ class GenerationWorker:
                 job.generation_id,
                 code="worker_lost",
                 message="the worker running this generation stopped; start it again",
+                model=job.model,
             )
             log.warning(
                 "generation lost with its worker session=%s generation=%s seq=%d",
