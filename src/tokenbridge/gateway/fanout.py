@@ -13,12 +13,15 @@ Subscribing or resuming one connection costs the same whatever the number of ses
   connection left, because a reconnect storm is clients coming back): the history from
   memory, and no command at all if the feed heard a live message of its epoch less than
   ``epoch_trust_s`` ago (a renewed stream is published, so only a silent expiry could
-  change the epoch, and the session keys outlive a write by more than that: the gateway
-  passes half the smaller of ``stream_retention_s`` and ``stream_max_generation_s``);
+  change the epoch; the gateway passes half the smaller of ``stream_retention_s`` and
+  ``stream_max_generation_s``. One case escapes it: keys of a generation whose producer died
+  near ``stream_max_generation_s`` may expire inside the window; the sweeper's later publish
+  then renews the feed, so the reader gets ``epoch_changed``, never a silent gap);
   otherwise one ``HGET`` of the epoch;
-- otherwise: ``HGET :meta epoch`` + ``XRANGE :events <id> + COUNT n`` (the id included:
-  finding it proves nothing after it was trimmed), in one pipeline with the other connections
-  opening at the same time (``resume_reads.py``), plus, for a session new here,
+- otherwise: ``HGET :meta epoch`` and the history from the id (the id included: finding it
+  proves nothing after it was trimmed), batched with the other connections opening at the
+  same time (``resume_reads.py``: one multi-stream ``XREAD`` on standalone Redis, an
+  ``XRANGE`` each on a cluster), plus, for a session new here,
   its share of one batched ``SSUBSCRIBE``. An unknown epoch, a trimmed id or an empty reply falls
   back to the full state script and :func:`plan_resume` (``gap`` events).
 
