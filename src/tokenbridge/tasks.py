@@ -8,10 +8,13 @@ what is left and wait for that too, so that no task outlives its owner.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+import logging
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
-__all__ = ["stop_within"]
+from tokenbridge.store.client import REDIS_DOWN_ERRORS
+
+__all__ = ["run_every", "stop_within"]
 
 
 async def stop_within(
@@ -30,3 +33,23 @@ async def stop_within(
     if pending:
         await asyncio.wait(pending)
     return list(pending)
+
+
+async def run_every(
+    interval_s: float,
+    step: Callable[[], Awaitable[object]],
+    what: str,
+    log: logging.Logger,
+) -> None:
+    """Await ``step()`` every ``interval_s`` until cancelled: a periodic duty (a sweep, a
+    check) whose failure waits for the next round. Redis being down is logged at debug; any
+    other error is logged as a warning and never ends the loop, nor the task group it runs in.
+    """
+    while True:
+        await asyncio.sleep(interval_s)  # a timer: the duty is periodic by nature
+        try:
+            await step()
+        except REDIS_DOWN_ERRORS as exc:
+            log.debug("%s skipped (%s)", what, exc)
+        except Exception as exc:
+            log.warning("%s failed (%r); retrying next time", what, exc)

@@ -22,7 +22,6 @@ errors skip a round; they never cancel anything.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ from redis.asyncio import Redis
 
 from tokenbridge.producer.cancel import CancelSignal
 from tokenbridge.producer.jobs import GenerationJob
-from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.store.live import channel_readers
+from tokenbridge.tasks import run_every
 from tokenbridge.wire.keys import Keys
 
 __all__ = ["OrphanWatch"]
@@ -85,12 +84,7 @@ class OrphanWatch:
 
     async def run(self) -> None:
         """Check every ``check_s`` until cancelled."""
-        while True:
-            await asyncio.sleep(self.check_s)  # a timer: the rule is about elapsed time
-            try:
-                await self.check()
-            except REDIS_DOWN_ERRORS as exc:
-                log.debug("orphan check skipped (%s)", exc)
+        await run_every(self.check_s, self.check, "orphan check", log)
 
     async def check(self) -> None:
         """Cancel, as abandoned, every watched generation past its grace nobody reads."""

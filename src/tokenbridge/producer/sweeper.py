@@ -30,7 +30,6 @@ Bound: a generation whose producer stopped gets its terminal event within
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
@@ -42,6 +41,7 @@ from redis.commands.core import AsyncScript
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.store.pipeline_add import PIPELINE_LOST_SCRIPT, closed_seq
+from tokenbridge.tasks import run_every
 from tokenbridge.wire.events import Event, decode_entry, now_ms
 from tokenbridge.wire.keys import Keys
 from tokenbridge.wire.pipeline import events_json, shard_of
@@ -149,14 +149,7 @@ class GenerationSweeper:
 
     async def run(self) -> None:
         """Sweep every ``interval_s`` until cancelled; Redis errors wait for the next sweep."""
-        while True:
-            await asyncio.sleep(self.interval_s)  # a timer: the sweep is periodic by nature
-            try:
-                await self.sweep()
-            except REDIS_DOWN_ERRORS as exc:
-                log.debug("generation sweep skipped (%s)", exc)
-            except Exception as exc:  # never takes the worker down with it
-                log.warning("generation sweep failed (%r); retrying next time", exc)
+        await run_every(self.interval_s, self.sweep, "generation sweep", log)
 
     async def sweep(self) -> int:
         """End the generations whose deadline passed; returns how many this call ended."""
