@@ -19,10 +19,11 @@ stream from what it delivered:
   probe channel of its own, through the command client, which routes by slot like any producer;
   if it does not arrive within ``probe_s``, the connection is dropped and rebuilt.
 
-Reading: redis-py connects (auth, TLS, the handshake), then each connection reads whole socket
-chunks into a ``hiredis.Reader`` of its own and hands every reply of a chunk to the fan-out
-synchronously (:meth:`_Link._reply`): one task wake-up per chunk, whatever the number of
-messages in it, instead of redis-py's ``read_response`` (several awaits) per message.
+Reading: redis-py connects (auth, TLS, the handshake), then each connection's transport gets a
+protocol of ours (:class:`_ReplyProtocol`) that parses every socket chunk with a
+``hiredis.Reader`` of its own and hands each reply to the fan-out synchronously
+(:meth:`_Link._reply`), inside the event loop's read callback: no task wake-up at all per
+message, instead of redis-py's ``read_response`` (several awaits) per message.
 """
 
 from __future__ import annotations
@@ -52,6 +53,53 @@ def _pack(command: bytes, channels: list[bytes]) -> bytes:
     parts = [b"*%d\r\n$%d\r\n%b\r\n" % (len(channels) + 1, len(command), command)]
     parts += [b"$%d\r\n%b\r\n" % (len(c), c) for c in channels]
     return b"".join(parts)
+
+
+class _ReplyProtocol(asyncio.Protocol):
+    """Parses a pub/sub connection's bytes and dispatches each reply at once (see
+    :meth:`_Link._read`); what else the transport reports (flow control, the end) still goes
+    to redis-py's own protocol, so its writer keeps working and closes as usual. ``ended``
+    gets the reason reading stopped: the server closed, the connection broke, or a reply
+    could not be parsed or handled."""
+
+    def __init__(
+        self, inner: Any, reply: Callable[[Any], None], ended: asyncio.Future[None]
+    ) -> None:
+        self.inner = inner
+        self.reply = reply
+        self.ended = ended
+        self.reader = hiredis.Reader(replyError=ResponseError)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended.done():
+            return
+        reader, reply = self.reader, self.reply
+        reader.feed(data)
+        try:
+            while (item := reader.gets()) is not False:
+                reply(item)
+        except hiredis.ProtocolError as exc:
+            self._end(ConnectionError(f"pub/sub protocol error: {exc}"))
+        except Exception as exc:  # as if raised by the reading task: the link reconnects or ends
+            self._end(exc)
+
+    def eof_received(self) -> bool | None:
+        self._end(ConnectionError("pub/sub connection closed by the server"))
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(ConnectionError(f"pub/sub connection lost: {exc or 'closed'}"))
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def _end(self, exc: BaseException) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(exc)
 
 
 class _Link:
@@ -150,29 +198,32 @@ class _Link:
                     await self.conn.send_packed_command(_pack(b"SSUBSCRIBE", group), False)
 
     async def _read(self) -> None:
-        """Read whole socket chunks and dispatch every reply in them synchronously: one
-        task wake-up per chunk, not one redis-py ``read_response`` (several awaits) per
-        message."""
+        """Hand every reply to :meth:`_reply` as its bytes arrive, until the connection ends.
+
+        Once redis-py has connected, its transport is given a :class:`_ReplyProtocol`, which
+        parses each socket chunk and dispatches its replies inside the event loop's read
+        callback: no stream buffer, future or task wake-up per chunk."""
         assert self.conn is not None
-        stream = getattr(self.conn, "_reader", None)  # redis-py's asyncio.StreamReader
-        if not isinstance(stream, asyncio.StreamReader):  # pragma: no cover  # redis-py changed
-            while True:
+        writer = getattr(self.conn, "_writer", None)  # redis-py's asyncio.StreamWriter
+        stream = getattr(self.conn, "_reader", None)
+        transport = getattr(writer, "transport", None)
+        if transport is None or not isinstance(stream, asyncio.StreamReader):  # pragma: no cover
+            while True:  # redis-py changed: its own reads, one await per reply
                 try:
                     self._reply(await self.conn.read_response(timeout=None))
                 except ResponseError as exc:
                     self._reply(exc)
-        reader = hiredis.Reader(replyError=ResponseError)
-        reply = self._reply
-        while True:
-            data = await stream.read(65536)
-            if not data:
-                raise ConnectionError("pub/sub connection closed by the server")
-            reader.feed(data)
-            try:
-                while (item := reader.gets()) is not False:
-                    reply(item)
-            except hiredis.ProtocolError as exc:
-                raise ConnectionError(f"pub/sub protocol error: {exc}") from None
+        ended = asyncio.get_running_loop().create_future()
+        protocol = _ReplyProtocol(transport.get_protocol(), self._reply, ended)
+        leftover = bytes(getattr(stream, "_buffer", b""))  # read past the handshake, if any
+        transport.set_protocol(protocol)
+        if leftover:
+            protocol.data_received(leftover)
+        try:
+            await ended
+        finally:
+            if not ended.done():
+                ended.cancel()
 
     def _reply(self, reply: Any) -> None:
         owner = self.owner
