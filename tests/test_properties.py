@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenbridge.exceptions import InvalidEntry, InvalidRequest
-from tokenbridge.gateway.frames import parse_entry_id, parse_event_id
+from tokenbridge.gateway.encodings.native_sse import NativeSSE, sse_message
+from tokenbridge.gateway.encodings.websocket import WebSocketJSON
+from tokenbridge.gateway.frames import Frame, parse_entry_id, parse_event_id
 from tokenbridge.gateway.resume import parse_last_event_id
 from tokenbridge.wire.events import Event, decode_entry
 from tokenbridge.wire.keys import validate_id
@@ -87,3 +91,29 @@ def test_event_id_parsers_raise_only_their_errors(value: str) -> None:
 @pytest.mark.parametrize("value", ["a:1-1", "ab_cd-9:0-0", "x:18446744073709551615-0"])
 def test_event_ids_we_accept(value: str) -> None:
     assert parse_last_event_id(value) is not None
+
+
+EVENTS = st.builds(
+    Event,
+    kind=st.sampled_from(["start", "token", "tool_call", "end", "error"]),
+    generation_id=st.one_of(st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z"), st.text(max_size=8)),
+    seq=st.integers(0, 2**40),
+    ts=st.integers(0, 2**45),
+    text=st.one_of(st.text(max_size=50), st.sampled_from(['a"b', "a\\b", "\x7f", "\n", "é"])),
+    model=st.text(max_size=20),
+    reason=st.sampled_from(["stop", "length", "cancelled"]),
+    code=st.text(max_size=20),
+    message=st.text(max_size=30),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(EVENTS, st.one_of(st.just("3fa9c2d1"), st.text(max_size=10)))
+def test_event_json_is_what_json_dumps_writes(event: Event, epoch: str) -> None:
+    """The per-token formatting (SSE ``data:``, WebSocket messages) writes byte for byte what
+    ``json.dumps`` of the same objects writes, whatever the text (quotes, controls, non-ASCII)."""
+    assert event.data_json() == json.dumps(event.to_data(), separators=(",", ":"))
+    frame = Frame("1700000000000-7", epoch, event)
+    message = {"id": frame.event_id, "event": event.kind, "data": event.to_data()}
+    assert WebSocketJSON().frame(frame) == json.dumps(message, separators=(",", ":"))
+    assert NativeSSE().frame(frame) == sse_message(event.kind, event.to_data(), frame.event_id)

@@ -36,6 +36,7 @@ __all__ = [
     "decode_entry",
     "event_from_data",
     "now_ms",
+    "plain_json",
 ]
 
 WIRE_VERSION = "1"
@@ -159,6 +160,23 @@ class Event:
                 continue
             data[spec.name] = value
         return data
+
+    def data_json(self) -> str:
+        """:meth:`to_data` as compact JSON, the ``data`` of SSE and WebSocket messages; a
+        token's (the per-token path) is formatted directly, without building a dict."""
+        if self.kind == "token" and plain_json(self.generation_id):
+            text = self.text
+            quoted = f'"{text}"' if plain_json(text) else json.dumps(text)
+            return (
+                f'{{"generation_id":"{self.generation_id}","seq":{self.seq},'
+                f'"ts":{self.ts},"text":{quoted}}}'
+            )
+        return json.dumps(self.to_data(), separators=(",", ":"))
+
+
+def plain_json(text: str) -> bool:
+    """Whether JSON copies ``text`` unchanged between quotes (nothing to escape)."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
 def _text(fields: Mapping[bytes, bytes], name: bytes, required: bool = True) -> str:

@@ -24,11 +24,6 @@ def sse_message(event: str, data: dict[str, Any], event_id: str | None = None) -
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _plain(text: str) -> bool:
-    """Text that JSON would copy unchanged between quotes (no escaping needed)."""
-    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
-
-
 class NativeSSE(FrameEncoding):
     name = "native_sse"
     transport = "sse"
@@ -36,15 +31,10 @@ class NativeSSE(FrameEncoding):
 
     def frame(self, frame: Frame) -> bytes:
         event = frame.event
-        if event.kind == "token":  # the hot path: only the text needs JSON escaping
-            text = event.text
-            quoted = f'"{text}"' if _plain(text) else json.dumps(text)
-            return (
-                f"id: {frame.epoch}:{frame.entry_id}\nevent: token\n"
-                f'data: {{"generation_id":"{event.generation_id}","seq":{event.seq},'
-                f'"ts":{event.ts},"text":{quoted}}}\n\n'
-            ).encode()
-        return sse_message(event.kind, event.to_data(), frame.event_id)
+        return (
+            f"id: {frame.epoch}:{frame.entry_id}\nevent: {event.kind}\n"
+            f"data: {event.data_json()}\n\n"
+        ).encode()
 
     def preamble(self, ctx: StreamContext) -> bytes:
         return f"retry: {int(ctx.retry_ms * random.uniform(1.0, 1.5))}\n\n".encode()

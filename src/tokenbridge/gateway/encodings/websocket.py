@@ -12,6 +12,7 @@ from typing import Any
 
 from tokenbridge.gateway.encodings.base import FrameEncoding
 from tokenbridge.gateway.frames import Frame
+from tokenbridge.wire.events import plain_json
 
 __all__ = ["WebSocketJSON"]
 
@@ -23,7 +24,13 @@ class WebSocketJSON(FrameEncoding):
     join_batches = False  # one flat array of events, never an array of arrays
 
     def frame(self, frame: Frame) -> str:
-        message = {"id": frame.event_id, "event": frame.event.kind, "data": frame.event.to_data()}
+        event = frame.event
+        if plain_json(frame.epoch):  # the entry id and the kind never need escaping
+            return (
+                f'{{"id":"{frame.epoch}:{frame.entry_id}","event":"{event.kind}",'
+                f'"data":{event.data_json()}}}'
+            )
+        message = {"id": frame.event_id, "event": event.kind, "data": event.to_data()}
         return json.dumps(message, separators=(",", ":"))
 
     def join(self, parts: list[Any]) -> str:
