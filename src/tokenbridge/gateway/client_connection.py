@@ -61,7 +61,10 @@ _EVENT_OVERHEAD = 96  # bytes per event besides its text: id, event name, JSON, 
 
 
 def _estimate(batch: Batch) -> int:
-    return sum(len(f.event.text) + _EVENT_OVERHEAD for f in batch.frames)
+    frames = batch.frames
+    if len(frames) == 1:  # a live model's pace: one token per batch
+        return len(frames[0].event.text) + _EVENT_OVERHEAD
+    return sum(len(f.event.text) + _EVENT_OVERHEAD for f in frames)
 
 
 def batch_bytes(batch: Batch) -> int:
@@ -177,7 +180,8 @@ class ClientConnection:
             return
         nbytes = batch_bytes(batch) if self.max_buffered_bytes else 0
         held = self._pending_bytes + self._writing_bytes
-        if self._pending_events + len(batch) > self.max_buffered_events or (
+        events = len(batch.frames)
+        if self._pending_events + events > self.max_buffered_events or (
             held and held + nbytes > self.max_buffered_bytes  # a lone batch always fits
         ):
             log.info(
@@ -193,7 +197,7 @@ class ClientConnection:
             self.close("slow_client")
             return
         self._pending.append(batch)
-        self._pending_events += len(batch)
+        self._pending_events += events
         self._pending_bytes += nbytes
         if self._direct is None:
             _wake(self._waiter)

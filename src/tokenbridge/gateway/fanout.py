@@ -351,7 +351,8 @@ class SessionFanout:
         if message.epoch != feed.epoch:
             self._epoch_changed(feed, message)
             return
-        if parse_entry_id(message.prev_id) > _cursor_key(feed):
+        prev_id = message.prev_id
+        if prev_id != feed.cursor and parse_entry_id(prev_id) > _cursor_key(feed):
             self._repair(feed)  # something was published that this feed never heard
             return
         feed.heard_at = time.monotonic()

@@ -93,8 +93,8 @@ class _Live:
         if not transport.ready():
             return False
         # A burst goes to the task, which waits for the socket before each bounded write.
-        if (len(batches) > 1 or len(batches[0]) > self.max_events) and sum(
-            len(b) for b in batches
+        if (len(batches) > 1 or len(batches[0].frames) > self.max_events) and sum(
+            len(b.frames) for b in batches
         ) > self.max_events:
             return False
         conn = self.conn

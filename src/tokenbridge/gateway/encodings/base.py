@@ -148,7 +148,11 @@ class FrameEncoding:
 
     def encode(self, batches: list[Batch]) -> Chunk | None:
         if len(batches) == 1:
-            chunk: Chunk = self.encode_batch(batches[0])
+            frames = batches[0].frames
+            if len(frames) == 1:  # one token: the frame's own chunk, shared as it is
+                chunk: Chunk = frames[0].encoded(self.name, self.frame)
+                return chunk
+            chunk = self.encode_batch(batches[0])
             return chunk
         if self.join_batches:
             chunk = self.join([self.encode_batch(b) for b in batches])
