@@ -416,9 +416,9 @@ class SessionFanout:
             feed.recent_base = frames[-1].entry_id
         size = self.batch_events
         for at in range(0, len(frames), size):  # a huge producer batch: several writes
-            batch = Batch(frames[at : at + size])
+            batch = Batch(frames if len(frames) <= size else frames[at : at + size])
             self.stats.delivered_batches += 1
-            for conn in list(feed.connections):
+            for conn in feed.connections:  # deliver() never waits nor unsubscribes
                 conn.deliver(batch)
 
     # -- repair ------------------------------------------------------------------------------
