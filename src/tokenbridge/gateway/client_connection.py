@@ -294,7 +294,7 @@ class ClientConnection:
     def mark_sent(self, batch: Batch, nbytes: int) -> None:
         """Record that ``batch`` was written to the client."""
         if batch.frames:
-            self.last_key = batch.last_key
+            self.last_key = batch.frames[-1].key
             self.events_sent += len(batch)
         self.bytes_sent += nbytes
         self.last_activity = time.monotonic()

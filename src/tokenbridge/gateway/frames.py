@@ -150,6 +150,6 @@ class Batch:
 
     def after(self, key: tuple[int, int]) -> Batch:
         """The frames strictly after ``key`` (the resume seam): this batch if all are."""
-        if self.first_key > key:
+        if self.frames[0].key > key:
             return self
         return Batch([frame for frame in self.frames if frame.key > key])
