@@ -6,7 +6,7 @@ import asyncio
 import json
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +15,31 @@ from redis.asyncio import Redis
 
 from tests.conftest import BOTH
 from tests.model_server import Answer, ModelServer
-from tests.pipeline_helpers import demo_job, own_token_counts, pipeline_entries, producer, submit
+from tests.pipeline_helpers import (
+    batches_of,
+    demo_job,
+    events_of,
+    own_token_counts,
+    pipeline_entries,
+    producer,
+    submit,
+)
 from tests.servers import Gateway, redis_client
 from tests.test_cli import clean_env, run_cli
 from tests.test_consumers import wait_for_length
 from tokenbridge.consumers.dead_letters import DeadLetters
 from tokenbridge.exceptions import ConfigurationError
 from tokenbridge.model_config import ModelConfig
-from tokenbridge.processors.batcher import Batcher
+from tokenbridge.processors.batcher import Batcher, process_one
 from tokenbridge.processors.generation_log import read_log
 from tokenbridge.processors.registry import ProcessorContext, load_processors
 from tokenbridge.producer.jobs import GenerationJob, Message
 from tokenbridge.producer.models.demo import DemoModel
 from tokenbridge.settings import Settings
 from tokenbridge.store.stats import read_processor_stats, read_stats
-from tokenbridge.wire.events import decode_entry
+from tokenbridge.wire.events import Event, decode_entry
 from tokenbridge.wire.keys import Keys
-from tokenbridge.wire.pipeline import prompt_digest, shard_of
+from tokenbridge.wire.pipeline import PipelineBatch, prompt_digest, shard_of
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "tbk_processor-tests-" + secrets.token_hex(8)
@@ -234,6 +242,24 @@ async def test_batcher_groups_what_arrives_while_a_group_is_handled() -> None:
     assert results[:4] == [2, 4, 6, 8]
     assert all(isinstance(r, ValueError) for r in results[4:])  # 13 failed its whole group
     assert groups == [[1], [2, 3, 4], [5, 13]]
+
+
+async def test_process_one_is_a_group_of_one_with_its_error_raised() -> None:
+    end = Event("end", "g_one", 3, ts=2000, reason="stop", tokens=2)
+    first, second = batches_of("s_one", events_of("g_one", 2, end), size=2)
+    assert first.first_token is not None and first.first_token.seq == 1
+    assert second.first_token is not None and second.first_token.seq == 2
+    assert PipelineBatch("s_one", "g_one", "m1", (end,)).first_token is None
+    groups: list[list[tuple[PipelineBatch, str]]] = []
+
+    async def process_many(items: Sequence[tuple[PipelineBatch, str]]) -> list[Exception | None]:
+        groups.append(list(items))
+        return [ValueError(entry_id) if entry_id == "2-0" else None for _, entry_id in items]
+
+    await process_one(process_many, first, "1-0")
+    with pytest.raises(ValueError, match="2-0"):
+        await process_one(process_many, second, "2-0")
+    assert groups == [[(first, "1-0")], [(second, "2-0")]]
 
 
 async def test_worker_with_neither_generations_nor_processors_is_refused(

@@ -24,3 +24,15 @@ def test_the_new_name_wins_and_new_names_warn_nothing() -> None:
         settings = Settings(worker_block_ms=100, consumer_block_ms=200)
     assert settings.consumer_block_ms == 200
     assert Settings(consumer_block_ms=300).consumer_block_ms == 300  # filterwarnings=error
+
+
+@pytest.mark.parametrize(
+    "name", ["api_keys", "auth_previous_secrets", "cors_origins", "processors", "processors_extra"]
+)
+def test_list_settings_are_comma_separated_in_a_variable(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"TOKENBRIDGE_{name.upper()}", " a, b,,c ")
+    values = getattr(Settings(), name)
+    plain = [v.get_secret_value() if hasattr(v, "get_secret_value") else v for v in values]
+    assert plain == ["a", "b", "c"]

@@ -20,12 +20,16 @@ from tokenbridge.store.live import APPEND_SCRIPT
 from tokenbridge.store.scripts import Scripts
 from tokenbridge.wire.keys import Keys
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 
 
 def test_the_documented_script_is_the_one_the_producer_runs() -> None:
-    text = (DOCS / "examples" / "append.lua").read_text()
-    assert text.split("\n", 2)[2] == APPEND_SCRIPT.lstrip("\n")
+    doc = (DOCS / "wire-format.md").read_text()
+    linked = re.findall(r"\]\(\.\./(src/[^)]+\.lua)\)", doc) + re.findall(r"--eval (\S+)", doc)
+    assert len(linked) == 3
+    for path in linked:
+        assert (ROOT / path).read_text() == APPEND_SCRIPT, path
 
 
 def _redis_cli_lines() -> list[str]:
@@ -58,7 +62,7 @@ async def test_redis_cli_producer_reaches_a_subscribed_gateway(
     assert opening.history == []
     for line in _redis_cli_lines():
         command = line.replace("redis-cli", f"redis-cli -p {redis_server.port}", 1)
-        done = subprocess.run(["bash", "-c", command], capture_output=True, timeout=30)
+        done = subprocess.run(["bash", "-c", command], capture_output=True, timeout=30, cwd=ROOT)
         assert done.returncode == 0 and b"ERR" not in done.stdout, done.stdout + done.stderr
     events = []
     async with asyncio.timeout(10):

@@ -343,13 +343,6 @@ class Settings(BaseSettings):
         description="Origins allowed by CORS (comma-separated); empty: CORS off.",
     )
 
-    @field_validator("api_keys", "auth_previous_secrets", "cors_origins", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
     # -- Processor pipeline (processors/) -----------------------------------------------
     pipeline_enabled: bool = Field(
         default=True,
@@ -423,9 +416,17 @@ class Settings(BaseSettings):
         description="Approximate max records of the Redis generation log stream (MAXLEN ~).",
     )
 
-    @field_validator("processors", "processors_extra", mode="before")
+    @field_validator(
+        "api_keys",
+        "auth_previous_secrets",
+        "cors_origins",
+        "processors",
+        "processors_extra",
+        mode="before",
+    )
     @classmethod
-    def _processor_names(cls, value: object) -> object:
+    def _comma_separated(cls, value: object) -> object:
+        """A list setting given as one string (a variable, a flag): its comma-separated parts."""
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value

@@ -39,7 +39,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from tokenbridge.processors.batcher import ScriptCall, follow_up_each, run_script_group
+from tokenbridge.processors.batcher import (
+    ScriptCall,
+    follow_up_each,
+    process_one,
+    run_script_group,
+)
 from tokenbridge.settings import Settings
 from tokenbridge.store.once import ApplyOnce
 from tokenbridge.store.series import TTL_MS as SERIES_TTL_MS
@@ -198,9 +203,7 @@ class AnalyticsProcessor:
 
     async def process(self, batch: PipelineBatch, entry_id: str) -> None:
         """Add ``batch`` to its generation; roll the generation up once it is complete."""
-        [error] = await self.process_many([(batch, entry_id)])
-        if error is not None:
-            raise error
+        await process_one(self.process_many, batch, entry_id)
 
     async def process_many(
         self, items: Sequence[tuple[PipelineBatch, str]]
@@ -216,7 +219,7 @@ class AnalyticsProcessor:
     def _call(self, batch: PipelineBatch) -> ScriptCall:
         sid, gid = batch.session_id, batch.generation_id
         start = batch.start
-        first = next((e for e in batch.events if e.kind == "token"), None)
+        first = batch.first_token
         terminal = batch.terminal
         usage = terminal.usage if terminal is not None and terminal.usage else {}
         completion = usage.get("completion_tokens")

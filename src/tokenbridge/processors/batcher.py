@@ -20,7 +20,7 @@ from redis.commands.core import AsyncScript
 from tokenbridge.store.client import REDIS_DOWN_ERRORS, is_cluster
 from tokenbridge.wire.pipeline import PipelineBatch
 
-__all__ = ["Batcher", "run_script_group"]
+__all__ = ["Batcher", "follow_up_each", "process_one", "run_script_group"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -109,6 +109,17 @@ async def _each(script: AsyncScript, calls: list[ScriptCall]) -> list[Any]:
             return exc
 
     return list(await asyncio.gather(*(one(keys, args) for keys, args in calls)))
+
+
+ProcessMany = Callable[[Sequence[tuple[PipelineBatch, str]]], Awaitable[list[Exception | None]]]
+"""A processor's ``process_many``: per ``(batch, entry_id)``, its exception or None."""
+
+
+async def process_one(process_many: ProcessMany, batch: PipelineBatch, entry_id: str) -> None:
+    """A processor's ``process`` through its ``process_many``: a group of one, its error raised."""
+    [error] = await process_many([(batch, entry_id)])
+    if error is not None:
+        raise error
 
 
 async def follow_up_each(

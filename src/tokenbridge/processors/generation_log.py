@@ -38,7 +38,12 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from tokenbridge.processors.analytics import GenerationFigures
-from tokenbridge.processors.batcher import ScriptCall, follow_up_each, run_script_group
+from tokenbridge.processors.batcher import (
+    ScriptCall,
+    follow_up_each,
+    process_one,
+    run_script_group,
+)
 from tokenbridge.settings import Settings
 from tokenbridge.text import as_text
 from tokenbridge.wire.events import now_ms
@@ -191,9 +196,7 @@ class LoggingProcessor:
 
     async def process(self, batch: PipelineBatch, entry_id: str) -> None:
         """Buffer ``batch``'s text; write the record once its generation is complete."""
-        [error] = await self.process_many([(batch, entry_id)])
-        if error is not None:
-            raise error
+        await process_one(self.process_many, batch, entry_id)
 
     async def process_many(
         self, items: Sequence[tuple[PipelineBatch, str]]
@@ -210,7 +213,7 @@ class LoggingProcessor:
 
     def _call(self, batch: PipelineBatch) -> ScriptCall:
         start = batch.start
-        first = next((e for e in batch.events if e.kind == "token"), None)
+        first = batch.first_token
         terminal = batch.terminal
         args = [
             self.buffer_ttl_ms,

@@ -1,10 +1,11 @@
 """Appending a batch of events and announcing it live, in one script call (one slot).
 
-``APPEND`` (below) is the producer's contract with every gateway, standalone or Cluster: for one
-batch of one session it ``XADD``s every event to ``<prefix>:{sid}:events``, then ``SPUBLISH``es
-one message on the session's shard channel ``<prefix>:{sid}:live`` carrying the entries
-themselves, so a gateway delivers them without reading the stream. The stream, ``:meta``,
-``:gens`` and the channel share the session's hash tag, so the script is one slot on a cluster.
+``APPEND_SCRIPT`` (``append.lua`` beside this module) is the producer's contract with every
+gateway, standalone or Cluster: for one batch of one session it ``XADD``s every event to
+``<prefix>:{sid}:events``, then ``SPUBLISH``es one message on the session's shard channel
+``<prefix>:{sid}:live`` carrying the entries themselves, so a gateway delivers them without
+reading the stream. The stream, ``:meta``, ``:gens`` and the channel share the session's hash
+tag, so the script is one slot on a cluster.
 
 The message is RESP (what ``XRANGE`` would return, framed), parsed in C by hiredis::
 
@@ -47,6 +48,7 @@ import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import hiredis
@@ -82,74 +84,9 @@ __all__ = [
     "send_append",
 ]
 
-APPEND_SCRIPT = """
-local events, meta, gens, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local gen = ARGV[2]
-local epoch = redis.call('HGET', meta, 'epoch')
-local record = redis.call('HGET', gens, gen)
-if record == ARGV[3] then
-  -- this very batch was written already (a retry whose first reply was lost)
-  return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied', -1}
-end
-if record and string.sub(record, 1, 5) == 'done ' then
-  -- ended by another (worker_lost, generation_lost): nothing may follow its terminal event
-  return {'', epoch or '', 0, 'ended', -1}
-end
-local lost = 0
-if ARGV[4] ~= '' and record ~= ARGV[4] then
-  epoch = false
-  lost = 1
-end
-if not epoch then
-  epoch = ARGV[6]
-  redis.call('HSET', meta, 'epoch', epoch)
-  if redis.call('TTL', meta) < 0 then redis.call('EXPIRE', meta, ARGV[7]) end
-end
-local prev = '0-0'
-local tail = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)
-if tail[1] then prev = tail[1][1] end
--- trim: "<count>" (MAXLEN ~ count), or "<count> <history s> <hard max>" (below)
-local keep, history, hard = string.match(ARGV[1], '^(%d+) (%d+) (%d+)$')
-if not keep then hard = ARGV[1] end
-local total = tonumber(ARGV[8])
-local out = {'*3\\r\\n$', #epoch, '\\r\\n', epoch, '\\r\\n$', #prev, '\\r\\n', prev, '\\r\\n*',
-             total, '\\r\\n'}
-local n = #out
-local i = 9
-local id = prev
-for _ = 1, total do
-  local k = tonumber(ARGV[i])
-  id = redis.call('XADD', events, 'MAXLEN', '~', hard, '*', unpack(ARGV, i + 1, i + k))
-  out[n + 1] = '*2\\r\\n$'; out[n + 2] = #id; out[n + 3] = '\\r\\n'; out[n + 4] = id
-  out[n + 5] = '\\r\\n*'; out[n + 6] = k; out[n + 7] = '\\r\\n'
-  n = n + 7
-  for j = i + 1, i + k do
-    local v = ARGV[j]
-    out[n + 1] = '$'; out[n + 2] = #v; out[n + 3] = '\\r\\n'; out[n + 4] = v
-    out[n + 5] = '\\r\\n'
-    n = n + 5
-  end
-  i = i + k + 1
-end
-local readers = redis.call('SPUBLISH', channel, table.concat(out))
-if keep then
-  -- past <count> entries, trim only those older than <history s>, never below <count>
-  local excess = redis.call('XLEN', events) - tonumber(keep)
-  if excess > 0 then
-    local now = redis.call('TIME')
-    local oldest = now[1] * 1000 + math.floor(now[2] / 1000) - tonumber(history) * 1000
-    redis.call('XTRIM', events, 'MINID', '~', oldest, 'LIMIT', excess)
-  end
-end
-redis.call('HSET', gens, gen, ARGV[3])
-local cancel = redis.call('HGET', gens, 'cancel:' .. gen) or ''
-if ARGV[5] ~= '' then
-  redis.call('EXPIRE', events, ARGV[5])
-  redis.call('EXPIRE', gens, ARGV[5])
-  redis.call('EXPIRE', meta, ARGV[5])
-end
-return {cancel, epoch, lost, id, readers}
-"""
+APPEND_SCRIPT = (resources.files("tokenbridge.store") / "append.lua").read_text(encoding="utf-8")
+"""The script: ``append.lua``, package data beside this module (docs/wire-format.md links to it
+for producers in other languages)."""
 
 APPEND_RETRY_ERRORS: tuple[type[BaseException], ...] = (
     *REDIS_DOWN_ERRORS,

@@ -144,6 +144,11 @@ class PipelineBatch:
         return next((e for e in self.events if e.kind == "start"), None)
 
     @property
+    def first_token(self) -> Event | None:
+        """The batch's first ``token`` event, if it holds one."""
+        return next((e for e in self.events if e.kind == "token"), None)
+
+    @property
     def terminal(self) -> Event | None:
         """The generation's ``end`` or ``error`` event, if this batch holds it."""
         last = self.events[-1]

@@ -1,5 +1,5 @@
 -- tokenbridge: append one batch of events to a session stream and publish it (docs/wire-format.md).
--- Source of truth: APPEND_SCRIPT in src/tokenbridge/store/live.py (a test keeps them equal).
+-- Loaded as APPEND_SCRIPT by store/live.py: the script every producer runs.
 local events, meta, gens, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local gen = ARGV[2]
 local epoch = redis.call('HGET', meta, 'epoch')
