@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks.connections import Transport, idle_connections, many_sessions
-from benchmarks.live import sessions_live
+from benchmarks.live import live_floor, sessions_live
 from benchmarks.openai_chat import openai_chat
 from benchmarks.processes import GatewayProcess, machine_info, new_runner, raise_open_files_limit
 from benchmarks.report import print_report
@@ -47,6 +47,7 @@ SCENARIOS = (
     "sessions-sse",
     "sessions-ws",
     "sessions-live",
+    "live-floor",
     "pipeline",
     "storm",
     "storm-fresh",
@@ -139,9 +140,13 @@ def _parse(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument("--openai-rounds", type=int, help="openai-chat: rounds (10; quick 3)")
     parser.add_argument(
-        "--live-sessions", default="200,2000", help="sessions-live: session counts (200,2000)"
+        "--live-sessions",
+        default="200,2000",
+        help="sessions-live, live-floor: session counts (200,2000)",
     )
-    parser.add_argument("--live-rate", type=float, default=20.0, help="sessions-live: tokens/s")
+    parser.add_argument(
+        "--live-rate", type=float, default=20.0, help="sessions-live, live-floor: tokens/s"
+    )
     parser.add_argument(
         "--live-transports", default="sse,ws", help="sessions-live: sse, ws or both (sse,ws)"
     )
@@ -207,6 +212,10 @@ async def _scenarios(bench: Bench, name: str, options: Options) -> list[Scenario
             for transport in options.live_transports
             for sessions in options.live_sessions
         ]  # fmt: skip
+    if name == "live-floor":  # the floor relay under the same load: SSE, each session count
+        return await live_floor(
+            bench, options.live_sessions, options.live_rate, options.duration_s, options.timeout_s
+        )
     return [await _scenario(bench, name, options)]
 
 

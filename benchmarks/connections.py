@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import httpx
 
-from benchmarks.processes import GatewayProcess, process_rss_bytes
+from benchmarks.processes import GatewayProcess, ServerProcess, process_rss_bytes
 from benchmarks.producer import spread_session_ids
 from benchmarks.scenarios import Bench, Figure, ScenarioResult, _gateway_cost, _stream_notes
 from benchmarks.sse_client import StreamTally, follow
@@ -65,7 +65,7 @@ async def _redis_connections(bench: Bench, name: str) -> int:
     return sum(1 for client in clients if client.get("name") == name)
 
 
-async def _status(gateway: GatewayProcess) -> dict[str, Any]:
+async def _status(gateway: ServerProcess) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=f"http://{gateway.host}:{gateway.port}") as http:
         response = await http.get("/v1/status", timeout=30)
         response.raise_for_status()
@@ -73,7 +73,7 @@ async def _status(gateway: GatewayProcess) -> dict[str, Any]:
         return status
 
 
-async def _until_held(gateway: GatewayProcess, connections: int, sessions: int) -> dict[str, Any]:
+async def _until_held(gateway: ServerProcess, connections: int, sessions: int) -> dict[str, Any]:
     """The gateway's status once it holds ``connections`` on ``sessions`` fan-out sessions.
 
     A WebSocket client learns that its connection is registered (the ``pong``), not that its

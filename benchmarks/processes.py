@@ -24,9 +24,12 @@ import threading
 from pathlib import Path
 
 __all__ = [
+    "FLOOR_READY",
     "ROOT",
     "Child",
+    "FloorRelayProcess",
     "GatewayProcess",
+    "ServerProcess",
     "free_port",
     "machine_info",
     "new_runner",
@@ -212,11 +215,25 @@ class Child:
                     pipe.close()
 
 
-class GatewayProcess(Child):
+class ServerProcess(Child):
+    """A child serving HTTP on ``host``:``port`` (a free port): what the clients read from."""
+
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], port: int, ready: str
+    ) -> None:
+        self.port = port
+        super().__init__(name, args, env, ready_marker=ready)
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+
+class GatewayProcess(ServerProcess):
     """``python -m tokenbridge serve --no-worker --no-processors`` on a free port."""
 
     def __init__(self, redis_url: str) -> None:
-        self.port = free_port()
+        port = free_port()
         # Delivery is measured, not auth: the clients read sessions by id without tokens
         # (checking a token is once per connection, not per token).
         env = {
@@ -230,17 +247,29 @@ class GatewayProcess(Child):
         for name in ("PER_ADDRESS", "PER_SESSION"):
             env.setdefault(f"TOKENBRIDGE_LIMITS_MAX_CONNECTIONS_{name}", "1000000")
         env.setdefault("TOKENBRIDGE_LIMITS_MAX_CONNECTIONS", "1000000")
-        args = [sys.executable, "-m", "tokenbridge", "serve", "--port", str(self.port)]
+        args = [sys.executable, "-m", "tokenbridge", "serve", "--port", str(port)]
         profile = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: cProfile the gateway
         if profile:
             args[1:1] = ["-m", "cProfile", "-o", profile]
         # Delivery only: the processors get a scenario and a process of their own (pipeline).
         args += ["--no-worker", "--no-processors", "--log-level", "warning"]
-        super().__init__("gateway", args, env, ready_marker="tokenbridge serving at")
+        super().__init__("gateway", args, env, port, "tokenbridge serving at")
 
-    @property
-    def host(self) -> str:
-        return "127.0.0.1"
+
+FLOOR_READY = "floor relay serving"
+"""The line ``python -m benchmarks.floor_relay`` prints once it listens."""
+
+
+class FloorRelayProcess(ServerProcess):
+    """``python -m benchmarks.floor_relay`` on a free port: the minimal Python relay that
+    scenario ``live-floor`` measures in the gateway's place."""
+
+    def __init__(self, redis_url: str) -> None:
+        port = free_port()
+        env = {**os.environ, "TOKENBRIDGE_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+        args = [sys.executable, "-m", "benchmarks.floor_relay", "--port", str(port)]
+        args += ["--redis-url", redis_url]
+        super().__init__("floor relay", args, env, port, FLOOR_READY)
 
 
 def _cpu_model() -> str:

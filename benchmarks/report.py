@@ -20,6 +20,8 @@ def _value(figure: Figure) -> str:
     value = figure.value
     if figure.unit in ("ms", "us", "KB", "MB"):
         text = f"{value:,.2f}"
+    elif figure.unit == "%":
+        text = f"{value:.1f}"
     elif abs(value) < 10 and value != int(value):
         text = f"{value:.4f}"
     else:

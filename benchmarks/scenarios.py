@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks import pipeline as pipeline_process
-from benchmarks.processes import Child, GatewayProcess, process_cpu_s, system_busy_s
+from benchmarks.processes import Child, ServerProcess, process_cpu_s, system_busy_s
 from benchmarks.producer import READY, paced_session_ids
 from benchmarks.sse_client import StreamTally, follow
 from tokenbridge.settings import load_settings
@@ -80,8 +80,9 @@ class _Window:
 class Bench:
     """The servers under test and what a scenario needs to drive them."""
 
-    def __init__(self, redis_server: Any, gateway: GatewayProcess, tag: str) -> None:
-        """``redis_server``: an EmbeddedRedis, or a RedisCluster (``--cluster``)."""
+    def __init__(self, redis_server: Any, gateway: ServerProcess, tag: str) -> None:
+        """``redis_server``: an EmbeddedRedis, or a RedisCluster (``--cluster``); ``gateway``:
+        the server the clients read from (scenario ``live-floor``: the floor relay)."""
         self.redis_server = redis_server
         self.gateway = gateway
         self.tag = tag
