@@ -128,7 +128,7 @@ async def test_a_lost_worker_and_a_sweeper_end_a_generation_once_after_the_strea
     assert len(terminal) == 1, terminal
     assert [e.seq for e in events] == [0, 1, 2, 3]
     assert terminal[0].code in ("worker_lost", LOST_CODE)
-    assert await redis.hget(keys.generations(sid), gid) == b"done 3"
+    assert await redis.hget(keys.generations(sid), gid) == b"done 3 lost"
 
 
 async def test_a_producer_stops_when_another_ended_its_generation(
@@ -149,6 +149,28 @@ async def test_a_producer_stops_when_another_ended_its_generation(
     events = await _events(redis, keys, job.session_id)
     assert events[-1].kind == "error" and events[-1].seq == seq  # nothing after it
     assert [e.seq for e in events] == list(range(len(events)))
+
+
+async def test_a_retried_last_batch_is_told_ended_when_a_sweeper_ended_at_its_seq(
+    settings: Settings, redis: Redis
+) -> None:
+    """The sweeper's lost end took the seq the producer's last batch was to end at: the
+    producer's retry of that batch (its first reply lost) is refused as ``ended``, never
+    taken for ``applied`` (the stream holds the sweeper's error, not the producer's end)."""
+    keys = Keys(settings.key_prefix)
+    sid, gid = "s_lost_seq", "g_lost_seq"
+    four = (keys.events(sid), keys.meta(sid), keys.generations(sid), keys.live(sid))
+    start = Event("start", gid, 0, model="demo").to_fields()
+    first = await append_events(redis, four, gid, [start], state="running 0", new_epoch="e1")
+    assert first.last_id not in ("applied", "ended")
+    assert await _sweeper(redis, keys).end_lost(sid, gid) == 1  # the lost end takes seq 1
+    end = Event("end", gid, 1, reason="stop").to_fields()
+    retry = await append_events(
+        redis, four, gid, [end], state="done 1", expected_state="running 0", new_epoch="e2"
+    )
+    assert retry.ended, retry
+    events = await _events(redis, keys, sid)
+    assert [(e.kind, e.seq) for e in events] == [("start", 0), ("error", 1)]
 
 
 async def test_an_answer_goes_on_through_a_redis_restart(

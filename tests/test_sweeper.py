@@ -55,7 +55,7 @@ async def test_two_sweepers_end_a_running_generation_exactly_once(
     events = await _events(redis, keys, sid)
     assert [(e.kind, e.seq) for e in events] == [("start", 0), ("token", 1), ("error", 2)]
     assert events[-1].code == LOST_CODE
-    assert await redis.hget(keys.generations(sid), gid) == b"done 2"
+    assert await redis.hget(keys.generations(sid), gid) == b"done 2 lost"
     assert await redis.xlen(keys.events(done_sid)) == 0  # an ended generation is left alone
     assert await redis.zcard(keys.running) == 0
     assert await first.end_lost(sid, gid) == -1  # and never ended twice

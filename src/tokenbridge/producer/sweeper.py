@@ -61,7 +61,7 @@ local gens, events, meta, live, gid = KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1
 local record = redis.call('HGET', gens, gid)
 local last, ended = -1, false
 if record then
-  local state, seq = string.match(record, '^(%a+) (%-?%d+)$')
+  local state, seq = string.match(record, '^(%a+) (%-?%d+)')
   if state == 'done' then ended = true elseif state ~= 'running' then return {-1, 0} end
   last = tonumber(seq)
 end
@@ -92,7 +92,9 @@ if ended then return {-1, 0} end
 local seq = last + 1
 redis.call('XADD', events, 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'kind', 'error', 'gen', gid,
   'seq', tostring(seq), 'ts', ARGV[4], 'code', ARGV[5], 'message', ARGV[6])
-redis.call('HSET', gens, gid, 'done ' .. seq)
+-- 'lost' marks whose end this is: a producer's retry of a batch that also ended at seq is
+-- then told 'ended', not 'applied' (store/append.lua)
+redis.call('HSET', gens, gid, 'done ' .. seq .. ' lost')
 redis.call('SPUBLISH', live, '')
 for _, key in ipairs({gens, events, meta}) do
   if redis.call('EXISTS', key) == 1 then redis.call('EXPIRE', key, ARGV[2]) end
