@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.fanout import SessionFanout, _after_delivered, _Feed
 from tokenbridge.gateway.frames import Frame, parse_entry_id
+from tokenbridge.gateway.opening import from_memory
 from tokenbridge.gateway.resume import iter_history
 from tokenbridge.store.client import command_client, is_cluster
 from tokenbridge.store.live import AppendCommand, append_events, send_append
@@ -360,7 +361,7 @@ async def test_a_batch_sent_again_is_written_once(redis: Any, keys: Keys) -> Non
 
 
 async def test_a_resume_id_found_by_string_gives_what_comparing_ids_gives() -> None:
-    """_from_memory finds an id the feed delivered by string (no id parsed); for every id,
+    """from_memory finds an id the feed delivered by string (no id parsed); for every id,
     delivered or not, the history is what comparing ids gives, and None outside the memory."""
     ids = ["1700-3", "1700-4", "1701-0", "1702-7"]
     recent = collections.deque(
@@ -372,12 +373,12 @@ async def test_a_resume_id_found_by_string_gives_what_comparing_ids_gives() -> N
         after = parse_entry_id(asked)
         inside = parse_entry_id("1700-2") <= after <= parse_entry_id(ids[-1])
         want = [i for i in ids if parse_entry_id(i) > after] if inside else None
-        opening = SessionFanout._from_memory(None, feed, ("e", asked))  # type: ignore[arg-type]
+        opening = from_memory(feed, ("e", asked))
         got = None if opening is None else [f.entry_id for b in opening.history for f in b.frames]
         assert got == want, asked
         fast = _after_delivered(feed, asked)
         assert fast is None or [f.entry_id for f in fast] == want, asked
-    assert SessionFanout._from_memory(None, feed, ("other", ids[0])) is None  # type: ignore[arg-type]
+    assert from_memory(feed, ("other", ids[0])) is None
 
 
 async def test_reads_waiting_when_the_fanout_stops_fail_instead_of_hanging(

@@ -131,7 +131,7 @@ async def test_resume_past_trimmed_history_gets_a_gap_event(settings_factory: An
 
 async def test_resume_after_expiry_gets_a_gap_event(settings_factory: Any) -> None:
     # The feed does not linger: a feed that heard the stream lately vouches for it (a real
-    # expiry cannot come that soon, see gateway/fanout.py); the DEL below could.
+    # expiry cannot come that soon, see gateway/opening.py); the DEL below could.
     settings: Settings = settings_factory(fanout_linger_s=0)
     async with (
         Gateway(settings) as gateway,

@@ -1,7 +1,8 @@
 """Decoding stream entries into frames, once per read, and the fan-out's counters.
 
-Shared by the live path (``gateway/fanout.py``) and the history path (``gateway/resume.py``):
-an entry that breaks the wire format is logged and skipped, never fatal to a loop.
+Shared by the live path (``gateway/fanout.py``) and the history path (``gateway/opening.py``,
+``gateway/resume.py``): an entry that breaks the wire format is logged and skipped, never fatal
+to a loop.
 """
 
 from __future__ import annotations

@@ -1,29 +1,14 @@
 """SessionFanout: live events over sharded pub/sub, history from the stream; standalone or Cluster.
 
-Each session held by this process is one *feed*: subscribed to the session's shard channel
-(``<prefix>:{sid}:live``) through the process's :class:`ShardSubscriber` (one connection per
-Redis node, whatever the number of sessions). Producers append a batch and publish it in one
-script (``store/live.py``): the message carries the entries and the id before them, so a feed
-delivers them without reading Redis, and knows when it missed something.
-
-Subscribing or resuming one connection costs the same whatever the number of sessions held:
-
-- a session held here, resumed from an id the feed still remembers (its last
-  ``fanout_recent_events`` entries; a feed lingers ``fanout_linger_s`` after its last
-  connection left, because a reconnect storm is clients coming back): the history from
-  memory, and no command at all if the feed heard a live message of its epoch less than
-  ``epoch_trust_s`` ago (a renewed stream is published, so only a silent expiry could
-  change the epoch; the gateway passes half the smaller of ``stream_retention_s`` and
-  ``stream_max_generation_s``. One case escapes it: keys of a generation whose producer died
-  near ``stream_max_generation_s`` may expire inside the window; the sweeper's later publish
-  then renews the feed, so the reader gets ``epoch_changed``, never a silent gap);
-  otherwise one ``HGET`` of the epoch;
-- otherwise: ``HGET :meta epoch`` and the history from the id (the id included: finding it
-  proves nothing after it was trimmed), batched with the other connections opening at the
-  same time (``resume_reads.py``: one multi-stream ``XREAD`` on standalone Redis, an
-  ``XRANGE`` each on a cluster), plus, for a session new here,
-  its share of one batched ``SSUBSCRIBE``. An unknown epoch, a trimmed id or an empty reply falls
-  back to the full state script and :func:`plan_resume` (``gap`` events).
+Each session held by this process is one *feed* (``feed.py``): subscribed to the session's
+shard channel (``<prefix>:{sid}:live``) through the process's :class:`ShardSubscriber` (one
+connection per Redis node, whatever the number of sessions). Producers append a batch and
+publish it in one script (``store/live.py``): the message carries the entries and the id
+before them, so a feed delivers them without reading Redis, and knows when it missed
+something. This module holds the feeds' life (join, subscribe, linger, drop), the live path
+(``_on_message`` -> ``_handle`` -> ``_deliver``, microseconds per token: keep it flat) and its
+repair. Where a connection starts (from the feed's memory or from Redis, and what that costs)
+is ``opening.py``.
 
 Exact seam: a connection joins its feed before any history is read, and the feed's
 subscription is confirmed before the read. A batch published after the read reaches the feed
@@ -45,14 +30,16 @@ import collections
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from tokenbridge.exceptions import InvalidEntry
 from tokenbridge.gateway.client_connection import ClientConnection
 from tokenbridge.gateway.entries import FanoutStats, decode_entries, decode_frame
+from tokenbridge.gateway.feed import Feed as _Feed  # the names the live path (and tests) use
+from tokenbridge.gateway.feed import after_delivered as _after_delivered  # noqa: F401 (tests)
+from tokenbridge.gateway.feed import cursor_key as _cursor_key
 from tokenbridge.gateway.frames import Batch, Frame, parse_entry_id
-from tokenbridge.gateway.resume import plan_resume
+from tokenbridge.gateway.opening import Opening, RedisOpenings, from_memory
 from tokenbridge.gateway.resume_reads import ResumeReads
 from tokenbridge.store.client import REDIS_DOWN_ERRORS
 from tokenbridge.store.live import LiveMessage, parse_live_message
@@ -67,52 +54,6 @@ log = logging.getLogger(__name__)
 
 _SUBSCRIBE_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, *REDIS_DOWN_ERRORS)
 _PENDING_MAX = 64  # messages kept for a feed whose cursor is not known yet
-
-
-@dataclass(slots=True)
-class Opening:
-    """Where a connection starts: a ``gap`` to tell first, history to send, and where the
-    rest of the history starts (``more_after``; None when ``history`` is all of it)."""
-
-    epoch: str
-    gap: dict[str, Any] | None = None
-    history: list[Batch] = field(default_factory=list)
-    more_after: str | None = None
-
-
-@dataclass(eq=False, slots=True)
-class _Feed:
-    """One session held here: its connections, the last entry delivered, recent frames."""
-
-    session_id: str
-    channel: bytes
-    ready: asyncio.Future[None]
-    epoch: str = ""
-    cursor: str | None = None  # None: not known yet (messages wait in ``pending``)
-    cursor_key: tuple[int, int] | None = None  # ``cursor`` parsed (None: not yet)
-    connections: set[ClientConnection] = field(default_factory=set)
-    # Made on the first event: an idle session's feed holds no deque (~600 bytes).
-    recent: collections.deque[Frame] | None = None
-    recent_base: str = "0-0"  # the id just before ``recent[0]``
-    pending: list[LiveMessage | None] = field(default_factory=list)
-    repairing: bool = False
-    dirty: bool = False  # a message arrived during a repair: read again
-    idle_since: float = 0.0
-    heard_at: float = float("-inf")  # last live message of ``epoch`` (time.monotonic())
-
-
-def _after_delivered(feed: _Feed, entry_id: str) -> list[Frame] | None:
-    """The recent frames after ``entry_id`` if it is one the feed delivered (or the one just
-    before them), found by comparing strings; None if it is not (then ids are compared)."""
-    recent = feed.recent or ()
-    if entry_id == feed.cursor:
-        return []
-    if entry_id == feed.recent_base:
-        return list(recent)
-    for at in range(len(recent) - 1, -1, -1):
-        if recent[at].entry_id == entry_id:
-            return [recent[i] for i in range(at + 1, len(recent))]
-    return None
 
 
 class SessionFanout:
@@ -153,6 +94,16 @@ class SessionFanout:
         self._idle: collections.OrderedDict[str, _Feed] = collections.OrderedDict()
         self._repairs = asyncio.Semaphore(repair_concurrency)
         self.reads = ResumeReads(redis, keys, self._spawn)
+        self.openings = RedisOpenings(
+            redis,
+            scripts,
+            keys,
+            self.reads,
+            self.stats,
+            self._start_at,
+            history_batch=history_batch,
+            orphan_ttl_ms=orphan_ttl_ms,
+        )
         self._group: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
 
@@ -179,23 +130,23 @@ class SessionFanout:
     # -- connections -------------------------------------------------------------------------
 
     async def open(self, conn: ClientConnection, last: tuple[str, str] | None) -> Opening:
-        """Register ``conn`` for live events and say where it starts (see the module doc)."""
+        """Register ``conn`` for live events and say where it starts (``opening.py``)."""
         feed = self._join(conn)
         await feed.ready
         known = last is not None and feed.cursor is not None
-        opening = self._from_memory(feed, last) if known else None
+        opening = from_memory(feed, last) if known else None
         if opening is not None and time.monotonic() - feed.heard_at < self.epoch_trust_s:
             self.stats.memory_resumes += 1  # a live message proved the epoch lately: no Redis
             return opening
         if opening is not None:
             # The stream may have expired or been renewed without a message: one HGET says.
             epoch: Any = await self.redis.hget(self.keys.meta(conn.session_id), "epoch")
-            opening = self._from_memory(feed, last)  # again: events may have come meanwhile
+            opening = from_memory(feed, last)  # again: events may have come meanwhile
             if opening is not None and epoch is not None and epoch.decode() == feed.epoch:
                 self.stats.memory_resumes += 1
                 return opening
         self.stats.redis_resumes += 1
-        return await self._from_redis(feed, last)
+        return await self.openings.from_redis(feed, last)
 
     def unsubscribe(self, conn: ClientConnection) -> None:
         """Stop feeding ``conn``; its feed lingers ``linger_s`` once it has no connection."""
@@ -246,77 +197,11 @@ class SessionFanout:
         for conn in list(feed.connections):
             conn.close("lagged")
 
-    # -- resume ------------------------------------------------------------------------------
-
-    def _from_memory(self, feed: _Feed, last: tuple[str, str] | None) -> Opening | None:
-        """The history from the feed's recent frames, if they cover it."""
-        if feed.repairing:
-            return None
-        if last is not None and last[0] == feed.epoch:
-            frames = _after_delivered(feed, last[1])
-            if frames is not None:  # the common case: no entry id parsed
-                return Opening(feed.epoch, history=[Batch(frames)] if frames else [])
-        cursor = _cursor_key(feed)
-        if last is None:
-            if feed.recent_base != "0-0":
-                return None
-            after = (0, 0)
-        else:
-            epoch, entry_id = last
-            after = parse_entry_id(entry_id)
-            if epoch != feed.epoch or not parse_entry_id(feed.recent_base) <= after <= cursor:
-                return None
-        frames = [frame for frame in feed.recent or () if frame.key > after]
-        return Opening(feed.epoch, history=[Batch(frames)] if frames else [])
-
-    async def _from_redis(self, feed: _Feed, last: tuple[str, str] | None) -> Opening:
-        """One round trip in the common case; the state script when anything is unusual."""
-        sid = feed.session_id
-        start = last[1] if last is not None else "-"
-        count = self.history_batch + 1
-        epoch_raw, entries = await self._read_two(sid, start, count)
-        epoch = epoch_raw.decode() if epoch_raw else None
-        if last is not None:
-            found = bool(entries) and entries[0][0].decode() == last[1]
-            if epoch != last[0] or not found:
-                return await self._from_state(feed, last)
-            entries = entries[1:]
-        elif epoch is None:
-            return await self._from_state(feed, last)
-        assert epoch is not None
-        more = len(entries) >= self.history_batch
-        if more:
-            entries = entries[: self.history_batch]
-        if feed.cursor is None:
-            if more:
-                tail: Any = await self.redis.xrevrange(self.keys.events(sid), count=1)
-                end = tail[0][0].decode() if tail else "0-0"
-            else:
-                end = entries[-1][0].decode() if entries else (last[1] if last else "0-0")
-            self._start_at(feed, epoch, end)
-        frames = decode_entries(entries, epoch, sid, self.stats)
-        after = entries[-1][0].decode() if more else None
-        return Opening(epoch, history=[Batch(frames)] if frames else [], more_after=after)
-
-    async def _read_two(self, sid: str, start: str, count: int) -> Any:
-        """The epoch and a page of the stream, in a pipeline shared with the other
-        connections opening now (``resume_reads.py``)."""
-        return await self.reads.read(sid, start, count)
-
-    async def _from_state(self, feed: _Feed, last: tuple[str, str] | None) -> Opening:
-        state = await self.session_state(feed.session_id)
-        self._start_at(feed, state.epoch, state.last_id or "0-0")
-        plan = plan_resume(state, last)
-        return Opening(state.epoch, gap=plan.gap, more_after=plan.after_id)
+    # -- where the stream stands -------------------------------------------------------------
 
     async def session_state(self, session_id: str) -> SessionState:
         """The session stream's epoch and id bounds (creating the epoch if missing)."""
-        return await self.scripts.session_state(
-            self.keys.meta(session_id),
-            self.keys.events(session_id),
-            new_epoch=secrets.token_hex(4),
-            orphan_ttl_ms=self.orphan_ttl_ms,
-        )
+        return await self.openings.session_state(session_id)
 
     def _start_at(self, feed: _Feed, epoch: str, cursor: str) -> None:
         """A feed learns where the stream stands; the messages that waited are applied."""
@@ -508,11 +393,3 @@ class SessionFanout:
     def stop(self) -> None:
         """Ask :meth:`run` to return: feeds dropped, subscriber stopped."""
         self._stopping.set()
-
-
-def _cursor_key(feed: _Feed) -> tuple[int, int]:
-    """The feed's cursor as a comparable pair, parsed once per change of cursor."""
-    key = feed.cursor_key
-    if key is None:
-        key = feed.cursor_key = parse_entry_id(feed.cursor or "0-0")
-    return key
