@@ -245,6 +245,23 @@ async def test_consumer_survives_a_redis_restart(durable_redis: RedisServer, str
     assert len(seen) == 200
 
 
+async def test_a_stop_after_redis_lost_the_group_ends_cleanly(
+    redis: aioredis.Redis, redis_server: RedisServer, stream: str
+) -> None:
+    """A clean stop forgets the consumer's own name; if Redis lost the group meanwhile (a
+    restart without data) that is ``NOGROUP``: nothing to forget, not a failed shutdown."""
+
+    async def handle(delivery: Delivery) -> None:
+        return None
+
+    c = consumer(redis, redis_server.url, stream, "c", handle)
+    await c.reclaimer.forget_self()  # no stream, no group: must not raise
+    await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+    await redis.xgroup_createconsumer(stream, "g", "c")
+    await c.reclaimer.forget_self()  # held nothing: its name is deleted
+    assert await redis.xinfo_consumers(stream, "g") == []
+
+
 async def test_stop_during_a_batch_acks_only_what_was_handled(
     redis: aioredis.Redis, redis_server: RedisServer, stream: str
 ) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from tests.servers import Gateway, RedisServer
 from tests.test_token_path import collect_until_end, start
+from tokenbridge.store.client import close_client, command_client
 
 
 @pytest.fixture
@@ -54,3 +55,20 @@ async def test_gateway_and_worker_reconnect_and_serve_new_generations(
             )
         assert gw.runtime.worker.generations_done == 2
         assert gap[0].event == "gap" and gap[0].data["reason"] == "expired"
+
+
+async def test_the_command_client_retries_on_a_connection_redis_closed(
+    own_redis: RedisServer,
+) -> None:
+    """After a restart every pooled connection is dead: the first command on each is
+    answered by a closed socket, and the client's retry (on a new connection) must take it.
+    (With redis-py's synchronous ``Retry`` on the asyncio client nothing was retried.)"""
+    redis = command_client(own_redis.url, 4, 10)
+    try:
+        await asyncio.gather(*(redis.execute_command("PING") for _ in range(4)))  # 4 pooled
+        for _ in range(3):
+            own_redis.restart()  # SIGKILL, then a new empty server on the same port
+            replies = await asyncio.gather(*(redis.eval("return 7", 0) for _ in range(4)))
+            assert replies == [7, 7, 7, 7]
+    finally:
+        await close_client(redis)

@@ -20,7 +20,6 @@ Every ``heartbeat_s``, for its :class:`StreamConsumer`:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any, Protocol
 
@@ -185,9 +184,14 @@ class Reclaimer:
     async def forget_self(self) -> None:
         """On a clean stop: delete our own consumer name if it holds nothing."""
         c = self.consumer
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+        try:
             rows: Any = await c.redis.xpending_range(
                 c.stream, c.group, "-", "+", 1, consumername=c.consumer
             )
             if not rows:
                 await c.redis.xgroup_delconsumer(c.stream, c.group, c.consumer)
+        except REDIS_DOWN_ERRORS:
+            pass  # best effort: an idle name is removed by the others' reclaim later
+        except Exception as exc:
+            if not is_nogroup(exc):  # the group is gone (Redis lost it): nothing to forget
+                raise

@@ -23,8 +23,8 @@ from typing import Any, TypeAlias
 from redis import exceptions as redis_exc
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff, ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 __all__ = [
     "REDIS_DOWN_ERRORS",
