@@ -173,6 +173,25 @@ async def test_a_retried_last_batch_is_told_ended_when_a_sweeper_ended_at_its_se
     assert [(e.kind, e.seq) for e in events] == [("start", 0), ("error", 1)]
 
 
+async def test_a_job_delivered_twice_is_written_by_one_producer_only(
+    settings: Settings, redis: Redis
+) -> None:
+    """A job submitted twice (its submission retried after a lost reply) reaches two
+    producers: the second one's first batch is refused, during and after the first's run."""
+    keys = Keys(settings.key_prefix)
+    job = demo_job(3, "s_twice", max_tokens=40, rate=200)
+    first = asyncio.create_task(_producer(redis, keys).run(job, DemoModel()))
+    async with asyncio.timeout(30):
+        await wait_for_length(redis, keys.events(job.session_id), 5)
+        during = await _producer(redis, keys).run(job, DemoModel())
+        done = await first
+        after = await _producer(redis, keys).run(job, DemoModel())
+    assert (during.outcome, done.outcome, after.outcome) == ("lost", "length", "lost")
+    events = await _events(redis, keys, job.session_id)
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert [e.kind for e in events].count("start") == 1 and events[-1].kind == "end"
+
+
 async def test_an_answer_goes_on_through_a_redis_restart(
     aof_redis: RedisServer, settings_factory: Any
 ) -> None:

@@ -126,6 +126,10 @@ class _Writer:
         sid = job.session_id
         self.gen = job.generation_id.encode()
         self.state = b""  # what the previous batch wrote to :gens (the failover check)
+        # Each state carries this writer's token: a retry of its own batch matches its record
+        # exactly ("applied"), a second writer of the same generation (a job delivered twice)
+        # never does, and its first batch is refused ("ended": store/append.lua).
+        self.token = secrets.token_hex(4).encode()
         # One script call per batch appends and publishes (store/live.py). Every token entry
         # shares its leading fields: only seq, ts and text are packed per token (the token's
         # fields, as wire/events.py declares them).
@@ -222,7 +226,7 @@ class _Writer:
                 if terminal:
                     return
                 continue
-            state = b"%b %d" % (b"done" if terminal else b"running", last.seq)
+            state = b"%b %d %b" % (b"done" if terminal else b"running", last.seq, self.token)
             events = [self._event(event) for event in batch]
             pipeline_xadd = self._pipeline_entry(batch, terminal)
             # The pipeline entry first: a `running <seq>` record implies its entries exist.
