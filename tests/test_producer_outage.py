@@ -192,6 +192,23 @@ async def test_a_job_delivered_twice_is_written_by_one_producer_only(
     assert [e.kind for e in events].count("start") == 1 and events[-1].kind == "end"
 
 
+async def test_writers_without_a_token_or_a_failover_check_are_never_refused(
+    settings: Settings, redis: Redis
+) -> None:
+    """A writer that sends no token and no expected state (the benchmark's producer, older
+    producers) appends every batch: only a token of another writer refuses a first batch."""
+    keys = Keys(settings.key_prefix)
+    sid, gid = "s_plain", "g_plain"
+    four = (keys.events(sid), keys.meta(sid), keys.generations(sid), keys.live(sid))
+    for seq in range(3):
+        event = Event("token", gid, seq, text="x").to_fields()
+        result = await append_events(
+            redis, four, gid, [event], state=f"running {seq}", new_epoch="e1"
+        )
+        assert not result.ended and result.last_id != "applied", result
+    assert await redis.xlen(keys.events(sid)) == 3
+
+
 async def test_an_answer_goes_on_through_a_redis_restart(
     aof_redis: RedisServer, settings_factory: Any
 ) -> None:

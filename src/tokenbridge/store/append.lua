@@ -8,9 +8,12 @@ if record == ARGV[3] then
   -- this very batch was written already (a retry whose first reply was lost)
   return {redis.call('HGET', gens, 'cancel:' .. gen) or '', epoch or '', 0, 'applied', -1}
 end
-if record and (string.sub(record, 1, 5) == 'done ' or ARGV[4] == '') then
+-- a state's writer token ("running <seq> <token>"); nil for writers that send none
+local function writer(state) return string.match(state, '^%a+ %-?%d+ (%x+)$') end
+if record and (string.sub(record, 1, 5) == 'done '
+    or (ARGV[4] == '' and writer(ARGV[3]) and writer(record) and writer(record) ~= writer(ARGV[3]))) then
   -- ended by another (worker_lost, generation_lost): nothing may follow its terminal event;
-  -- or a first batch of a generation another writer has begun (a job delivered twice)
+  -- or the first batch of a writer meeting another writer's record (a job delivered twice)
   return {'', epoch or '', 0, 'ended', -1}
 end
 local lost = 0

@@ -22,11 +22,12 @@ silent hole. A batch whose state is already the record was written before (a ret
 lost reply): the script does nothing and answers ``applied``. A record ``done <seq>`` that is
 not this batch's means someone else ended the generation (a worker that took the job over
 wrote ``worker_lost``, a sweeper ``generation_lost``): the script writes nothing and answers
-``ended``, and the producer stops, so a stream never holds two terminal events. A first batch
-(no previous record passed) of a generation that already has a record is refused the same way:
-another writer began it (a job delivered twice, e.g. its submission retried after a lost
-reply). Each producer's states carry a token of its own (``running <seq> <token>``), so only
-its own retry ever matches its record.
+``ended``, and the producer stops, so a stream never holds two terminal events. Each producer's
+states carry a token of its own (``running <seq> <token>``), so only its own retry ever
+matches its record; a first batch (no previous record passed) meeting a record with another
+writer's token is refused the same way: another writer began the generation (a job delivered
+twice, e.g. its submission retried after a lost reply). Writers that send no token are never
+refused so.
 
 Trimming (``ARGV[1]``): ``<count>`` trims every ``XADD`` to ``MAXLEN ~ <count>``;
 ``<count> <history s> <hard max>`` keeps every entry younger than ``<history s>`` (up to
