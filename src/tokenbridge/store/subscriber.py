@@ -47,6 +47,7 @@ __all__ = ["ShardSubscriber"]
 log = logging.getLogger(__name__)
 
 _BATCH = 1000  # channels per SSUBSCRIBE / SUNSUBSCRIBE
+_PACE_BYTES = 65536  # dispatched per event loop iteration at most, about (see _ReplyProtocol)
 
 
 def _pack(command: bytes, channels: list[bytes]) -> bytes:
@@ -60,15 +61,27 @@ class _ReplyProtocol(asyncio.Protocol):
     :meth:`_Link._read`); what else the transport reports (flow control, the end) still goes
     to redis-py's own protocol, so its writer keeps working and closes as usual. ``ended``
     gets the reason reading stopped: the server closed, the connection broke, or a reply
-    could not be parsed or handled."""
+    could not be parsed or handled.
+
+    Pacing: the event loop may read a socket many times in one iteration (libuv: up to 32
+    reads), so a burst could queue megabytes of events for every connection before any of
+    them is written. After each ``_PACE_BYTES`` dispatched, reading pauses until the next
+    iteration: the connections' writes run in between, as when a task read a chunk per
+    wake-up. At a live model's pace that is one pause per few hundred tokens."""
 
     def __init__(
-        self, inner: Any, reply: Callable[[Any], None], ended: asyncio.Future[None]
+        self,
+        inner: Any,
+        reply: Callable[[Any], None],
+        ended: asyncio.Future[None],
+        transport: asyncio.Transport,
     ) -> None:
         self.inner = inner
         self.reply = reply
         self.ended = ended
+        self.transport = transport
         self.reader = hiredis.Reader(replyError=ResponseError)
+        self.unpaced = 0  # bytes dispatched since reading last paused
 
     def data_received(self, data: bytes) -> None:
         if self.ended.done():
@@ -82,6 +95,15 @@ class _ReplyProtocol(asyncio.Protocol):
             self._end(ConnectionError(f"pub/sub protocol error: {exc}"))
         except Exception as exc:  # as if raised by the reading task: the link reconnects or ends
             self._end(exc)
+        self.unpaced += len(data)
+        if self.unpaced >= _PACE_BYTES and not self.transport.is_closing():
+            self.unpaced = 0
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         self._end(ConnectionError("pub/sub connection closed by the server"))
@@ -214,7 +236,7 @@ class _Link:
                 except ResponseError as exc:
                     self._reply(exc)
         ended = asyncio.get_running_loop().create_future()
-        protocol = _ReplyProtocol(transport.get_protocol(), self._reply, ended)
+        protocol = _ReplyProtocol(transport.get_protocol(), self._reply, ended, transport)
         leftover = bytes(getattr(stream, "_buffer", b""))  # read past the handshake, if any
         transport.set_protocol(protocol)
         if leftover:
