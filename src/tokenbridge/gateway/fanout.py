@@ -76,11 +76,9 @@ class SessionFanout:
         epoch_trust_s: float = 0.0,
     ) -> None:
         self.redis = redis
-        self.scripts = scripts
         self.keys = keys
         self.node_id = node_id or secrets.token_hex(6)
         self.history_batch = history_batch
-        self.orphan_ttl_ms = orphan_ttl_ms
         self.recent_events = recent_events
         self.linger_s = linger_s
         self.batch_events = batch_events
